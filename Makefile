@@ -13,7 +13,7 @@ DEV_DIR ?= $(CURDIR)/.nid/dev
 # need protoc 3.x.
 DEBIAN_PACKAGES := clang libclang-dev protobuf-compiler
 
-.PHONY: all deps build test run fmt lint ci clean-dev help
+.PHONY: all deps build test run fmt lint ci clean-dev help bench-cell
 
 all: build
 
@@ -22,6 +22,7 @@ help:
 	@echo "make test   build and run the test suite (what CI runs)"
 	@echo "make lint   rustfmt --check and clippy -D warnings"
 	@echo "make ci     lint + test, as .ci/run does"
+	@echo "make bench-cell  write throughput/latency of one 3-replica cell"
 
 deps:
 	@missing=""; \
@@ -42,7 +43,9 @@ deps:
 build: deps
 	$(CARGO) build --workspace --locked
 
+# Cross-process tests start the workspace's binaries, so build them first.
 test: deps
+	$(CARGO) build --workspace --locked
 	$(CARGO) test --workspace --locked
 
 lint: deps
@@ -50,6 +53,12 @@ lint: deps
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 ci: lint test
+
+# Write throughput and p50/p99 of one 3-replica cell at several concurrencies, beside the disk's
+# fdatasync latency. Prints figures; not a test. ARGS="--seconds 5 --concurrency 1,64"
+bench-cell: deps
+	$(CARGO) build --workspace --locked
+	"$(CARGO_TARGET_DIR)/debug/bench-cell" $(ARGS)
 
 run: build
 	@bin="$(CARGO_TARGET_DIR)/debug"; \

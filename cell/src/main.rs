@@ -1,6 +1,5 @@
-//! `nid-cell`: one replica of a cell (a Raft group of three over RocksDB). Not built yet (issue #3).
+//! `nid-cell`: one replica of a cell (a Raft group of three over RocksDB). See `nid_cell::server`.
 
-fn main() {
-    eprintln!("nid-cell: the cell replica is not implemented yet (issue #3)");
-    std::process::exit(2);
+fn main() -> std::process::ExitCode {
+    nid_cell::server::main()
 }

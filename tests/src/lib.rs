@@ -1,1 +1,209 @@
-//! Cross-process tests live in `tests/tests/`; this library is intentionally empty.
+//! Helpers for cross-process tests: find the workspace's binaries, pick free ports, start real
+//! replicas as processes, kill them with SIGKILL and restart them on the same data.
+//!
+//! The binaries come from the shared target directory (`cargo build --workspace`, which `make test`
+//! runs first).
+
+use nid_proto::v1::cell_client::CellClient;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+/// Path of a workspace binary next to the running test executable (`target/<profile>/<name>`).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> (tests) or target/<profile>/<bin> (tools) -> target/<profile>/<name>
+    let mut dir = exe.parent().expect("executable directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("target/<profile>");
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` first (make test does)",
+        path.display()
+    );
+    path
+}
+
+/// A TCP port free right now on 127.0.0.1 (bound then released; the OS rarely reuses it at once).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// One `nid-cell` replica process.
+pub struct CellProcess {
+    /// Node id.
+    pub node_id: u64,
+    /// gRPC address.
+    pub addr: String,
+    /// Metrics address.
+    pub metrics_addr: String,
+    /// Data directory (kept across restarts).
+    pub data_dir: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+    alive: std::sync::atomic::AtomicBool,
+}
+
+/// A 3-replica cell of real processes.
+pub struct ProcessCell {
+    /// The replicas, by node id - 1.
+    pub nodes: Vec<CellProcess>,
+    _root: tempfile::TempDir,
+}
+
+impl ProcessCell {
+    /// Starts `n` replicas of cell 1 on free ports, one zone each, with `extra` flags.
+    pub fn start(n: u64, extra: &[&str]) -> ProcessCell {
+        let root = tempfile::tempdir().expect("tempdir");
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let peers = (1..=n)
+            .map(|id| format!("{id}=127.0.0.1:{}@zone-{id}", ports[(id - 1) as usize].0))
+            .collect::<Vec<_>>()
+            .join(",");
+        let nodes = (1..=n)
+            .map(|id| {
+                let (port, metrics) = ports[(id - 1) as usize];
+                let data_dir = root.path().join(format!("node-{id}"));
+                let mut args: Vec<String> = vec![
+                    "--cell-id".into(),
+                    "1".into(),
+                    "--node-id".into(),
+                    id.to_string(),
+                    "--zone".into(),
+                    format!("zone-{id}"),
+                    "--listen".into(),
+                    format!("127.0.0.1:{port}"),
+                    "--metrics-listen".into(),
+                    format!("127.0.0.1:{metrics}"),
+                    "--data-dir".into(),
+                    data_dir.display().to_string(),
+                    "--peers".into(),
+                    peers.clone(),
+                    "--insecure".into(),
+                    "--tick-ms".into(),
+                    "50".into(),
+                ];
+                args.extend(extra.iter().map(|s| s.to_string()));
+                let mut p = CellProcess {
+                    node_id: id,
+                    addr: format!("127.0.0.1:{port}"),
+                    metrics_addr: format!("127.0.0.1:{metrics}"),
+                    data_dir,
+                    args,
+                    child: None,
+                    alive: std::sync::atomic::AtomicBool::new(false),
+                };
+                p.spawn();
+                p
+            })
+            .collect();
+        ProcessCell { nodes, _root: root }
+    }
+
+    /// The replica with `node_id`.
+    pub fn node(&mut self, node_id: u64) -> &mut CellProcess {
+        &mut self.nodes[(node_id - 1) as usize]
+    }
+}
+
+impl CellProcess {
+    /// Starts the process (again, on the same data directory).
+    pub fn spawn(&mut self) {
+        if !self.is_running()
+            && let Some(mut dead) = self.child.take()
+        {
+            let _ = dead.wait();
+        }
+        assert!(self.child.is_none(), "node {} already running", self.node_id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.with_extension("log"))
+            .expect("open log file");
+        let child = Command::new(binary("nid-cell"))
+            .args(&self.args)
+            .env("NID_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start nid-cell");
+        self.child = Some(child);
+        self.alive.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// SIGKILL: no shutdown hooks, no flush.
+    pub fn kill9(&mut self) {
+        self.sigkill();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGKILL through a shared reference (for killing while other tasks use the cell); the
+    /// process is reaped by the next [`CellProcess::kill9`], [`CellProcess::spawn`] or drop.
+    pub fn sigkill(&self) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill").arg("-KILL").arg(child.id().to_string()).status();
+        }
+        self.alive.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// SIGTERM, then wait for the exit (up to `timeout`). Returns the exit success.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let Some(mut child) = self.child.take() else { return false };
+        self.alive.store(false, std::sync::atomic::Ordering::SeqCst);
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some() && self.alive.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The replica's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
+    }
+
+    /// A gRPC client, waiting until the replica answers.
+    pub async fn client(&self, timeout: Duration) -> CellClient<Channel> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(channel) = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+                .expect("endpoint")
+                .connect_timeout(Duration::from_millis(500))
+                .timeout(Duration::from_secs(10))
+                .connect()
+                .await
+            {
+                return CellClient::new(channel);
+            }
+            assert!(Instant::now() < deadline, "node {} never answered; log:\n{}", self.node_id, self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for CellProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

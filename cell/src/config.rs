@@ -1,0 +1,326 @@
+//! The replica's configuration: command-line flags over an optional TOML file (unknown keys
+//! rejected), checked before anything starts.
+
+use clap::Parser;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// One replica of a nid cell.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(name = "nid-cell", version, about = "One replica of a nid cell: a Raft group over RocksDB")]
+pub struct Flags {
+    /// TOML file with the same settings (snake_case keys); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The cell this replica belongs to.
+    #[arg(long)]
+    pub cell_id: Option<u64>,
+    /// This replica's Raft node id (unique within the cell, > 0).
+    #[arg(long)]
+    pub node_id: Option<u64>,
+    /// This replica's availability zone.
+    #[arg(long)]
+    pub zone: Option<String>,
+    /// gRPC listen address (cell API, Raft transport, health, reflection).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Address peers and routers use to reach this replica (default: --listen).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Prometheus metrics listen address (HTTP, GET /metrics).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Data directory (RocksDB).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Initial members: `id=host:port@zone,...`. A replica not listed starts empty and waits to be
+    /// added by a membership change.
+    #[arg(long)]
+    pub peers: Option<String>,
+    /// `data` (identity buckets) or `control` (the routing table).
+    #[arg(long)]
+    pub role: Option<String>,
+    /// Allow replicas of this cell to share a zone (development clusters only).
+    #[arg(long)]
+    pub dev_allow_same_zone: bool,
+    /// Serve plaintext gRPC. Required until mTLS lands; development only.
+    #[arg(long)]
+    pub insecure: bool,
+    /// The cluster's id-scheme seed (64 hex characters); defaults to the development seed.
+    #[arg(long, env = "NID_ID_SCHEME_SEED", hide_env_values = true)]
+    pub id_scheme_seed: Option<String>,
+    /// Keyring file (`<key_id>:<hex secret>`); defaults to the development keyring.
+    #[arg(long)]
+    pub keyring_file: Option<PathBuf>,
+    /// Raft tick in milliseconds.
+    #[arg(long)]
+    pub tick_ms: Option<u64>,
+    /// Compact the Raft log once it holds this many applied entries.
+    #[arg(long)]
+    pub log_gc_threshold: Option<u64>,
+    /// Entries kept behind the applied index when compacting.
+    #[arg(long)]
+    pub log_gc_keep: Option<u64>,
+    /// Seconds to wait for a leadership transfer on SIGTERM.
+    #[arg(long)]
+    pub shutdown_grace_secs: Option<u64>,
+}
+
+/// The TOML file form of [`Flags`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    cell_id: Option<u64>,
+    node_id: Option<u64>,
+    zone: Option<String>,
+    listen: Option<SocketAddr>,
+    advertise: Option<String>,
+    metrics_listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    peers: Option<String>,
+    role: Option<String>,
+    dev_allow_same_zone: Option<bool>,
+    insecure: Option<bool>,
+    id_scheme_seed: Option<String>,
+    keyring_file: Option<PathBuf>,
+    tick_ms: Option<u64>,
+    log_gc_threshold: Option<u64>,
+    log_gc_keep: Option<u64>,
+    shutdown_grace_secs: Option<u64>,
+}
+
+/// What the cell holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Identity buckets.
+    Data,
+    /// The routing table and registry.
+    Control,
+}
+
+/// An initial member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSpec {
+    /// Node id.
+    pub id: u64,
+    /// host:port.
+    pub address: String,
+    /// Zone, when given.
+    pub zone: Option<String>,
+}
+
+/// The checked configuration.
+#[derive(Debug, Clone)]
+pub struct CellConfig {
+    /// Cell id.
+    pub cell_id: u64,
+    /// Node id.
+    pub node_id: u64,
+    /// Zone.
+    pub zone: String,
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Advertised address.
+    pub advertise: String,
+    /// Metrics listen address.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Initial members (may be empty for a joining replica).
+    pub peers: Vec<PeerSpec>,
+    /// Role.
+    pub role: Role,
+    /// Plaintext gRPC allowed.
+    pub insecure: bool,
+    /// Id-scheme seed hex, if configured.
+    pub id_scheme_seed: Option<String>,
+    /// Keyring file, if configured.
+    pub keyring_file: Option<PathBuf>,
+    /// Raft tick.
+    pub tick_ms: u64,
+    /// Log GC threshold.
+    pub log_gc_threshold: u64,
+    /// Log GC keep.
+    pub log_gc_keep: u64,
+    /// Shutdown grace.
+    pub shutdown_grace_secs: u64,
+}
+
+/// Parses `id=host:port@zone,...`.
+pub fn parse_peers(text: &str) -> Result<Vec<PeerSpec>, String> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, rest) =
+            part.split_once('=').ok_or_else(|| format!("peers: '{part}' is not id=host:port[@zone]"))?;
+        let id: u64 = id.trim().parse().map_err(|_| format!("peers: node id '{id}' is not a number"))?;
+        if id == 0 {
+            return Err("peers: node id 0 is reserved".into());
+        }
+        if !seen.insert(id) {
+            return Err(format!("peers: node id {id} listed twice"));
+        }
+        let (address, zone) = match rest.split_once('@') {
+            Some((a, z)) => (a.trim(), Some(z.trim().to_owned())),
+            None => (rest.trim(), None),
+        };
+        if address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            return Err(format!("peers: address of node {id} must be host:port"));
+        }
+        out.push(PeerSpec { id, address: address.to_owned(), zone });
+    }
+    Ok(out)
+}
+
+impl CellConfig {
+    /// Merges flags over the file and checks the result.
+    pub fn load(flags: Flags) -> Result<CellConfig, String> {
+        let file: FileConfig = match &flags.config {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|e| format!("config {}: {e}", path.display()))?;
+                toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let cell_id = flags.cell_id.or(file.cell_id).ok_or("cell_id is required (--cell-id)")?;
+        let node_id = flags.node_id.or(file.node_id).ok_or("node_id is required (--node-id)")?;
+        if node_id == 0 {
+            return Err("node_id must be > 0".into());
+        }
+        let zone = flags.zone.or(file.zone).ok_or("zone is required (--zone)")?;
+        let listen = flags.listen.or(file.listen).ok_or("listen is required (--listen)")?;
+        let advertise = flags.advertise.or(file.advertise).unwrap_or_else(|| listen.to_string());
+        let data_dir = flags.data_dir.or(file.data_dir).ok_or("data_dir is required (--data-dir)")?;
+        let peers = parse_peers(&flags.peers.or(file.peers).unwrap_or_default())?;
+        let role = match flags.role.or(file.role).as_deref() {
+            None | Some("data") => Role::Data,
+            Some("control") => Role::Control,
+            Some(other) => return Err(format!("role must be data or control, not '{other}'")),
+        };
+        let allow_same_zone = flags.dev_allow_same_zone || file.dev_allow_same_zone.unwrap_or(false);
+        if let Some(me) = peers.iter().find(|p| p.id == node_id)
+            && let Some(z) = &me.zone
+            && *z != zone
+        {
+            return Err(format!("peers lists node {node_id} in zone '{z}' but --zone is '{zone}'"));
+        }
+        if !allow_same_zone && !peers.is_empty() {
+            let mut zones: BTreeMap<String, u64> = BTreeMap::new();
+            for p in &peers {
+                let z = p.zone.clone().ok_or_else(|| {
+                    format!("peers: node {} has no @zone (needed to keep replicas in distinct zones)", p.id)
+                })?;
+                if let Some(other) = zones.insert(z.clone(), p.id) {
+                    return Err(format!(
+                        "nodes {other} and {} share zone '{z}'; replicas of a cell must sit in distinct zones \
+                         (--dev-allow-same-zone for development)",
+                        p.id
+                    ));
+                }
+            }
+        }
+        let insecure = flags.insecure || file.insecure.unwrap_or(false);
+        if !insecure {
+            return Err(
+                "mTLS is not implemented yet; start with --insecure on a trusted network (development)"
+                    .into(),
+            );
+        }
+        let tick_ms = flags.tick_ms.or(file.tick_ms).unwrap_or(100);
+        if !(1..=10_000).contains(&tick_ms) {
+            return Err("tick_ms must be 1..=10000".into());
+        }
+        Ok(CellConfig {
+            cell_id,
+            node_id,
+            zone,
+            listen,
+            advertise,
+            metrics_listen: flags.metrics_listen.or(file.metrics_listen),
+            data_dir,
+            peers,
+            role,
+            insecure,
+            id_scheme_seed: flags.id_scheme_seed.or(file.id_scheme_seed),
+            keyring_file: flags.keyring_file.or(file.keyring_file),
+            tick_ms,
+            log_gc_threshold: flags.log_gc_threshold.or(file.log_gc_threshold).unwrap_or(20_000),
+            log_gc_keep: flags.log_gc_keep.or(file.log_gc_keep).unwrap_or(5_000),
+            shutdown_grace_secs: flags.shutdown_grace_secs.or(file.shutdown_grace_secs).unwrap_or(10),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(args: &[&str]) -> Flags {
+        Flags::parse_from(std::iter::once("nid-cell").chain(args.iter().copied()))
+    }
+
+    const BASE: &[&str] = &[
+        "--cell-id",
+        "1",
+        "--node-id",
+        "1",
+        "--zone",
+        "a",
+        "--listen",
+        "127.0.0.1:1",
+        "--data-dir",
+        "/tmp/x",
+        "--insecure",
+    ];
+
+    #[test]
+    fn peers_parse_and_reject_garbage() {
+        let p = parse_peers("1=127.0.0.1:7001@a, 2=h:7002@b,3=h:7003").unwrap();
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[1], PeerSpec { id: 2, address: "h:7002".into(), zone: Some("b".into()) });
+        assert_eq!(p[2].zone, None);
+        assert!(parse_peers("1=h:1,1=h:2").is_err());
+        assert!(parse_peers("0=h:1").is_err());
+        assert!(parse_peers("x=h:1").is_err());
+        assert!(parse_peers("1=h").is_err());
+    }
+
+    #[test]
+    fn distinct_zones_are_enforced_unless_dev() {
+        let mut args = BASE.to_vec();
+        args.extend(["--peers", "1=h:1@a,2=h:2@a,3=h:3@c"]);
+        let err = CellConfig::load(flags(&args)).unwrap_err();
+        assert!(err.contains("distinct zones"), "{err}");
+        args.push("--dev-allow-same-zone");
+        assert!(CellConfig::load(flags(&args)).is_ok());
+        let mut args = BASE.to_vec();
+        args.extend(["--peers", "1=h:1@b,2=h:2@a"]);
+        assert!(CellConfig::load(flags(&args)).unwrap_err().contains("zone"));
+    }
+
+    #[test]
+    fn file_is_overridden_by_flags_and_unknown_keys_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cell.toml");
+        std::fs::write(
+            &path,
+            "cell_id = 7\nnode_id = 2\nzone = \"b\"\nlisten = \"127.0.0.1:9\"\ndata_dir = \"/d\"\ninsecure = true\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let c = CellConfig::load(flags(&["--config", p, "--node-id", "3"])).unwrap();
+        assert_eq!((c.cell_id, c.node_id, c.zone.as_str()), (7, 3, "b"));
+        std::fs::write(&path, "cell_id = 7\nnode_idd = 2\n").unwrap();
+        let err = CellConfig::load(flags(&["--config", p])).unwrap_err();
+        assert!(err.contains("node_idd"), "{err}");
+    }
+
+    #[test]
+    fn plaintext_needs_the_explicit_flag() {
+        let args: Vec<&str> = BASE.iter().copied().filter(|a| *a != "--insecure").collect();
+        assert!(CellConfig::load(flags(&args)).unwrap_err().contains("--insecure"));
+    }
+}

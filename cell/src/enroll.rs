@@ -1,0 +1,247 @@
+//! Enrolment on the leader side: validate the request, then choose everything random or time-based
+//! (UIN candidates inside the RID's bucket, nonces, TOTP secret, timestamp) before proposing.
+//!
+//! Validation names the field and never quotes the value (values are personal data).
+
+use crate::codec;
+use crate::command::{EnrollCommand, EnrollSecret};
+use crate::crypto::{self, Keyring};
+use crate::fsm::RID_DOMAIN;
+use nid_proto::bucket::{BucketId, KeyDomain, bucket_of_key};
+use nid_proto::error::FieldViolations;
+use nid_proto::ids::{IdKind, IdScheme, system_random_u64};
+use nid_proto::v1::EnrollRequest;
+use prost::Message as _;
+
+/// UIN candidates proposed per enrolment; apply takes the first free one.
+pub const CANDIDATES: usize = 4;
+const MAX_BIOMETRICS: usize = 10;
+const MAX_EXTENSIONS: usize = 32;
+
+/// Why an enrolment could not be prepared.
+#[derive(Debug)]
+pub enum PrepareError {
+    /// The request is invalid.
+    Invalid(FieldViolations),
+    /// The system random source failed.
+    Random,
+}
+
+/// Checks an enrolment request; every problem is reported with its field path.
+pub fn validate(req: &EnrollRequest) -> FieldViolations {
+    let mut v = FieldViolations::new();
+    if req.rid.is_empty() || req.rid.len() > 64 {
+        v.add("rid", "must be 1..=64 characters");
+    } else if !req.rid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        v.add("rid", "may contain only A-Z, a-z, 0-9, '_' and '-'");
+    }
+    match &req.demographics {
+        None => v.add("demographics", "is required"),
+        Some(d) => {
+            let name_len = d.full_name.chars().count();
+            if name_len == 0 || name_len > 256 {
+                v.add("demographics.full_name", "must be 1..=256 characters");
+            }
+            if !valid_date(&d.date_of_birth) {
+                v.add("demographics.date_of_birth", "must be a calendar date YYYY-MM-DD");
+            }
+            if !d.phone.is_empty() {
+                let digits = d.phone.strip_prefix('+').unwrap_or("");
+                if !(8..=15).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                    v.add("demographics.phone", "must be E.164: '+' then 8..=15 digits");
+                }
+            }
+            if !d.email.is_empty() && (d.email.len() > 254 || !d.email.contains('@')) {
+                v.add("demographics.email", "must be an e-mail address of at most 254 characters");
+            }
+            if d.extensions.len() > MAX_EXTENSIONS {
+                v.add("demographics.extensions", format!("at most {MAX_EXTENSIONS} entries"));
+            }
+            for (k, val) in &d.extensions {
+                let key_ok = !k.is_empty()
+                    && k.len() <= 64
+                    && k.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                if !key_ok {
+                    v.add("demographics.extensions", "keys must match [a-z0-9_]{1,64}");
+                    break;
+                }
+                if val.len() > 1024 {
+                    v.add("demographics.extensions", "values must be at most 1024 bytes");
+                    break;
+                }
+            }
+        }
+    }
+    if req.biometrics.len() > MAX_BIOMETRICS {
+        v.add("biometrics", format!("at most {MAX_BIOMETRICS} references"));
+    }
+    for (i, b) in req.biometrics.iter().enumerate() {
+        if b.template_digest.len() != 32 {
+            v.add(format!("biometrics[{i}].template_digest"), "must be 32 bytes (SHA-256)");
+        }
+        if b.position.len() > 64 || b.abis_reference.len() > 256 {
+            v.add(format!("biometrics[{i}]"), "position at most 64 and abis_reference at most 256 bytes");
+        }
+    }
+    if !req.pin.is_empty()
+        && (!(4..=8).contains(&req.pin.len()) || !req.pin.bytes().all(|b| b.is_ascii_digit()))
+    {
+        v.add("pin", "must be 4..=8 digits");
+    }
+    v
+}
+
+fn valid_date(s: &str) -> bool {
+    let b = s.as_bytes();
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+        return false;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r).and_then(|x| x.parse::<u32>().ok());
+    let (Some(y), Some(m), Some(d)) = (num(0..4), num(5..7), num(8..10)) else { return false };
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days = match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return false,
+    };
+    (1800..=9999).contains(&y) && (1..=days).contains(&d)
+}
+
+/// The bucket an enrolment lives in: that of its RID.
+pub fn bucket_of_rid(rid: &str) -> BucketId {
+    bucket_of_key(KeyDomain::Rid, rid.as_bytes())
+}
+
+/// Builds the command for a valid request.
+pub fn prepare(
+    req: &EnrollRequest,
+    keyring: &Keyring,
+    scheme: &IdScheme,
+    now_ms: u64,
+) -> Result<EnrollCommand, PrepareError> {
+    let violations = validate(req);
+    if !violations.is_empty() {
+        return Err(PrepareError::Invalid(violations));
+    }
+    let bucket = bucket_of_rid(&req.rid);
+    let rid_hash = keyring.index_hash(RID_DOMAIN, req.rid.as_bytes());
+    // Idempotency digest over the whole request (PIN and TOTP flag included), keyed so it cannot be
+    // used to confirm a guess of someone's data.
+    let payload_mac = keyring.index_hash(b"enroll-payload", &req.encode_to_vec());
+    let mut stored = req.clone();
+    stored.pin.clear();
+    let pin_verifier = (!req.pin.is_empty()).then(|| pin_verifier(keyring, &rid_hash, &req.pin));
+    let totp_secret = if req.provision_totp {
+        let mut secret = vec![0u8; 20];
+        use ring::rand::SecureRandom as _;
+        ring::rand::SystemRandom::new().fill(&mut secret).map_err(|_| PrepareError::Random)?;
+        Some(secret)
+    } else {
+        None
+    };
+    let mut candidates = Vec::with_capacity(CANDIDATES);
+    let mut random = system_random_u64;
+    for _ in 0..CANDIDATES {
+        let id = scheme.generate(IdKind::Uin, bucket, &mut random).map_err(|_| PrepareError::Random)?;
+        candidates.push(id.to_digits());
+    }
+    let secret = EnrollSecret { request: stored.encode_to_vec(), pin_verifier, totp_secret, candidates };
+    let seal_nonce = crypto::random_nonce().map_err(|_| PrepareError::Random)?;
+    Ok(EnrollCommand {
+        bucket: bucket.get(),
+        rid_hash,
+        sealed: keyring.seal(&rid_hash, seal_nonce, &codec::encode(&secret)),
+        payload_mac,
+        now_ms,
+        rid_nonce: crypto::random_nonce().map_err(|_| PrepareError::Random)?,
+        record_nonce: crypto::random_nonce().map_err(|_| PrepareError::Random)?,
+    })
+}
+
+/// The keyed PIN verifier, bound to the identity's RID hash.
+pub fn pin_verifier(keyring: &Keyring, rid_hash: &[u8; 32], pin: &str) -> [u8; 32] {
+    let mut input = rid_hash.to_vec();
+    input.extend_from_slice(pin.as_bytes());
+    keyring.index_hash(b"pin", &input)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nid_proto::v1::Demographics;
+
+    fn request(rid: &str) -> EnrollRequest {
+        EnrollRequest {
+            rid: rid.into(),
+            demographics: Some(Demographics {
+                full_name: "Test Person".into(),
+                date_of_birth: "1990-02-28".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn fields(req: &EnrollRequest) -> Vec<String> {
+        validate(req).violations().iter().map(|(f, _)| f.clone()).collect()
+    }
+
+    #[test]
+    fn valid_request_has_no_violations() {
+        assert!(fields(&request("RID-001_a")).is_empty());
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        assert_eq!(fields(&request("")), vec!["rid"]);
+        assert_eq!(fields(&request("a b")), vec!["rid"]);
+        let mut r = request("R1");
+        r.demographics = None;
+        assert_eq!(fields(&r), vec!["demographics"]);
+        let mut r = request("R1");
+        r.demographics.as_mut().unwrap().date_of_birth = "1990-02-30".into();
+        assert_eq!(fields(&r), vec!["demographics.date_of_birth"]);
+        let mut r = request("R1");
+        r.demographics.as_mut().unwrap().full_name.clear();
+        r.pin = "12a4".into();
+        assert_eq!(fields(&r), vec!["demographics.full_name", "pin"]);
+        let mut r = request("R1");
+        r.demographics.as_mut().unwrap().phone = "12345678".into();
+        assert_eq!(fields(&r), vec!["demographics.phone"]);
+    }
+
+    #[test]
+    fn violations_never_quote_the_value() {
+        let mut r = request("R1");
+        r.demographics.as_mut().unwrap().full_name = "x".repeat(300);
+        r.pin = "99999999999".into();
+        for (_, description) in validate(&r).violations() {
+            assert!(!description.contains("xxx") && !description.contains("9999"), "{description}");
+        }
+    }
+
+    #[test]
+    fn prepared_command_carries_no_plaintext() {
+        let keyring = Keyring::dev();
+        let scheme = IdScheme::dev();
+        let mut r = request("RID-SECRET-42");
+        r.pin = "4321".into();
+        let cmd = prepare(&r, &keyring, &scheme, 1_700_000_000_000).unwrap();
+        let bytes = codec::encode(&crate::command::Command::Enroll(cmd.clone()));
+        for needle in [&b"RID-SECRET-42"[..], b"Test Person", b"4321", b"1990-02-28"] {
+            assert!(!bytes.windows(needle.len()).any(|w| w == needle), "plaintext in the log entry");
+        }
+        assert_eq!(cmd.bucket, bucket_of_rid("RID-SECRET-42").get());
+        let secret: EnrollSecret = codec::decode(&keyring.open(&cmd.rid_hash, &cmd.sealed).unwrap()).unwrap();
+        assert_eq!(secret.candidates.len(), CANDIDATES);
+        for c in &secret.candidates {
+            assert_eq!(
+                scheme.parse(c).unwrap().bucket().get(),
+                cmd.bucket,
+                "candidates live in the RID's bucket"
+            );
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The replica's RocksDB keyspace (DESIGN.md §3, §4).
+//!
+//! - `raft` CF: `0x01 | index (u64 BE)` -> entry; `0x02` -> [`crate::storage::RaftLocalState`].
+//! - `meta` CF: `0x03` -> [`crate::storage::ApplyState`]; `0x10 | bucket (u16 BE)` -> bucket state.
+//! - `data` CF: `bucket (u16 BE) | table (u8) | keyed hash of the natural key`, so a bucket is one
+//!   contiguous range that can be exported, checksummed and deleted by range. No key contains a
+//!   plaintext identifier.
+
+use nid_proto::bucket::BucketId;
+
+/// Column family of the Raft log and hard state.
+pub const CF_RAFT: &str = "raft";
+/// Column family of apply state and bucket ownership.
+pub const CF_META: &str = "meta";
+/// Column family of the state machine's data.
+pub const CF_DATA: &str = "data";
+
+const ENTRY_PREFIX: u8 = 0x01;
+/// Key of the Raft local state (hard state and last index) in the `raft` CF.
+pub const RAFT_LOCAL_STATE: &[u8] = &[0x02];
+/// Key of the apply state in the `meta` CF.
+pub const APPLY_STATE: &[u8] = &[0x03];
+const BUCKET_STATE_PREFIX: u8 = 0x10;
+
+/// Key of log entry `index` in the `raft` CF.
+pub fn entry_key(index: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = ENTRY_PREFIX;
+    key[1..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+
+/// The index an entry key names, if `key` is one.
+pub fn entry_index(key: &[u8]) -> Option<u64> {
+    match key {
+        [ENTRY_PREFIX, rest @ ..] if rest.len() == 8 => Some(u64::from_be_bytes(rest.try_into().ok()?)),
+        _ => None,
+    }
+}
+
+/// Key of one bucket's ownership state in the `meta` CF.
+pub fn bucket_state_key(bucket: BucketId) -> [u8; 3] {
+    let b = bucket.get().to_be_bytes();
+    [BUCKET_STATE_PREFIX, b[0], b[1]]
+}
+
+/// The range `[start, end)` of all bucket-state keys in the `meta` CF.
+pub fn bucket_state_range() -> ([u8; 1], [u8; 1]) {
+    ([BUCKET_STATE_PREFIX], [BUCKET_STATE_PREFIX + 1])
+}
+
+/// Tables inside a bucket's key range of the `data` CF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Table {
+    /// RID -> UIN (the enrolment idempotency index).
+    Rid = 1,
+    /// UIN -> identity record.
+    Identity = 2,
+}
+
+/// A `data` CF key: bucket, table, then a keyed hash of the natural key (never the key itself).
+pub fn data_key(bucket: BucketId, table: Table, hashed: &[u8; 32]) -> [u8; 35] {
+    let mut key = [0u8; 35];
+    key[..2].copy_from_slice(&bucket.get().to_be_bytes());
+    key[2] = table as u8;
+    key[3..].copy_from_slice(hashed);
+    key
+}
+
+/// The `[start, end)` range of one bucket in the `data` CF.
+pub fn bucket_range(bucket: BucketId) -> (Vec<u8>, Vec<u8>) {
+    let b = bucket.get();
+    let start = b.to_be_bytes().to_vec();
+    // b < BUCKETS = 2^14, so b + 1 still fits the 2-byte prefix.
+    let end = (b + 1).to_be_bytes().to_vec();
+    (start, end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_keys_sort_by_index_and_round_trip() {
+        let mut keys: Vec<_> = [5u64, 1, 256, u64::MAX, 0].iter().map(|&i| entry_key(i)).collect();
+        keys.sort();
+        let order: Vec<_> = keys.iter().map(|k| entry_index(k).unwrap()).collect();
+        assert_eq!(order, vec![0, 1, 5, 256, u64::MAX]);
+        assert_eq!(entry_index(RAFT_LOCAL_STATE), None);
+        assert_eq!(entry_index(&[1, 2]), None);
+    }
+
+    #[test]
+    fn a_bucket_is_one_contiguous_range() {
+        for b in [0u16, 1, 255, 256, 16383] {
+            let bucket = BucketId::new(u32::from(b)).unwrap();
+            let (start, end) = bucket_range(bucket);
+            for table in [Table::Rid, Table::Identity] {
+                for h in [[0u8; 32], [0xff; 32]] {
+                    let k = data_key(bucket, table, &h);
+                    assert!(k.as_slice() >= start.as_slice() && k.as_slice() < end.as_slice());
+                }
+            }
+            if b < 16383 {
+                let next = BucketId::new(u32::from(b) + 1).unwrap();
+                assert!(data_key(next, Table::Rid, &[0; 32]).as_slice() >= end.as_slice());
+            }
+        }
+    }
+}

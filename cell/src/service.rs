@@ -1,0 +1,582 @@
+//! The cell's gRPC services: the router->cell `Cell` API, `BucketAdmin`, and the mapping of every
+//! internal outcome to a gRPC status (the one place this crate does it).
+//!
+//! Errors never quote identifiers or personal data; bad input gets INVALID_ARGUMENT with BadRequest
+//! field violations; routing problems carry typed hints (not-leader, wrong-owner, retry-later).
+
+use crate::command::{BucketState, Command, CommandResult, IdentityRecord, Rejection};
+use crate::crypto::Keyring;
+use crate::enroll::{self, PrepareError};
+use crate::fsm::StateMachine;
+use crate::metrics::CellMetrics;
+use crate::peer::{PeerError, PeerHandle, PeerMsg};
+use crate::transport::{AddressBook, Member};
+use nid_proto::bucket::BucketId;
+use nid_proto::error::{FieldViolations, RoutingHint, invalid_field, status_with_reason};
+use nid_proto::ids::{IdKind, IdScheme};
+use nid_proto::v1::bucket_admin_server::BucketAdmin;
+use nid_proto::v1::cell_request::Operation;
+use nid_proto::v1::cell_response::Result as CellResult;
+use nid_proto::v1::cell_server::Cell;
+use nid_proto::v1::membership_change::Kind;
+use nid_proto::v1::{
+    BucketExportChunk, CellInfo, CellRequest, CellResponse, CellState, CellStatus, ChangeMembershipRequest,
+    ChangeMembershipResponse, ChecksumBucketRequest, ChecksumBucketResponse, DeleteBucketRequest,
+    DeleteBucketResponse, EchoRequest, EchoResponse, EnrollRequest, EnrollResponse, ErrorReason,
+    ExportBucketRequest, GetCellStatusRequest, GetIdentityRequest, GetIdentityResponse, Identity,
+    ImportBucketResponse, ReplicaInfo, ReplicaStatus, ServedBy, SetBucketStateRequest,
+    SetBucketStateResponse, TransferLeaderRequest, TransferLeaderResponse,
+};
+use prost::Message as _;
+use raft::prelude::{ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tonic::{Code, Request, Response, Status, Streaming};
+
+/// How long a write or read may wait for Raft.
+pub const RAFT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything the services of one replica share.
+pub struct CellContext {
+    /// Cell id.
+    pub cell_id: u64,
+    /// Node id.
+    pub node_id: u64,
+    /// The Raft loop.
+    pub peer: PeerHandle,
+    /// Applied-state reads.
+    pub fsm: StateMachine,
+    /// Keys.
+    pub keyring: Arc<Keyring>,
+    /// The id scheme.
+    pub scheme: IdScheme,
+    /// Members' addresses.
+    pub book: Arc<AddressBook>,
+    /// Metrics.
+    pub metrics: Arc<CellMetrics>,
+}
+
+impl CellContext {
+    fn served_by(&self) -> ServedBy {
+        ServedBy { cell_id: self.cell_id, node_id: self.node_id, table_version: 0 }
+    }
+
+    /// Maps a Raft-side failure to a status.
+    pub fn peer_status(&self, e: PeerError) -> Status {
+        match e {
+            PeerError::NotLeader { leader } => RoutingHint::NotLeader {
+                cell_id: self.cell_id,
+                leader: leader.and_then(|id| self.book.address(id).map(|a| (id, a))),
+            }
+            .into_status(),
+            PeerError::Timeout => status_with_reason(
+                Code::DeadlineExceeded,
+                "the cell did not answer in time; the outcome of a write is unknown",
+                ErrorReason::Timeout,
+                &[],
+            ),
+            PeerError::Dropped => RoutingHint::RetryLater { after: Duration::from_millis(50) }.into_status(),
+            PeerError::Busy => Status::resource_exhausted("the replica is overloaded; retry with backoff"),
+            PeerError::Stopped => Status::unavailable("the replica is stopping"),
+            PeerError::Invalid(m) => Status::failed_precondition(m),
+        }
+    }
+
+    fn rejection_status(&self, r: Rejection) -> Status {
+        match r {
+            Rejection::WrongOwner { bucket, table_version } => {
+                RoutingHint::WrongOwner { bucket, owner_cell: None, table_version }.into_status()
+            }
+            Rejection::RetryLater { .. } => {
+                RoutingHint::RetryLater { after: Duration::from_millis(100) }.into_status()
+            }
+            Rejection::RidConflict => status_with_reason(
+                Code::AlreadyExists,
+                "the rid was enrolled with a different payload",
+                ErrorReason::RidConflict,
+                &[],
+            ),
+            Rejection::CandidatesTaken => Status::unavailable("uin candidates collided; retry"),
+            Rejection::StaleTableVersion { current } => Status::failed_precondition(format!(
+                "routing-table version is older than the recorded {current}"
+            )),
+            Rejection::Malformed(_) => Status::internal("the command could not be applied"),
+        }
+    }
+
+    async fn enroll(&self, req: EnrollRequest, route_bucket: Option<u32>) -> Result<EnrollResponse, Status> {
+        let bucket = enroll::bucket_of_rid(&req.rid);
+        if let Some(b) = route_bucket
+            && !req.rid.is_empty()
+            && b != u32::from(bucket.get())
+        {
+            return Err(invalid_field("route.bucket", "does not match the bucket of rid"));
+        }
+        // Candidates can collide with existing UINs (rarely): prepare fresh ones and retry.
+        for _ in 0..3 {
+            let cmd = match enroll::prepare(&req, &self.keyring, &self.scheme, now_ms()) {
+                Ok(cmd) => cmd,
+                Err(PrepareError::Invalid(v)) => return Err(violations_status(v)),
+                Err(PrepareError::Random) => return Err(Status::internal("random source failed")),
+            };
+            match self
+                .peer
+                .propose(Command::Enroll(cmd), RAFT_TIMEOUT)
+                .await
+                .map_err(|e| self.peer_status(e))?
+            {
+                CommandResult::Enrolled { uin, created, totp_secret } => {
+                    return Ok(EnrollResponse {
+                        uin,
+                        created,
+                        totp_secret: totp_secret.unwrap_or_default(),
+                        served_by: Some(self.served_by()),
+                    });
+                }
+                CommandResult::Rejected(Rejection::CandidatesTaken) => continue,
+                CommandResult::Rejected(r) => return Err(self.rejection_status(r)),
+                CommandResult::BucketsSet => return Err(Status::internal("unexpected result")),
+            }
+        }
+        Err(Status::unavailable("uin candidates kept colliding; retry"))
+    }
+
+    /// A linearizable read barrier followed by the ownership check for `bucket`.
+    async fn read_fence(&self, bucket: BucketId) -> Result<(), Status> {
+        self.peer.read_barrier(RAFT_TIMEOUT).await.map_err(|e| self.peer_status(e))?;
+        let rec = self.fsm.bucket_record(bucket.get()).map_err(|_| Status::internal("storage error"))?;
+        match rec.state {
+            BucketState::Owned | BucketState::Frozen => Ok(()),
+            BucketState::Importing => {
+                Err(self.rejection_status(Rejection::RetryLater { bucket: bucket.get() }))
+            }
+            BucketState::NotOwned => Err(self.rejection_status(Rejection::WrongOwner {
+                bucket: bucket.get(),
+                table_version: rec.table_version,
+            })),
+        }
+    }
+
+    async fn get_identity(&self, req: GetIdentityRequest) -> Result<GetIdentityResponse, Status> {
+        let id = self.scheme.parse(&req.id).map_err(|e| {
+            status_with_reason(
+                Code::InvalidArgument,
+                format!("id: {e}"),
+                ErrorReason::InvalidIdentifier,
+                &[("field", "id".to_owned())],
+            )
+        })?;
+        if id.kind() == IdKind::Vid {
+            return Err(Status::unimplemented("lookup by VID arrives with the identity domain"));
+        }
+        self.read_fence(id.bucket()).await?;
+        let record = self
+            .fsm
+            .get_identity(id.bucket(), &req.id)
+            .map_err(|_| Status::internal("storage error"))?
+            .ok_or_else(|| Status::not_found("no identity with this id"))?;
+        Ok(GetIdentityResponse { identity: Some(identity_view(record)?), served_by: Some(self.served_by()) })
+    }
+}
+
+fn violations_status(v: FieldViolations) -> Status {
+    match v.into_result() {
+        Err(status) => status,
+        Ok(()) => Status::invalid_argument("invalid request"),
+    }
+}
+
+/// Unix milliseconds now (the leader's clock; carried in the command).
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn timestamp(ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: (ms / 1000) as i64, nanos: ((ms % 1000) * 1_000_000) as i32 }
+}
+
+fn identity_view(r: IdentityRecord) -> Result<Identity, Status> {
+    let req = EnrollRequest::decode(r.request.as_slice())
+        .map_err(|_| Status::internal("stored record unreadable"))?;
+    Ok(Identity {
+        uin: r.uin,
+        rid: req.rid,
+        status: r.status,
+        version: r.version,
+        created_at: Some(timestamp(r.created_ms)),
+        updated_at: Some(timestamp(r.updated_ms)),
+        demographics: req.demographics,
+        biometrics: req.biometrics,
+        vids: Vec::new(),
+        auth_locks: Vec::new(),
+        has_pin: r.pin_verifier.is_some(),
+        has_totp: r.totp_secret.is_some(),
+    })
+}
+
+/// Runs `f`, recording its method and gRPC code.
+async fn observed<T>(
+    metrics: &CellMetrics,
+    method: &'static str,
+    f: impl Future<Output = Result<T, Status>>,
+) -> Result<Response<T>, Status> {
+    let started = Instant::now();
+    let result = f.await;
+    let code = match &result {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    };
+    metrics.grpc_requests.with_label_values(&[method, code_name(code)]).inc();
+    metrics.grpc_seconds.with_label_values(&[method]).observe(started.elapsed().as_secs_f64());
+    result.map(Response::new)
+}
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Canceled",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        _ => "Other",
+    }
+}
+
+/// The `Cell` service.
+pub struct CellService(pub Arc<CellContext>);
+
+#[tonic::async_trait]
+impl Cell for CellService {
+    async fn execute(&self, request: Request<CellRequest>) -> Result<Response<CellResponse>, Status> {
+        let ctx = &self.0;
+        let req = request.into_inner();
+        let route_bucket = req.route.as_ref().map(|r| r.bucket);
+        let op = req.operation.ok_or_else(|| invalid_field("operation", "is required"))?;
+        let (method, fut): (
+            &'static str,
+            std::pin::Pin<Box<dyn Future<Output = Result<CellResult, Status>> + Send + '_>>,
+        ) = match op {
+            Operation::Enroll(r) => {
+                ("Enroll", Box::pin(async move { ctx.enroll(r, route_bucket).await.map(CellResult::Enroll) }))
+            }
+            Operation::GetIdentity(r) => (
+                "GetIdentity",
+                Box::pin(async move { ctx.get_identity(r).await.map(CellResult::GetIdentity) }),
+            ),
+            _ => (
+                "Other",
+                Box::pin(async {
+                    Err(Status::unimplemented(
+                        "this operation arrives with the identity-domain work (issue #5)",
+                    ))
+                }),
+            ),
+        };
+        observed(&ctx.metrics, method, async move {
+            let result = fut.await?;
+            Ok(CellResponse { result: Some(result), served_by: Some(ctx.served_by()) })
+        })
+        .await
+    }
+
+    async fn echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoResponse>, Status> {
+        Ok(Response::new(EchoResponse { payload: request.into_inner().payload }))
+    }
+
+    async fn get_cell_status(
+        &self,
+        _request: Request<GetCellStatusRequest>,
+    ) -> Result<Response<CellStatus>, Status> {
+        let ctx = &self.0;
+        observed(&ctx.metrics, "GetCellStatus", async {
+            let s = ctx.peer.status().await.map_err(|e| ctx.peer_status(e))?;
+            let owned = ctx.fsm.bucket_counts().map_err(|_| Status::internal("storage error"))?;
+            let members = ctx.book.members();
+            let replicas = members
+                .iter()
+                .map(|m| ReplicaStatus {
+                    node_id: m.id,
+                    address: m.address.clone(),
+                    zone: m.zone.clone(),
+                    is_leader: s.leader_id == m.id,
+                    applied_index: if m.id == ctx.node_id {
+                        s.applied
+                    } else {
+                        s.matched.iter().find(|(id, _)| *id == m.id).map(|(_, i)| *i).unwrap_or(0)
+                    },
+                    healthy: s.voters.contains(&m.id) || s.learners.contains(&m.id),
+                })
+                .collect();
+            Ok(CellStatus {
+                cell: Some(CellInfo {
+                    cell_id: ctx.cell_id,
+                    replicas: members
+                        .iter()
+                        .map(|m| ReplicaInfo {
+                            node_id: m.id,
+                            address: m.address.clone(),
+                            zone: m.zone.clone(),
+                        })
+                        .collect(),
+                    weight: 1,
+                    state: CellState::Active as i32,
+                }),
+                replicas,
+                buckets_owned: owned.get("owned").copied().unwrap_or(0) as u32,
+                term: s.term,
+            })
+        })
+        .await
+    }
+
+    async fn change_membership(
+        &self,
+        request: Request<ChangeMembershipRequest>,
+    ) -> Result<Response<ChangeMembershipResponse>, Status> {
+        let ctx = &self.0;
+        let req = request.into_inner();
+        observed(&ctx.metrics, "ChangeMembership", async {
+            let (cc, added) = membership_change(&req, &ctx.book.members())?;
+            let cs = ctx.peer.change_membership(cc, RAFT_TIMEOUT).await.map_err(|e| ctx.peer_status(e))?;
+            tracing::info!(cell = ctx.cell_id, added = added.len(), voters = ?cs.voters, "membership change applied");
+            Ok(ChangeMembershipResponse { voters: cs.voters, learners: cs.learners })
+        })
+        .await
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let ctx = &self.0;
+        let to = Some(request.into_inner().to_node).filter(|&n| n != 0);
+        observed(&ctx.metrics, "TransferLeader", async {
+            if ctx.peer.leader() != Some(ctx.node_id) {
+                return Err(ctx.peer_status(PeerError::NotLeader { leader: ctx.peer.leader() }));
+            }
+            ctx.peer.send(PeerMsg::TransferLeader { to }).map_err(|e| ctx.peer_status(e))?;
+            Ok(TransferLeaderResponse {})
+        })
+        .await
+    }
+}
+
+/// Validates a membership request against the current members and builds the Raft change.
+pub fn membership_change(
+    req: &ChangeMembershipRequest,
+    current: &[Member],
+) -> Result<(ConfChangeV2, Vec<Member>), Status> {
+    let mut v = FieldViolations::new();
+    if req.changes.is_empty() {
+        v.add("changes", "at least one change is required");
+    }
+    let mut steps = Vec::new();
+    let mut added = Vec::new();
+    for (i, c) in req.changes.iter().enumerate() {
+        let field = |f: &str| format!("changes[{i}].{f}");
+        if c.node_id == 0 {
+            v.add(field("node_id"), "must be > 0");
+        }
+        let kind = Kind::try_from(c.kind).unwrap_or(Kind::Unspecified);
+        let change_type = match kind {
+            Kind::AddVoter => ConfChangeType::AddNode,
+            Kind::AddLearner => ConfChangeType::AddLearnerNode,
+            Kind::Remove => ConfChangeType::RemoveNode,
+            Kind::Unspecified => {
+                v.add(field("kind"), "must be ADD_VOTER, ADD_LEARNER or REMOVE");
+                continue;
+            }
+        };
+        if change_type != ConfChangeType::RemoveNode {
+            let known = current.iter().find(|m| m.id == c.node_id);
+            if c.address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none()
+                && known.is_none()
+            {
+                v.add(field("address"), "host:port is required when adding a replica");
+            }
+            if c.zone.is_empty() && known.is_none() {
+                v.add(field("zone"), "is required when adding a replica");
+            }
+            let address = if c.address.is_empty() {
+                known.map(|m| m.address.clone()).unwrap_or_default()
+            } else {
+                c.address.clone()
+            };
+            let zone = if c.zone.is_empty() {
+                known.map(|m| m.zone.clone()).unwrap_or_default()
+            } else {
+                c.zone.clone()
+            };
+            added.push(Member { id: c.node_id, address, zone });
+        }
+        let mut step = ConfChangeSingle::default();
+        step.set_change_type(change_type);
+        step.node_id = c.node_id;
+        steps.push(step);
+    }
+    if !v.is_empty() {
+        return Err(violations_status(v));
+    }
+    let mut cc = ConfChangeV2::default();
+    cc.set_changes(steps.into());
+    if req.changes.len() > 1 {
+        cc.set_transition(ConfChangeTransition::Auto);
+    }
+    cc.context = crate::codec::encode(&added).into();
+    Ok((cc, added))
+}
+
+/// The `BucketAdmin` service: ownership changes and checksums (migration streaming arrives with the
+/// rebalancer).
+pub struct BucketAdminService(pub Arc<CellContext>);
+
+type ExportStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<BucketExportChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl BucketAdmin for BucketAdminService {
+    async fn set_bucket_state(
+        &self,
+        request: Request<SetBucketStateRequest>,
+    ) -> Result<Response<SetBucketStateResponse>, Status> {
+        let ctx = &self.0;
+        let req = request.into_inner();
+        observed(&ctx.metrics, "SetBucketState", async {
+            let mut v = FieldViolations::new();
+            let mut buckets = Vec::with_capacity(req.buckets.len());
+            for b in &req.buckets {
+                match BucketId::new(*b) {
+                    Some(id) => buckets.push(id.get()),
+                    None => {
+                        v.add("buckets", "every bucket must be < 16384");
+                        break;
+                    }
+                }
+            }
+            if buckets.is_empty() && v.is_empty() {
+                v.add("buckets", "at least one bucket is required");
+            }
+            let state = match nid_proto::v1::BucketState::try_from(req.state) {
+                Ok(nid_proto::v1::BucketState::NotOwned) => BucketState::NotOwned,
+                Ok(nid_proto::v1::BucketState::Owned) => BucketState::Owned,
+                Ok(nid_proto::v1::BucketState::Importing) => BucketState::Importing,
+                Ok(nid_proto::v1::BucketState::Frozen) => BucketState::Frozen,
+                Err(_) => {
+                    v.add("state", "unknown bucket state");
+                    BucketState::NotOwned
+                }
+            };
+            if req.table_version == 0 {
+                v.add("table_version", "must be > 0");
+            }
+            if !v.is_empty() {
+                return Err(violations_status(v));
+            }
+            let cmd = Command::SetBuckets { buckets, state, table_version: req.table_version };
+            match ctx.peer.propose(cmd, RAFT_TIMEOUT).await.map_err(|e| ctx.peer_status(e))? {
+                CommandResult::BucketsSet => Ok(SetBucketStateResponse {
+                    applied_index: ctx.peer.shared.applied.load(std::sync::atomic::Ordering::Relaxed),
+                }),
+                CommandResult::Rejected(r) => Err(ctx.rejection_status(r)),
+                CommandResult::Enrolled { .. } => Err(Status::internal("unexpected result")),
+            }
+        })
+        .await
+    }
+
+    type ExportBucketStream = ExportStream;
+
+    async fn export_bucket(
+        &self,
+        _request: Request<ExportBucketRequest>,
+    ) -> Result<Response<Self::ExportBucketStream>, Status> {
+        Err(Status::unimplemented("bucket export arrives with the rebalancer (issue #4)"))
+    }
+
+    async fn import_bucket(
+        &self,
+        _request: Request<Streaming<BucketExportChunk>>,
+    ) -> Result<Response<ImportBucketResponse>, Status> {
+        Err(Status::unimplemented("bucket import arrives with the rebalancer (issue #4)"))
+    }
+
+    async fn checksum_bucket(
+        &self,
+        request: Request<ChecksumBucketRequest>,
+    ) -> Result<Response<ChecksumBucketResponse>, Status> {
+        let ctx = &self.0;
+        let req = request.into_inner();
+        observed(&ctx.metrics, "ChecksumBucket", async {
+            let bucket =
+                BucketId::new(req.bucket).ok_or_else(|| invalid_field("bucket", "must be < 16384"))?;
+            ctx.peer.read_barrier(RAFT_TIMEOUT).await.map_err(|e| ctx.peer_status(e))?;
+            let applied = ctx.peer.shared.applied.load(std::sync::atomic::Ordering::Relaxed);
+            let (records, digest) =
+                ctx.fsm.bucket_digest(bucket).map_err(|_| Status::internal("storage error"))?;
+            Ok(ChecksumBucketResponse { records, sha256: digest.to_vec(), applied_index: applied })
+        })
+        .await
+    }
+
+    async fn delete_bucket(
+        &self,
+        _request: Request<DeleteBucketRequest>,
+    ) -> Result<Response<DeleteBucketResponse>, Status> {
+        Err(Status::unimplemented("bucket cleanup arrives with the rebalancer (issue #4)"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nid_proto::v1::MembershipChange;
+
+    fn change(kind: Kind, node_id: u64, address: &str, zone: &str) -> MembershipChange {
+        MembershipChange { kind: kind as i32, node_id, address: address.into(), zone: zone.into() }
+    }
+
+    fn fields(status: &Status) -> Vec<String> {
+        nid_proto::error::FieldViolations::from_status(status)
+            .violations()
+            .iter()
+            .map(|(f, _)| f.clone())
+            .collect()
+    }
+
+    #[test]
+    fn membership_requests_are_validated_field_by_field() {
+        let current = vec![Member { id: 1, address: "h:1".into(), zone: "a".into() }];
+        let empty = membership_change(&ChangeMembershipRequest { changes: vec![] }, &current).unwrap_err();
+        assert_eq!(fields(&empty), vec!["changes"]);
+        let bad = ChangeMembershipRequest {
+            changes: vec![change(Kind::AddVoter, 0, "nope", ""), change(Kind::Unspecified, 2, "", "")],
+        };
+        let err = membership_change(&bad, &current).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert_eq!(
+            fields(&err),
+            vec!["changes[0].node_id", "changes[0].address", "changes[0].zone", "changes[1].kind"]
+        );
+    }
+
+    #[test]
+    fn replace_is_one_joint_change_carrying_the_new_address() {
+        let current = vec![Member { id: 3, address: "h:3".into(), zone: "c".into() }];
+        let req = ChangeMembershipRequest {
+            changes: vec![change(Kind::AddVoter, 4, "h:4", "c"), change(Kind::Remove, 3, "", "")],
+        };
+        let (cc, added) = membership_change(&req, &current).unwrap();
+        assert_eq!(cc.changes.len(), 2);
+        assert_eq!(cc.get_transition(), ConfChangeTransition::Auto);
+        assert_eq!(added, vec![Member { id: 4, address: "h:4".into(), zone: "c".into() }]);
+        let carried: Vec<Member> = crate::codec::decode(&cc.context).unwrap();
+        assert_eq!(carried, added);
+    }
+}

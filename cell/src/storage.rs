@@ -1,0 +1,579 @@
+//! `raft::Storage` over the replica's RocksDB: the log, hard state, apply state and snapshots.
+//!
+//! Durable state, all in one DB (one WAL, so a write batch spanning column families is atomic):
+//! - [`RaftLocalState`] (hard state, last index and term) next to the entries in the `raft` CF;
+//! - [`ApplyState`] (applied index/term, truncated index/term, conf state) in the `meta` CF, written
+//!   in the same batch as the state-machine changes it covers.
+//!
+//! `last_index`/`last_term` live in memory and in the local state, never found by seeking. The
+//! truncated index AND term are kept so `term(first_index - 1)` keeps working after compaction.
+//! Recently appended entries stay in an in-memory cache because raft re-reads them right after
+//! `advance` to build append messages.
+
+use crate::codec;
+use crate::keys::{self, CF_DATA, CF_META, CF_RAFT};
+use bincode::{Decode, Encode};
+use protobuf::Message as _;
+use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, StorageError};
+use rocksdb::{DB, IteratorMode, ReadOptions, WriteBatch, WriteOptions};
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The index and term at which initial members of a new cell start (as TiKV does): a replica
+/// added later starts empty at 0 and so must catch up by snapshot.
+pub const BOOTSTRAP_INDEX: u64 = 5;
+/// See [`BOOTSTRAP_INDEX`].
+pub const BOOTSTRAP_TERM: u64 = 5;
+
+const MAX_CACHED_ENTRIES: usize = 4096;
+
+/// Raft's durable per-replica state besides the entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode)]
+pub struct RaftLocalState {
+    /// The protobuf-encoded `HardState`.
+    pub hard_state: Vec<u8>,
+    /// Index of the last entry in the log (the truncated index when the log is empty).
+    pub last_index: u64,
+    /// Term of that entry.
+    pub last_term: u64,
+}
+
+/// How far the state machine has applied the log, and where the log starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode)]
+pub struct ApplyState {
+    /// Last applied entry.
+    pub applied_index: u64,
+    /// Its term.
+    pub applied_term: u64,
+    /// Last entry removed by compaction (or covered by the installed snapshot).
+    pub truncated_index: u64,
+    /// Its term.
+    pub truncated_term: u64,
+    /// The protobuf-encoded `ConfState` as of `applied_index`.
+    pub conf_state: Vec<u8>,
+}
+
+/// The manifest and payload of a snapshot: the data and bucket ownership as of one applied index,
+/// all read from the same RocksDB snapshot view.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode)]
+pub struct SnapshotData {
+    /// Apply state at the snapshot point.
+    pub apply_state: ApplyState,
+    /// `data` CF key/value pairs.
+    pub data: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Bucket-ownership key/value pairs of the `meta` CF.
+    pub buckets: Vec<(Vec<u8>, Vec<u8>)>,
+    /// SHA-256 over every key and value, in order, checked before install.
+    pub checksum: [u8; 32],
+}
+
+impl SnapshotData {
+    fn compute_checksum(data: &[(Vec<u8>, Vec<u8>)], buckets: &[(Vec<u8>, Vec<u8>)]) -> [u8; 32] {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for (k, v) in data.iter().chain(buckets) {
+            ctx.update(&(k.len() as u64).to_be_bytes());
+            ctx.update(k);
+            ctx.update(&(v.len() as u64).to_be_bytes());
+            ctx.update(v);
+        }
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        out
+    }
+}
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// RocksDB failed.
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    /// A stored value did not decode.
+    #[error("corrupt {what}: {source}")]
+    Corrupt {
+        /// Which value.
+        what: &'static str,
+        /// Why.
+        source: codec::CodecError,
+    },
+    /// A stored protobuf did not decode.
+    #[error("corrupt {what}: {source}")]
+    CorruptProto {
+        /// Which value.
+        what: &'static str,
+        /// Why.
+        source: protobuf::ProtobufError,
+    },
+    /// A received snapshot failed its checksum or shape checks.
+    #[error("invalid snapshot: {0}")]
+    BadSnapshot(String),
+    /// A column family is missing.
+    #[error("column family {0} missing")]
+    MissingCf(&'static str),
+}
+
+fn to_raft(e: StoreError) -> raft::Error {
+    raft::Error::Store(StorageError::Other(Box::new(e)))
+}
+
+/// Opens (creating if needed) the replica's DB with its three column families.
+pub fn open_db(path: &Path) -> Result<Arc<DB>, StoreError> {
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_max_background_jobs(2);
+    opts.set_bytes_per_sync(1 << 20);
+    let mut data_opts = rocksdb::Options::default();
+    data_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    let cfs = vec![
+        rocksdb::ColumnFamilyDescriptor::new(CF_RAFT, rocksdb::Options::default()),
+        rocksdb::ColumnFamilyDescriptor::new(CF_META, rocksdb::Options::default()),
+        rocksdb::ColumnFamilyDescriptor::new(CF_DATA, data_opts),
+    ];
+    Ok(Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?))
+}
+
+/// A column family handle by name.
+pub fn cf<'a>(db: &'a DB, name: &'static str) -> Result<&'a rocksdb::ColumnFamily, StoreError> {
+    db.cf_handle(name).ok_or(StoreError::MissingCf(name))
+}
+
+/// Reads and decodes the apply state (default when absent).
+pub fn read_apply_state(db: &DB) -> Result<ApplyState, StoreError> {
+    match db.get_cf(cf(db, CF_META)?, keys::APPLY_STATE)? {
+        Some(bytes) => {
+            codec::decode(&bytes).map_err(|source| StoreError::Corrupt { what: "apply state", source })
+        }
+        None => Ok(ApplyState::default()),
+    }
+}
+
+fn decode_proto<M: protobuf::Message>(bytes: &[u8], what: &'static str) -> Result<M, StoreError> {
+    if bytes.is_empty() {
+        return Ok(M::new());
+    }
+    M::parse_from_bytes(bytes).map_err(|source| StoreError::CorruptProto { what, source })
+}
+
+fn encode_proto<M: protobuf::Message>(m: &M) -> Vec<u8> {
+    // Writing a well-formed in-memory message into a Vec cannot fail.
+    m.write_to_bytes().unwrap_or_default()
+}
+
+/// The replica's Raft storage.
+pub struct PeerStorage {
+    db: Arc<DB>,
+    hard_state: HardState,
+    last_index: u64,
+    last_term: u64,
+    apply: ApplyState,
+    conf_state: ConfState,
+    cache: VecDeque<Entry>,
+}
+
+impl PeerStorage {
+    /// Loads the storage from `db`. When the replica is new and `bootstrap_voters` is non-empty it is
+    /// bootstrapped as an initial member with that voter set; with an empty list it starts
+    /// uninitialized and waits for a snapshot from the leader.
+    pub fn open(db: Arc<DB>, bootstrap_voters: &[u64]) -> Result<PeerStorage, StoreError> {
+        let local: Option<RaftLocalState> = match db.get_cf(cf(&db, CF_RAFT)?, keys::RAFT_LOCAL_STATE)? {
+            Some(bytes) => Some(
+                codec::decode(&bytes)
+                    .map_err(|source| StoreError::Corrupt { what: "raft local state", source })?,
+            ),
+            None => None,
+        };
+        let mut storage = match local {
+            Some(local) => {
+                let apply = read_apply_state(&db)?;
+                let mut hard_state: HardState = decode_proto(&local.hard_state, "hard state")?;
+                // The commit index is persisted lazily (it can always be re-learnt), but applied
+                // entries were committed: never start with commit < applied.
+                if hard_state.commit < apply.applied_index {
+                    hard_state.commit = apply.applied_index;
+                }
+                let conf_state = decode_proto(&apply.conf_state, "conf state")?;
+                PeerStorage {
+                    db,
+                    hard_state,
+                    last_index: local.last_index,
+                    last_term: local.last_term,
+                    apply,
+                    conf_state,
+                    cache: VecDeque::new(),
+                }
+            }
+            None => {
+                let mut storage = PeerStorage {
+                    db,
+                    hard_state: HardState::default(),
+                    last_index: 0,
+                    last_term: 0,
+                    apply: ApplyState::default(),
+                    conf_state: ConfState::default(),
+                    cache: VecDeque::new(),
+                };
+                if !bootstrap_voters.is_empty() {
+                    storage.bootstrap(bootstrap_voters)?;
+                }
+                storage
+            }
+        };
+        storage.cache.clear();
+        Ok(storage)
+    }
+
+    fn bootstrap(&mut self, voters: &[u64]) -> Result<(), StoreError> {
+        let mut cs = ConfState::default();
+        cs.set_voters(voters.to_vec());
+        let hs = HardState { term: BOOTSTRAP_TERM, commit: BOOTSTRAP_INDEX, ..Default::default() };
+        self.apply = ApplyState {
+            applied_index: BOOTSTRAP_INDEX,
+            applied_term: BOOTSTRAP_TERM,
+            truncated_index: BOOTSTRAP_INDEX,
+            truncated_term: BOOTSTRAP_TERM,
+            conf_state: encode_proto(&cs),
+        };
+        self.conf_state = cs;
+        self.hard_state = hs;
+        self.last_index = BOOTSTRAP_INDEX;
+        self.last_term = BOOTSTRAP_TERM;
+        let mut wb = WriteBatch::default();
+        self.put_apply_state(&mut wb)?;
+        self.put_local_state(&mut wb)?;
+        self.write(wb, true)
+    }
+
+    /// The DB.
+    pub fn db(&self) -> &Arc<DB> {
+        &self.db
+    }
+
+    /// The current apply state.
+    pub fn apply_state(&self) -> &ApplyState {
+        &self.apply
+    }
+
+    /// The conf state as of the applied index.
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
+    /// The hard state as last persisted.
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+
+    /// True once the replica has a conf state (initial member or installed snapshot).
+    pub fn is_initialized(&self) -> bool {
+        !self.conf_state.voters.is_empty() || !self.conf_state.learners.is_empty()
+    }
+
+    /// Writes `wb` to the DB, synced when `sync`.
+    pub fn write(&self, wb: WriteBatch, sync: bool) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(sync);
+        self.db.write_opt(wb, &opts)?;
+        Ok(())
+    }
+
+    fn put_local_state(&self, wb: &mut WriteBatch) -> Result<(), StoreError> {
+        let local = RaftLocalState {
+            hard_state: encode_proto(&self.hard_state),
+            last_index: self.last_index,
+            last_term: self.last_term,
+        };
+        wb.put_cf(cf(&self.db, CF_RAFT)?, keys::RAFT_LOCAL_STATE, codec::encode(&local));
+        Ok(())
+    }
+
+    fn put_apply_state(&self, wb: &mut WriteBatch) -> Result<(), StoreError> {
+        wb.put_cf(cf(&self.db, CF_META)?, keys::APPLY_STATE, codec::encode(&self.apply));
+        Ok(())
+    }
+
+    /// Stages `entries` (and removal of any conflicting tail) plus the hard state into `wb`. The
+    /// in-memory view changes immediately; the caller must write `wb` (synced) before sending the
+    /// messages that depend on it.
+    pub fn append(
+        &mut self,
+        entries: &[Entry],
+        hs: Option<&HardState>,
+        wb: &mut WriteBatch,
+    ) -> Result<(), StoreError> {
+        if let Some(hs) = hs {
+            self.hard_state = hs.clone();
+        }
+        if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
+            let raft_cf = cf(&self.db, CF_RAFT)?;
+            for e in entries {
+                wb.put_cf(raft_cf, keys::entry_key(e.index), encode_proto(e));
+            }
+            // Entries after the new last one are a stale tail from an older term: delete them.
+            if last.index < self.last_index {
+                wb.delete_range_cf(
+                    raft_cf,
+                    keys::entry_key(last.index + 1),
+                    keys::entry_key(self.last_index + 1),
+                );
+            }
+            while self.cache.back().is_some_and(|e| e.index >= first.index) {
+                self.cache.pop_back();
+            }
+            if self.cache.back().is_some_and(|e| e.index + 1 != first.index) {
+                self.cache.clear();
+            }
+            self.cache.extend(entries.iter().cloned());
+            while self.cache.len() > MAX_CACHED_ENTRIES {
+                self.cache.pop_front();
+            }
+            self.last_index = last.index;
+            self.last_term = last.term;
+        }
+        self.put_local_state(wb)
+    }
+
+    /// Records a commit index learnt after the Ready that carried the hard state.
+    pub fn set_commit(&mut self, commit: u64, wb: &mut WriteBatch) -> Result<(), StoreError> {
+        if commit > self.hard_state.commit {
+            self.hard_state.commit = commit;
+        }
+        self.put_local_state(wb)
+    }
+
+    /// Stages the new applied position (and conf state) into `wb`, next to the data it covers.
+    pub fn stage_applied(
+        &mut self,
+        index: u64,
+        term: u64,
+        conf_state: Option<ConfState>,
+        wb: &mut WriteBatch,
+    ) -> Result<(), StoreError> {
+        self.apply.applied_index = index;
+        self.apply.applied_term = term;
+        if let Some(cs) = conf_state {
+            self.apply.conf_state = encode_proto(&cs);
+            self.conf_state = cs;
+        }
+        self.put_apply_state(wb)
+    }
+
+    /// Removes log entries up to and including `index` (which must be applied), keeping its term.
+    /// Returns how many entries went away.
+    pub fn compact_to(&mut self, index: u64) -> Result<u64, StoreError> {
+        let index = index.min(self.apply.applied_index);
+        if index <= self.apply.truncated_index {
+            return Ok(0);
+        }
+        let term = self.term_of(index)?;
+        let first = self.apply.truncated_index + 1;
+        self.apply.truncated_index = index;
+        self.apply.truncated_term = term;
+        // The truncated state goes first (and durably); the range delete may then lag or be redone.
+        let mut wb = WriteBatch::default();
+        self.put_apply_state(&mut wb)?;
+        wb.delete_range_cf(cf(&self.db, CF_RAFT)?, keys::entry_key(first), keys::entry_key(index + 1));
+        self.write(wb, false)?;
+        while self.cache.front().is_some_and(|e| e.index <= index) {
+            self.cache.pop_front();
+        }
+        Ok(index + 1 - first)
+    }
+
+    fn term_of(&self, idx: u64) -> Result<u64, StoreError> {
+        if idx == self.apply.truncated_index {
+            return Ok(self.apply.truncated_term);
+        }
+        if idx == self.last_index {
+            return Ok(self.last_term);
+        }
+        if let Some(e) = self.cached(idx) {
+            return Ok(e.term);
+        }
+        match self.db.get_cf(cf(&self.db, CF_RAFT)?, keys::entry_key(idx))? {
+            Some(bytes) => Ok(decode_proto::<Entry>(&bytes, "log entry")?.term),
+            None => Err(StoreError::BadSnapshot(format!("log entry {idx} missing"))),
+        }
+    }
+
+    fn cached(&self, idx: u64) -> Option<&Entry> {
+        let front = self.cache.front()?.index;
+        if idx < front {
+            return None;
+        }
+        self.cache.get((idx - front) as usize)
+    }
+
+    fn first(&self) -> u64 {
+        self.apply.truncated_index + 1
+    }
+
+    /// Builds a snapshot of the state machine as of the currently applied index, reading the apply
+    /// state, the data and the bucket ownership from ONE RocksDB snapshot view.
+    pub fn build_snapshot(&self) -> Result<Snapshot, StoreError> {
+        let view = self.db.snapshot();
+        let apply: ApplyState = match view.get_cf(cf(&self.db, CF_META)?, keys::APPLY_STATE)? {
+            Some(bytes) => {
+                codec::decode(&bytes).map_err(|source| StoreError::Corrupt { what: "apply state", source })?
+            }
+            None => return Err(StoreError::BadSnapshot("no apply state yet".into())),
+        };
+        let mut data = Vec::new();
+        for item in view.iterator_cf(cf(&self.db, CF_DATA)?, IteratorMode::Start) {
+            let (k, v) = item?;
+            data.push((k.to_vec(), v.to_vec()));
+        }
+        let (start, end) = keys::bucket_state_range();
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(end.to_vec());
+        ro.set_snapshot(&view);
+        let mut buckets = Vec::new();
+        for item in self.db.iterator_cf_opt(
+            cf(&self.db, CF_META)?,
+            ro,
+            IteratorMode::From(&start, rocksdb::Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            buckets.push((k.to_vec(), v.to_vec()));
+        }
+        let checksum = SnapshotData::compute_checksum(&data, &buckets);
+        let conf_state: ConfState = decode_proto(&apply.conf_state, "conf state")?;
+        let mut meta =
+            SnapshotMetadata { index: apply.applied_index, term: apply.applied_term, ..Default::default() };
+        meta.set_conf_state(conf_state);
+        let payload = SnapshotData { apply_state: apply, data, buckets, checksum };
+        let mut snap = Snapshot::default();
+        snap.set_metadata(meta);
+        snap.data = codec::encode(&payload).into();
+        Ok(snap)
+    }
+
+    /// Installs a snapshot received from the leader: replaces the data and ownership, resets the
+    /// log to start after the snapshot point, all in ONE synced write batch, so a crash leaves
+    /// either the old state or the new one, never a mix.
+    pub fn apply_snapshot(&mut self, snap: &Snapshot) -> Result<(), StoreError> {
+        let payload: SnapshotData = codec::decode(&snap.data)
+            .map_err(|source| StoreError::Corrupt { what: "snapshot payload", source })?;
+        if SnapshotData::compute_checksum(&payload.data, &payload.buckets) != payload.checksum {
+            return Err(StoreError::BadSnapshot("checksum mismatch".into()));
+        }
+        let meta = snap.get_metadata();
+        if payload.apply_state.applied_index != meta.index || payload.apply_state.applied_term != meta.term {
+            return Err(StoreError::BadSnapshot("manifest does not match metadata".into()));
+        }
+        let mut wb = WriteBatch::default();
+        let data_cf = cf(&self.db, CF_DATA)?;
+        let meta_cf = cf(&self.db, CF_META)?;
+        let raft_cf = cf(&self.db, CF_RAFT)?;
+        wb.delete_range_cf(data_cf, [0u8].as_slice(), [0xffu8; 4].as_slice());
+        let (bs, be) = keys::bucket_state_range();
+        wb.delete_range_cf(meta_cf, bs, be);
+        for (k, v) in &payload.data {
+            wb.put_cf(data_cf, k, v);
+        }
+        for (k, v) in &payload.buckets {
+            wb.put_cf(meta_cf, k, v);
+        }
+        wb.delete_range_cf(raft_cf, keys::entry_key(0), keys::entry_key(u64::MAX));
+        self.apply = ApplyState {
+            applied_index: meta.index,
+            applied_term: meta.term,
+            truncated_index: meta.index,
+            truncated_term: meta.term,
+            conf_state: encode_proto(meta.get_conf_state()),
+        };
+        self.conf_state = meta.get_conf_state().clone();
+        self.last_index = meta.index;
+        self.last_term = meta.term;
+        if self.hard_state.commit < meta.index {
+            self.hard_state.commit = meta.index;
+        }
+        if self.hard_state.term < meta.term {
+            self.hard_state.term = meta.term;
+        }
+        self.cache.clear();
+        self.put_apply_state(&mut wb)?;
+        self.put_local_state(&mut wb)?;
+        self.write(wb, true)
+    }
+
+    /// Entries `[low, high)` read from the cache or the DB, at most `max_size` bytes (at least one).
+    fn read_entries(&self, low: u64, high: u64, max_size: u64) -> Result<Vec<Entry>, raft::Error> {
+        let mut out = Vec::with_capacity((high - low).min(1024) as usize);
+        let mut size = 0u64;
+        let mut next = low;
+        while next < high {
+            let entry = match self.cached(next) {
+                Some(e) => e.clone(),
+                None => {
+                    let bytes = self
+                        .db
+                        .get_cf(cf(&self.db, CF_RAFT).map_err(to_raft)?, keys::entry_key(next))
+                        .map_err(|e| to_raft(e.into()))?
+                        .ok_or(raft::Error::Store(StorageError::Unavailable))?;
+                    decode_proto::<Entry>(&bytes, "log entry").map_err(to_raft)?
+                }
+            };
+            size += u64::from(entry.compute_size());
+            if !out.is_empty() && size > max_size {
+                break;
+            }
+            out.push(entry);
+            next += 1;
+        }
+        Ok(out)
+    }
+}
+
+impl raft::Storage for PeerStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState::new(self.hard_state.clone(), self.conf_state.clone()))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low < self.first() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.last_index + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        self.read_entries(low, high, max_size.into().unwrap_or(u64::MAX))
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        if idx < self.apply.truncated_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > self.last_index {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        self.term_of(idx).map_err(to_raft)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.first())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last_index)
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let snap = self.build_snapshot().map_err(to_raft)?;
+        if snap.get_metadata().index < request_index {
+            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+        }
+        Ok(snap)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,170 @@
+//! `make bench-cell`: write throughput and latency of one 3-replica cell of real `nid-cell`
+//! processes on this machine, at several client concurrencies, next to the disk's measured
+//! fdatasync latency. Prints figures; asserts nothing (machines here are shared and noisy).
+//!
+//! Usage: bench-cell [--seconds N] [--concurrency 1,16,64,256]
+
+use nid_proto::v1::bucket_admin_client::BucketAdminClient;
+use nid_proto::v1::cell_request::Operation;
+use nid_proto::v1::{
+    BucketState, CellRequest, Demographics, EnrollRequest, GetCellStatusRequest, SetBucketStateRequest,
+};
+use nid_tests::ProcessCell;
+use std::io::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+fn fdatasync_latency(dir: &std::path::Path) -> (Duration, Duration) {
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::File::create(&path).expect("probe file");
+    let block = vec![0x5au8; 4096];
+    let mut samples = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        f.write_all(&block).expect("write");
+        f.sync_data().expect("fdatasync");
+        samples.push(t.elapsed());
+    }
+    let _ = std::fs::remove_file(&path);
+    samples.sort();
+    (samples[samples.len() / 2], samples[samples.len() * 99 / 100])
+}
+
+fn percentile(sorted: &[u64], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    Duration::from_micros(sorted[i])
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let seconds: u64 = arg("--seconds").map(|s| s.parse()).transpose()?.unwrap_or(10);
+    let levels: Vec<usize> = arg("--concurrency")
+        .unwrap_or_else(|| "1,16,64,256".into())
+        .split(',')
+        .map(|s| s.trim().parse())
+        .collect::<Result<_, _>>()?;
+
+    let cell = ProcessCell::start(3, &[]);
+    let (p50, p99) = fdatasync_latency(cell.nodes[0].data_dir.parent().expect("root"));
+    println!(
+        "disk: fdatasync of 4 KiB p50 {:.2} ms, p99 {:.2} ms",
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3
+    );
+
+    // Find the leader and give the cell every bucket.
+    let leader = loop {
+        let mut found = None;
+        for n in &cell.nodes {
+            let mut c = n.client(Duration::from_secs(30)).await;
+            if let Ok(s) = c.get_cell_status(GetCellStatusRequest {}).await
+                && let Some(r) = s.into_inner().replicas.iter().find(|r| r.is_leader)
+            {
+                found = Some(r.node_id);
+            }
+        }
+        if let Some(l) = found {
+            break l;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let node = &cell.nodes[(leader - 1) as usize];
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.addr))?.connect().await?;
+    BucketAdminClient::new(channel.clone())
+        .set_bucket_state(SetBucketStateRequest {
+            buckets: (0..16384).collect(),
+            state: BucketState::Owned as i32,
+            table_version: 1,
+        })
+        .await?;
+
+    println!("3 replicas (3 processes, one machine), Enroll through the leader, {seconds} s per level");
+    println!(
+        "{:>11} {:>10} {:>9} {:>9} {:>9} {:>7}",
+        "concurrency", "writes/s", "p50 ms", "p99 ms", "max ms", "errors"
+    );
+    for (run, &c) in levels.iter().enumerate() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let errors = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for w in 0..c {
+            let client = nid_proto::v1::cell_client::CellClient::new(channel.clone());
+            let stop = stop.clone();
+            let errors = errors.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut client = client;
+                let mut lat = Vec::new();
+                let mut k = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    k += 1;
+                    let req = CellRequest {
+                        route: None,
+                        operation: Some(Operation::Enroll(EnrollRequest {
+                            rid: format!("BENCH-{run}-{w}-{k}"),
+                            demographics: Some(Demographics {
+                                full_name: "Bench Person".into(),
+                                date_of_birth: "1980-05-05".into(),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        })),
+                    };
+                    let t = Instant::now();
+                    match client.execute(req).await {
+                        Ok(_) => lat.push(t.elapsed().as_micros() as u64),
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                lat
+            }));
+        }
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await?);
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        all.sort_unstable();
+        println!(
+            "{:>11} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>7}",
+            c,
+            all.len() as f64 / elapsed,
+            percentile(&all, 0.50).as_secs_f64() * 1e3,
+            percentile(&all, 0.99).as_secs_f64() * 1e3,
+            percentile(&all, 1.0).as_secs_f64() * 1e3,
+            errors.load(Ordering::Relaxed)
+        );
+    }
+    // Group commit at work: client commands per log entry and entries per fsync, from the leader.
+    let metrics = reqwest_metrics(&node.metrics_addr).await.unwrap_or_default();
+    for line in metrics.lines() {
+        if line.starts_with("nid_raft_batch_commands_sum")
+            || line.starts_with("nid_raft_batch_commands_count")
+            || line.starts_with("nid_raft_fsync_duration_seconds_count")
+            || line.starts_with("nid_raft_fsync_duration_seconds_sum")
+        {
+            println!("leader {line}");
+        }
+    }
+    Ok(())
+}
+
+/// Fetches the metrics text over plain HTTP.
+async fn reqwest_metrics(addr: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    Some(out)
+}

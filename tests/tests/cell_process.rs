@@ -1,0 +1,245 @@
+//! Real `nid-cell` processes on 127.0.0.1: a 3-replica cell survives SIGKILL of its leader under
+//! continuous writes without losing an acknowledged write or minting a second UIN for a RID; a
+//! SIGTERM hands leadership over before exiting; bad configurations are refused.
+
+use nid_proto::error::RoutingHint;
+use nid_proto::v1::bucket_admin_client::BucketAdminClient;
+use nid_proto::v1::cell_request::Operation;
+use nid_proto::v1::cell_response::Result as CellResult;
+use nid_proto::v1::{
+    BucketState, CellRequest, Demographics, EnrollRequest, GetCellStatusRequest, GetIdentityRequest,
+    SetBucketStateRequest,
+};
+use nid_tests::{ProcessCell, binary};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn enroll(rid: &str) -> CellRequest {
+    CellRequest {
+        route: None,
+        operation: Some(Operation::Enroll(EnrollRequest {
+            rid: rid.into(),
+            demographics: Some(Demographics {
+                full_name: "Process Test".into(),
+                date_of_birth: "1970-01-01".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+    }
+}
+
+/// Finds the leader by asking every running replica.
+async fn leader(cell: &ProcessCell) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        for node in cell.nodes.iter().filter(|n| n.is_running()) {
+            let mut client = node.client(WAIT).await;
+            if let Ok(status) = client.get_cell_status(GetCellStatusRequest {}).await {
+                let status = status.into_inner();
+                if let Some(r) = status.replicas.iter().find(|r| r.is_leader)
+                    && cell.nodes[(r.node_id - 1) as usize].is_running()
+                {
+                    return r.node_id;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends `request` to the leader, following not-leader hints and retrying transient errors.
+/// Returns the response, or the last error once `budget` runs out.
+async fn execute(
+    cell: &ProcessCell,
+    request: CellRequest,
+    budget: Duration,
+) -> Result<CellResult, tonic::Status> {
+    let deadline = Instant::now() + budget;
+    let mut target = leader(cell).await;
+    loop {
+        let mut client = cell.nodes[(target - 1) as usize].client(WAIT).await;
+        let err = match client.execute(request.clone()).await {
+            Ok(r) => return Ok(r.into_inner().result.expect("result")),
+            Err(e) => e,
+        };
+        if Instant::now() > deadline {
+            return Err(err);
+        }
+        match RoutingHint::from_status(&err) {
+            Some(RoutingHint::NotLeader { leader: Some((id, _)), .. })
+                if cell.nodes[(id - 1) as usize].is_running() =>
+            {
+                target = id
+            }
+            _ if matches!(err.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                target = leader(cell).await;
+            }
+            _ => return Err(err),
+        }
+    }
+}
+
+async fn own_all_buckets(cell: &ProcessCell) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let l = leader(cell).await;
+        let node = &cell.nodes[(l - 1) as usize];
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let r = BucketAdminClient::new(channel)
+            .set_bucket_state(SetBucketStateRequest {
+                buckets: (0..16384).collect(),
+                state: BucketState::Owned as i32,
+                table_version: 1,
+            })
+            .await;
+        if r.is_ok() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "could not assign buckets: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn uin_of(r: CellResult) -> (String, bool) {
+    match r {
+        CellResult::Enroll(e) => (e.uin, e.created),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Enrols `n` fresh RIDs `RID-<tag>-<k>` one after another; returns the acknowledged (rid, uin)
+/// pairs and the RIDs whose outcome is unknown (timeouts across a leader change).
+async fn write_many(cell: &ProcessCell, tag: &str, n: usize) -> (Vec<(String, String)>, Vec<String>) {
+    let mut acked = Vec::new();
+    let mut unknown = Vec::new();
+    for k in 0..n {
+        let rid = format!("RID-{tag}-{k}");
+        match execute(cell, enroll(&rid), Duration::from_secs(20)).await {
+            Ok(r) => {
+                let (uin, created) = uin_of(r);
+                assert!(created, "a fresh RID creates an identity");
+                acked.push((rid, uin));
+            }
+            Err(e) => {
+                assert!(
+                    matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown),
+                    "{e:?}"
+                );
+                unknown.push(rid);
+            }
+        }
+    }
+    (acked, unknown)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_under_writes_loses_no_acknowledged_write() {
+    let mut cell = ProcessCell::start(3, &[]);
+    own_all_buckets(&cell).await;
+    let (mut acked, mut unknown) = write_many(&cell, "BEFORE", 40).await;
+    let old = leader(&cell).await;
+    // SIGKILL the leader while a writer is mid-stream.
+    let ((during, lost), ()) = tokio::join!(write_many(&cell, "DURING", 80), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cell.nodes[(old - 1) as usize].sigkill();
+    });
+    acked.extend(during);
+    unknown.extend(lost);
+    let (after, lost) = write_many(&cell, "AFTER", 40).await;
+    acked.extend(after);
+    unknown.extend(lost);
+    let acked: HashMap<String, String> = acked.into_iter().collect();
+    let new = leader(&cell).await;
+    assert_ne!(new, old);
+    cell.node(old).spawn();
+
+    // Every acknowledged write is readable through the (possibly new) leader.
+    for (rid, uin) in &acked {
+        let read = CellRequest {
+            route: None,
+            operation: Some(Operation::GetIdentity(GetIdentityRequest { id: uin.clone() })),
+        };
+        match execute(&cell, read, WAIT).await {
+            Ok(CellResult::GetIdentity(r)) => assert_eq!(&r.identity.unwrap().rid, rid),
+            other => panic!("acknowledged write lost: {other:?}"),
+        }
+    }
+    // Retrying any RID, acknowledged or not, never mints a second UIN.
+    for rid in acked.keys().take(40).chain(unknown.iter()) {
+        let (uin, created) = uin_of(execute(&cell, enroll(rid), WAIT).await.expect("retry"));
+        if let Some(first) = acked.get(rid) {
+            assert_eq!(&uin, first, "one RID never yields two UINs");
+            assert!(!created);
+        }
+    }
+    // The restarted replica catches up with the leader's applied index.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let l = leader(&cell).await;
+        let mut lc = cell.nodes[(l - 1) as usize].client(WAIT).await;
+        let status = lc.get_cell_status(GetCellStatusRequest {}).await.unwrap().into_inner();
+        let leader_applied = status.replicas.iter().find(|r| r.node_id == l).unwrap().applied_index;
+        let mut oc = cell.nodes[(old - 1) as usize].client(WAIT).await;
+        let old_status = oc.get_cell_status(GetCellStatusRequest {}).await.unwrap().into_inner();
+        let old_applied = old_status.replicas.iter().find(|r| r.node_id == old).unwrap().applied_index;
+        if old_applied + 2 >= leader_applied {
+            break;
+        }
+        assert!(Instant::now() < deadline, "restarted replica stuck at {old_applied} < {leader_applied}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_leadership_over_before_exiting() {
+    let mut cell = ProcessCell::start(3, &["--shutdown-grace-secs", "5"]);
+    own_all_buckets(&cell).await;
+    let (uin, _) = uin_of(execute(&cell, enroll("RID-TERM"), WAIT).await.unwrap());
+    let old = leader(&cell).await;
+    let started = Instant::now();
+    assert!(cell.node(old).terminate(Duration::from_secs(15)), "clean exit on SIGTERM");
+    let new = leader(&cell).await;
+    assert_ne!(new, old);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let log = cell.node(old).log();
+    assert!(log.contains("leadership handed over"), "the leader transferred before exiting:\n{log}");
+    let read =
+        CellRequest { route: None, operation: Some(Operation::GetIdentity(GetIdentityRequest { id: uin })) };
+    assert!(execute(&cell, read, WAIT).await.is_ok());
+}
+
+#[test]
+fn replicas_sharing_a_zone_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(binary("nid-cell"))
+        .args(["--cell-id", "1", "--node-id", "1", "--zone", "a", "--listen", "127.0.0.1:0", "--insecure"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--peers", "1=127.0.0.1:1@a,2=127.0.0.1:2@a,3=127.0.0.1:3@b"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("distinct zones"), "{err}");
+}
+
+#[test]
+fn unknown_config_keys_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cell.toml");
+    std::fs::write(&cfg, "cell_id = 1\nnode_id = 1\nzone = \"a\"\nlisten = \"127.0.0.1:0\"\nzone_typo = 3\n")
+        .unwrap();
+    let out = std::process::Command::new(binary("nid-cell")).arg("--config").arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("zone_typo"));
+}
