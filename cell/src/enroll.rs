@@ -9,12 +9,14 @@ use crate::crypto::{self, Keyring};
 use crate::fsm::RID_DOMAIN;
 use nid_proto::bucket::{BucketId, KeyDomain, bucket_of_key};
 use nid_proto::error::FieldViolations;
-use nid_proto::ids::{IdKind, IdScheme, system_random_u64};
+use nid_proto::ids::{GenerationError, IdKind, IdScheme, system_random_u64};
 use nid_proto::v1::EnrollRequest;
 use prost::Message as _;
 
-/// UIN candidates proposed per enrolment; apply takes the first free one.
-pub const CANDIDATES: usize = 4;
+/// UIN candidates proposed per enrolment; apply takes the first free one (and the leader prepares
+/// fresh ones in the rare case all are taken). Each costs about a dozen keyed permutations, the
+/// largest CPU cost of an enrolment, so the number stays small.
+pub const CANDIDATES: usize = 2;
 const MAX_BIOMETRICS: usize = 10;
 const MAX_EXTENSIONS: usize = 32;
 
@@ -142,7 +144,7 @@ pub fn prepare(
         None
     };
     let mut candidates = Vec::with_capacity(CANDIDATES);
-    let mut random = system_random_u64;
+    let mut random = seeded_random().map_err(|_| PrepareError::Random)?;
     for _ in 0..CANDIDATES {
         let id = scheme.generate(IdKind::Uin, bucket, &mut random).map_err(|_| PrepareError::Random)?;
         candidates.push(id.to_digits());
@@ -157,6 +159,31 @@ pub fn prepare(
         now_ms,
         rid_nonce: crypto::random_nonce().map_err(|_| PrepareError::Random)?,
         record_nonce: crypto::random_nonce().map_err(|_| PrepareError::Random)?,
+    })
+}
+
+/// A random stream for one enrolment: one 32-byte seed from the system CSPRNG, expanded with
+/// SHA-256 in counter mode (a getrandom call per draw costs more than the draw is worth here).
+fn seeded_random() -> Result<impl FnMut() -> Result<u64, GenerationError>, GenerationError> {
+    let seed = [system_random_u64()?, system_random_u64()?, system_random_u64()?, system_random_u64()?];
+    let mut counter = 0u64;
+    let mut pool: Vec<u64> = Vec::new();
+    Ok(move || {
+        if pool.is_empty() {
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            for word in seed {
+                ctx.update(&word.to_be_bytes());
+            }
+            ctx.update(&counter.to_be_bytes());
+            counter += 1;
+            let digest = ctx.finish();
+            pool = digest
+                .as_ref()
+                .chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect();
+        }
+        Ok(pool.pop().unwrap_or(0))
     })
 }
 
