@@ -243,3 +243,49 @@ fn unknown_config_keys_are_refused() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("zone_typo"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_while_catching_up_by_snapshot_recovers_complete() {
+    // A tiny log-GC threshold forces catch-up by snapshot.
+    let mut cell = ProcessCell::start(3, &["--log-gc-threshold", "20", "--log-gc-keep", "5"]);
+    own_all_buckets(&cell).await;
+    let l = leader(&cell).await;
+    let lagging = (1..=3).find(|&id| id != l).unwrap();
+    cell.node(lagging).kill9();
+    let (acked, _) = write_many(&cell, "SNAP", 120).await;
+    assert!(acked.len() >= 100);
+    // Kill it again and again while it restarts and installs the snapshot.
+    for delay_ms in [80, 200, 350, 600] {
+        cell.node(lagging).spawn();
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        cell.node(lagging).kill9();
+    }
+    cell.node(lagging).spawn();
+    // Make the recovered replica the leader and read everything through it.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let l = leader(&cell).await;
+        if l == lagging {
+            break;
+        }
+        let mut client = cell.nodes[(l - 1) as usize].client(WAIT).await;
+        let _ = client.transfer_leader(nid_proto::v1::TransferLeaderRequest { to_node: lagging }).await;
+        assert!(Instant::now() < deadline, "leadership never moved to the recovered replica");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut client = cell.nodes[(lagging - 1) as usize].client(WAIT).await;
+    for (rid, uin) in &acked {
+        let read = CellRequest {
+            route: None,
+            operation: Some(Operation::GetIdentity(GetIdentityRequest { id: uin.clone() })),
+        };
+        let r =
+            client.execute(read).await.unwrap_or_else(|e| panic!("read through the recovered leader: {e:?}"));
+        match r.into_inner().result {
+            Some(CellResult::GetIdentity(g)) => assert_eq!(&g.identity.unwrap().rid, rid),
+            other => panic!("{other:?}"),
+        }
+    }
+    let log = cell.nodes[(lagging - 1) as usize].log();
+    assert!(log.contains("installed snapshot"), "caught up by snapshot:\n{log}");
+}
