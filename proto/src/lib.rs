@@ -12,6 +12,7 @@
 pub mod bucket;
 pub mod error;
 pub mod ids;
+pub mod placement;
 
 /// The generated v1 contract.
 #[allow(clippy::doc_lazy_continuation, clippy::large_enum_variant)]
