@@ -20,6 +20,8 @@ const ENTRY_PREFIX: u8 = 0x01;
 pub const RAFT_LOCAL_STATE: &[u8] = &[0x02];
 /// Key of the apply state in the `meta` CF.
 pub const APPLY_STATE: &[u8] = &[0x03];
+/// Key of the "snapshot install in progress" marker in the `meta` CF.
+pub const SNAPSHOT_APPLYING: &[u8] = &[0x04];
 const BUCKET_STATE_PREFIX: u8 = 0x10;
 
 /// Key of log entry `index` in the `raft` CF.

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod peer;
 pub mod server;
 pub mod service;
+pub mod snapshot;
 pub mod storage;
 pub mod testkit;
 pub mod transport;

@@ -100,10 +100,12 @@ pub async fn run(config: CellConfig) -> anyhow::Result<()> {
     };
     let metrics = Arc::new(CellMetrics::new());
     let me: Arc<Mutex<Option<PeerHandle>>> = Arc::default();
+    let snap_root = storage.snap_root().to_path_buf();
     let transport = GrpcTransport::new(
         config.cell_id,
         config.node_id,
         book.clone(),
+        snap_root.clone(),
         tokio::runtime::Handle::current(),
         me.clone(),
     );
@@ -163,6 +165,7 @@ pub async fn run(config: CellConfig) -> anyhow::Result<()> {
         book: book.clone(),
         peer: handle.clone(),
         metrics: metrics.clone(),
+        snap_root,
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

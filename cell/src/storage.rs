@@ -12,14 +12,15 @@
 
 use crate::codec;
 use crate::keys::{self, CF_DATA, CF_META, CF_RAFT};
+use crate::snapshot::{self, SnapshotManifest};
 use bincode::{Decode, Encode};
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
-use rocksdb::{DB, IteratorMode, ReadOptions, WriteBatch, WriteOptions};
+use rocksdb::{DB, WriteBatch, WriteOptions};
 use std::collections::VecDeque;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// The index and term at which initial members of a new cell start (as TiKV does): a replica
 /// added later starts empty at 0 and so must catch up by snapshot.
@@ -53,35 +54,6 @@ pub struct ApplyState {
     pub truncated_term: u64,
     /// The protobuf-encoded `ConfState` as of `applied_index`.
     pub conf_state: Vec<u8>,
-}
-
-/// The manifest and payload of a snapshot: the data and bucket ownership as of one applied index,
-/// all read from the same RocksDB snapshot view.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode)]
-pub struct SnapshotData {
-    /// Apply state at the snapshot point.
-    pub apply_state: ApplyState,
-    /// `data` CF key/value pairs.
-    pub data: Vec<(Vec<u8>, Vec<u8>)>,
-    /// Bucket-ownership key/value pairs of the `meta` CF.
-    pub buckets: Vec<(Vec<u8>, Vec<u8>)>,
-    /// SHA-256 over every key and value, in order, checked before install.
-    pub checksum: [u8; 32],
-}
-
-impl SnapshotData {
-    fn compute_checksum(data: &[(Vec<u8>, Vec<u8>)], buckets: &[(Vec<u8>, Vec<u8>)]) -> [u8; 32] {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        for (k, v) in data.iter().chain(buckets) {
-            ctx.update(&(k.len() as u64).to_be_bytes());
-            ctx.update(k);
-            ctx.update(&(v.len() as u64).to_be_bytes());
-            ctx.update(v);
-        }
-        let mut out = [0u8; 32];
-        out.copy_from_slice(ctx.finish().as_ref());
-        out
-    }
 }
 
 /// Errors of the storage layer.
@@ -165,6 +137,8 @@ fn encode_proto<M: protobuf::Message>(m: &M) -> Vec<u8> {
 /// The replica's Raft storage.
 pub struct PeerStorage {
     db: Arc<DB>,
+    snap_root: PathBuf,
+    generating: Arc<Mutex<Generation>>,
     hard_state: HardState,
     last_index: u64,
     last_term: u64,
@@ -178,6 +152,17 @@ impl PeerStorage {
     /// bootstrapped as an initial member with that voter set; with an empty list it starts
     /// uninitialized and waits for a snapshot from the leader.
     pub fn open(db: Arc<DB>, bootstrap_voters: &[u64]) -> Result<PeerStorage, StoreError> {
+        // A crash during a snapshot install left its marker: finish (redo) the install first.
+        if let Some(bytes) = db.get_cf(cf(&db, CF_META)?, keys::SNAPSHOT_APPLYING)? {
+            let manifest: SnapshotManifest = codec::decode(&bytes)
+                .map_err(|source| StoreError::Corrupt { what: "snapshot marker", source })?;
+            tracing::warn!(
+                index = manifest.apply_state.applied_index,
+                "redoing an interrupted snapshot install"
+            );
+            let root = snapshot::snap_root(db.path());
+            install_files(&db, &root, &manifest)?;
+        }
         let local: Option<RaftLocalState> = match db.get_cf(cf(&db, CF_RAFT)?, keys::RAFT_LOCAL_STATE)? {
             Some(bytes) => Some(
                 codec::decode(&bytes)
@@ -196,6 +181,8 @@ impl PeerStorage {
                 }
                 let conf_state = decode_proto(&apply.conf_state, "conf state")?;
                 PeerStorage {
+                    snap_root: snapshot::snap_root(db.path()),
+                    generating: Arc::default(),
                     db,
                     hard_state,
                     last_index: local.last_index,
@@ -207,6 +194,8 @@ impl PeerStorage {
             }
             None => {
                 let mut storage = PeerStorage {
+                    snap_root: snapshot::snap_root(db.path()),
+                    generating: Arc::default(),
                     db,
                     hard_state: HardState::default(),
                     last_index: 0,
@@ -410,80 +399,32 @@ impl PeerStorage {
         self.apply.truncated_index + 1
     }
 
-    /// Builds a snapshot of the state machine as of the currently applied index, reading the apply
-    /// state, the data and the bucket ownership from ONE RocksDB snapshot view.
-    pub fn build_snapshot(&self) -> Result<Snapshot, StoreError> {
-        let view = self.db.snapshot();
-        let apply: ApplyState = match view.get_cf(cf(&self.db, CF_META)?, keys::APPLY_STATE)? {
-            Some(bytes) => {
-                codec::decode(&bytes).map_err(|source| StoreError::Corrupt { what: "apply state", source })?
-            }
-            None => return Err(StoreError::BadSnapshot("no apply state yet".into())),
-        };
-        let mut data = Vec::new();
-        for item in view.iterator_cf(cf(&self.db, CF_DATA)?, IteratorMode::Start) {
-            let (k, v) = item?;
-            data.push((k.to_vec(), v.to_vec()));
-        }
-        let (start, end) = keys::bucket_state_range();
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(end.to_vec());
-        ro.set_snapshot(&view);
-        let mut buckets = Vec::new();
-        for item in self.db.iterator_cf_opt(
-            cf(&self.db, CF_META)?,
-            ro,
-            IteratorMode::From(&start, rocksdb::Direction::Forward),
-        ) {
-            let (k, v) = item?;
-            buckets.push((k.to_vec(), v.to_vec()));
-        }
-        let checksum = SnapshotData::compute_checksum(&data, &buckets);
-        let conf_state: ConfState = decode_proto(&apply.conf_state, "conf state")?;
-        let mut meta =
-            SnapshotMetadata { index: apply.applied_index, term: apply.applied_term, ..Default::default() };
-        meta.set_conf_state(conf_state);
-        let payload = SnapshotData { apply_state: apply, data, buckets, checksum };
-        let mut snap = Snapshot::default();
-        snap.set_metadata(meta);
-        snap.data = codec::encode(&payload).into();
-        Ok(snap)
+    /// The directory holding this replica's snapshot files.
+    pub fn snap_root(&self) -> &Path {
+        &self.snap_root
     }
 
-    /// Installs a snapshot received from the leader: replaces the data and ownership, resets the
-    /// log to start after the snapshot point, all in ONE synced write batch, so a crash leaves
-    /// either the old state or the new one, never a mix.
+    /// Installs a snapshot received from the leader. Its files must already sit, verified, in
+    /// `recv-<index>-<term>/`. A marker is written first; the data is replaced by ingesting the
+    /// files; the final synced batch writes ownership, apply state and the reset log and removes
+    /// the marker. A crash in between redoes the install on restart ([`PeerStorage::open`]).
     pub fn apply_snapshot(&mut self, snap: &Snapshot) -> Result<(), StoreError> {
-        let payload: SnapshotData = codec::decode(&snap.data)
-            .map_err(|source| StoreError::Corrupt { what: "snapshot payload", source })?;
-        if SnapshotData::compute_checksum(&payload.data, &payload.buckets) != payload.checksum {
-            return Err(StoreError::BadSnapshot("checksum mismatch".into()));
-        }
+        let manifest: SnapshotManifest = codec::decode(&snap.data)
+            .map_err(|source| StoreError::Corrupt { what: "snapshot manifest", source })?;
         let meta = snap.get_metadata();
-        if payload.apply_state.applied_index != meta.index || payload.apply_state.applied_term != meta.term {
+        if manifest.apply_state.applied_index != meta.index || manifest.apply_state.applied_term != meta.term
+        {
             return Err(StoreError::BadSnapshot("manifest does not match metadata".into()));
         }
+        let dir = snapshot::recv_dir(&self.snap_root, meta.index, meta.term);
+        snapshot::verify_files(&manifest, &dir)?;
         let mut wb = WriteBatch::default();
-        let data_cf = cf(&self.db, CF_DATA)?;
-        let meta_cf = cf(&self.db, CF_META)?;
-        let raft_cf = cf(&self.db, CF_RAFT)?;
-        wb.delete_range_cf(data_cf, [0u8].as_slice(), [0xffu8; 4].as_slice());
-        let (bs, be) = keys::bucket_state_range();
-        wb.delete_range_cf(meta_cf, bs, be);
-        for (k, v) in &payload.data {
-            wb.put_cf(data_cf, k, v);
-        }
-        for (k, v) in &payload.buckets {
-            wb.put_cf(meta_cf, k, v);
-        }
-        wb.delete_range_cf(raft_cf, keys::entry_key(0), keys::entry_key(u64::MAX));
-        self.apply = ApplyState {
-            applied_index: meta.index,
-            applied_term: meta.term,
-            truncated_index: meta.index,
-            truncated_term: meta.term,
-            conf_state: encode_proto(meta.get_conf_state()),
-        };
+        wb.put_cf(cf(&self.db, CF_META)?, keys::SNAPSHOT_APPLYING, codec::encode(&manifest));
+        self.write(wb, true)?;
+        install_files(&self.db, &self.snap_root, &manifest)?;
+        self.apply = manifest.apply_state.clone();
+        self.apply.truncated_index = meta.index;
+        self.apply.truncated_term = meta.term;
         self.conf_state = meta.get_conf_state().clone();
         self.last_index = meta.index;
         self.last_term = meta.term;
@@ -494,7 +435,7 @@ impl PeerStorage {
             self.hard_state.term = meta.term;
         }
         self.cache.clear();
-        self.put_apply_state(&mut wb)?;
+        let mut wb = WriteBatch::default();
         self.put_local_state(&mut wb)?;
         self.write(wb, true)
     }
@@ -525,6 +466,83 @@ impl PeerStorage {
         }
         Ok(out)
     }
+}
+
+/// Background snapshot generation state.
+#[derive(Default)]
+pub struct Generation {
+    running: bool,
+    ready: Option<Snapshot>,
+    generated: u64,
+}
+
+impl PeerStorage {
+    /// Snapshots generated so far by this replica (for metrics and tests).
+    pub fn snapshots_generated(&self) -> u64 {
+        self.generating.lock().map(|g| g.generated).unwrap_or(0)
+    }
+}
+
+/// The raft snapshot carrying `manifest`.
+pub fn to_raft_snapshot(manifest: &SnapshotManifest) -> Result<Snapshot, StoreError> {
+    let conf_state: ConfState = decode_proto(&manifest.apply_state.conf_state, "conf state")?;
+    let mut meta = SnapshotMetadata {
+        index: manifest.apply_state.applied_index,
+        term: manifest.apply_state.applied_term,
+        ..Default::default()
+    };
+    meta.set_conf_state(conf_state);
+    let mut snap = Snapshot::default();
+    snap.set_metadata(meta);
+    snap.data = codec::encode(manifest).into();
+    Ok(snap)
+}
+
+/// Replaces the data and ownership with the snapshot's (from `recv-<index>-<term>/`), resets the log
+/// to start after the snapshot point, writes the apply state and clears the marker. Idempotent.
+fn install_files(db: &DB, root: &Path, manifest: &SnapshotManifest) -> Result<(), StoreError> {
+    let (index, term) = (manifest.apply_state.applied_index, manifest.apply_state.applied_term);
+    let dir = snapshot::recv_dir(root, index, term);
+    let data_cf = cf(db, CF_DATA)?;
+    let mut wb = WriteBatch::default();
+    wb.delete_range_cf(data_cf, [0u8].as_slice(), [0xffu8; 4].as_slice());
+    db.write(wb)?;
+    let paths: Vec<PathBuf> = manifest.files.iter().map(|f| dir.join(&f.name)).collect();
+    if !paths.is_empty() {
+        let mut opts = rocksdb::IngestExternalFileOptions::default();
+        // Copy, so the files survive for a redo until the marker is gone.
+        opts.set_move_files(false);
+        db.ingest_external_file_cf_opts(data_cf, &opts, paths)?;
+    }
+    let meta_cf = cf(db, CF_META)?;
+    let mut wb = WriteBatch::default();
+    let (bs, be) = keys::bucket_state_range();
+    wb.delete_range_cf(meta_cf, bs, be);
+    for (k, v) in &manifest.buckets {
+        wb.put_cf(meta_cf, k, v);
+    }
+    let apply = ApplyState { truncated_index: index, truncated_term: term, ..manifest.apply_state.clone() };
+    wb.put_cf(meta_cf, keys::APPLY_STATE, codec::encode(&apply));
+    wb.delete_range_cf(cf(db, CF_RAFT)?, keys::entry_key(0), keys::entry_key(u64::MAX));
+    // The local state is rewritten from the (possibly older) stored one: log reset to the snapshot.
+    let mut local: RaftLocalState = match db.get_cf(cf(db, CF_RAFT)?, keys::RAFT_LOCAL_STATE)? {
+        Some(bytes) => codec::decode(&bytes)
+            .map_err(|source| StoreError::Corrupt { what: "raft local state", source })?,
+        None => RaftLocalState::default(),
+    };
+    let mut hs: HardState = decode_proto(&local.hard_state, "hard state")?;
+    hs.commit = hs.commit.max(index);
+    hs.term = hs.term.max(term);
+    local.hard_state = encode_proto(&hs);
+    local.last_index = index;
+    local.last_term = term;
+    wb.put_cf(cf(db, CF_RAFT)?, keys::RAFT_LOCAL_STATE, codec::encode(&local));
+    wb.delete_cf(meta_cf, keys::SNAPSHOT_APPLYING);
+    let mut opts = WriteOptions::default();
+    opts.set_sync(true);
+    db.write_opt(wb, &opts)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 impl raft::Storage for PeerStorage {
@@ -567,11 +585,43 @@ impl raft::Storage for PeerStorage {
     }
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        let snap = self.build_snapshot().map_err(to_raft)?;
-        if snap.get_metadata().index < request_index {
+        let Ok(mut generation) = self.generating.lock() else {
             return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+        };
+        if let Some(ready) = &generation.ready {
+            let meta = ready.get_metadata();
+            if meta.index >= request_index
+                && snapshot::gen_dir(&self.snap_root, meta.index, meta.term).exists()
+            {
+                return Ok(ready.clone());
+            }
         }
-        Ok(snap)
+        if !generation.running {
+            generation.running = true;
+            let (db, root, state) = (self.db.clone(), self.snap_root.clone(), self.generating.clone());
+            let spawned = std::thread::Builder::new().name("snap-gen".into()).spawn(move || {
+                let result = std::fs::create_dir_all(&root)
+                    .map_err(snapshot::io)
+                    .and_then(|()| snapshot::generate(&db, &root))
+                    .and_then(|m| to_raft_snapshot(&m));
+                let Ok(mut g) = state.lock() else { return };
+                g.running = false;
+                match result {
+                    Ok(snap) => {
+                        let meta = snap.get_metadata();
+                        snapshot::prune_generated(&root, &snapshot::gen_dir(&root, meta.index, meta.term));
+                        g.generated += 1;
+                        g.ready = Some(snap);
+                    }
+                    Err(e) => tracing::error!(error = %e, "snapshot generation failed"),
+                }
+            });
+            if spawned.is_err() {
+                generation.running = false;
+            }
+        }
+        // raft asks again after the next heartbeat response.
+        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
     }
 }
 

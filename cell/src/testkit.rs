@@ -50,6 +50,7 @@ impl Filter for DropTypes {
 
 struct Net {
     handles: RwLock<HashMap<u64, PeerHandle>>,
+    snap_roots: RwLock<HashMap<u64, PathBuf>>,
     filters: RwLock<Vec<Arc<dyn Filter>>>,
     delay: Mutex<Option<Duration>>,
 }
@@ -61,6 +62,16 @@ impl Net {
         }
         let is_snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
         let (from, to) = (m.from, m.to);
+        // What the gRPC transport streams as files, copied here from the sender's generated
+        // directory into the receiver's received one.
+        if is_snapshot && !self.copy_snapshot_files(&m) {
+            if let Ok(handles) = self.handles.read()
+                && let Some(sender) = handles.get(&from)
+            {
+                let _ = sender.send(PeerMsg::SnapshotReport { to, ok: false });
+            }
+            return;
+        }
         let handles = match self.handles.read() {
             Ok(h) => h,
             Err(_) => return,
@@ -74,6 +85,25 @@ impl Net {
                 let _ = sender.send(PeerMsg::SnapshotReport { to, ok: delivered });
             }
         }
+    }
+}
+
+impl Net {
+    fn copy_snapshot_files(&self, m: &Message) -> bool {
+        let meta = m.get_snapshot().get_metadata();
+        let Ok(manifest) = crate::codec::decode::<crate::snapshot::SnapshotManifest>(&m.get_snapshot().data)
+        else {
+            return false;
+        };
+        let Ok(roots) = self.snap_roots.read() else { return false };
+        let (Some(src), Some(dst)) = (roots.get(&m.from), roots.get(&m.to)) else { return false };
+        let src = crate::snapshot::gen_dir(src, meta.index, meta.term);
+        let dst = crate::snapshot::recv_dir(dst, meta.index, meta.term);
+        let _ = std::fs::remove_dir_all(&dst);
+        if std::fs::create_dir_all(&dst).is_err() {
+            return false;
+        }
+        manifest.files.iter().all(|f| std::fs::copy(src.join(&f.name), dst.join(&f.name)).is_ok())
     }
 }
 
@@ -129,6 +159,7 @@ impl Cluster {
             config,
             net: Arc::new(Net {
                 handles: RwLock::default(),
+                snap_roots: RwLock::default(),
                 filters: RwLock::default(),
                 delay: Mutex::default(),
             }),
@@ -156,6 +187,9 @@ impl Cluster {
         let db = open_db(&dir).unwrap_or_else(|e| panic!("open db of node {id}: {e}"));
         let voters = if self.initial.contains(&id) { self.initial.clone() } else { Vec::new() };
         let storage = PeerStorage::open(db.clone(), &voters).unwrap_or_else(|e| panic!("open storage: {e}"));
+        if let Ok(mut roots) = self.net.snap_roots.write() {
+            roots.insert(id, storage.snap_root().to_path_buf());
+        }
         let fsm = StateMachine::new(db.clone(), self.keyring.clone());
         let metrics = Arc::new(CellMetrics::new());
         let mut config = self.config.clone();

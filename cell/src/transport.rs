@@ -6,6 +6,10 @@
 //! `report_snapshot(Failure)` for snapshots lost with it) so it probes instead of streaming blind.
 //! The transport never blocks the Raft loop: a full queue drops messages (raft retransmits).
 //!
+//! Snapshots use their own RPC: the MsgSnapshot (whose data is a small manifest) in a header,
+//! then each SST file in 1 MiB chunks closed by its size and SHA-256; the receiver steps the
+//! message only once every file is local and verified.
+//!
 //! Receiving ([`RaftTransportService`]): only batches addressed to this cell and node, from a
 //! member in the address book, are parsed; a message whose bytes do not decode, or whose from/to
 //! disagree with its batch, is counted and dropped, never stepped.
@@ -14,13 +18,18 @@ use crate::codec;
 use crate::keys::CF_META;
 use crate::metrics::CellMetrics;
 use crate::peer::{PeerHandle, PeerMsg, Transport};
+use crate::snapshot::{self, SnapshotManifest};
 use crate::storage::{StoreError, cf};
 use nid_proto::v1::raft_transport_client::RaftTransportClient;
 use nid_proto::v1::raft_transport_server::RaftTransport;
-use nid_proto::v1::{RaftMessageBatch, RaftStreamDone, SnapshotChunk, SnapshotDone};
+use nid_proto::v1::snapshot_chunk::Piece;
+use nid_proto::v1::{
+    RaftMessageBatch, RaftStreamDone, SnapshotChunk, SnapshotDone, SnapshotFileEnd, SnapshotHeader,
+};
 use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -121,6 +130,7 @@ pub struct GrpcTransport {
     cell_id: u64,
     node_id: u64,
     book: Arc<AddressBook>,
+    snap_root: PathBuf,
     queues: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
     runtime: tokio::runtime::Handle,
     me: Arc<Mutex<Option<PeerHandle>>>,
@@ -133,10 +143,11 @@ impl GrpcTransport {
         cell_id: u64,
         node_id: u64,
         book: Arc<AddressBook>,
+        snap_root: PathBuf,
         runtime: tokio::runtime::Handle,
         me: Arc<Mutex<Option<PeerHandle>>>,
     ) -> GrpcTransport {
-        GrpcTransport { cell_id, node_id, book, queues: Mutex::default(), runtime, me }
+        GrpcTransport { cell_id, node_id, book, snap_root, queues: Mutex::default(), runtime, me }
     }
 
     fn queue(&self, to: u64) -> Option<mpsc::Sender<Message>> {
@@ -172,13 +183,29 @@ impl Transport for GrpcTransport {
     fn send(&self, messages: Vec<Message>) {
         for m in messages {
             let to = m.to;
-            let is_snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
-            let sent = self.queue(to).is_some_and(|q| q.try_send(m).is_ok());
-            if !sent {
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                // Snapshots go on their own RPC: the message, then the files in chunks.
+                let sender = SnapshotSender {
+                    cell_id: self.cell_id,
+                    from: self.node_id,
+                    book: self.book.clone(),
+                    snap_root: self.snap_root.clone(),
+                };
+                let me = self.me.clone();
+                self.runtime.spawn(async move {
+                    let ok = match sender.send(m).await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::warn!(to, error = %e, "snapshot send failed");
+                            false
+                        }
+                    };
+                    report(&me, PeerMsg::SnapshotReport { to, ok });
+                });
+                continue;
+            }
+            if self.queue(to).is_none_or(|q| q.try_send(m).is_err()) {
                 report(&self.me, PeerMsg::Unreachable(to));
-                if is_snapshot {
-                    report(&self.me, PeerMsg::SnapshotReport { to, ok: false });
-                }
             }
         }
     }
@@ -278,6 +305,64 @@ impl Link {
     }
 }
 
+/// Size of one snapshot data chunk on the wire.
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+
+struct SnapshotSender {
+    cell_id: u64,
+    from: u64,
+    book: Arc<AddressBook>,
+    snap_root: PathBuf,
+}
+
+impl SnapshotSender {
+    async fn send(&self, m: Message) -> anyhow::Result<()> {
+        let to = m.to;
+        let address = self.book.address(to).ok_or_else(|| anyhow::anyhow!("no address for node {to}"))?;
+        let snap = m.get_snapshot();
+        let meta = snap.get_metadata();
+        let manifest: SnapshotManifest = codec::decode(&snap.data)?;
+        manifest.validate()?;
+        let dir = snapshot::gen_dir(&self.snap_root, meta.index, meta.term);
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await?;
+        let mut client = RaftTransportClient::new(channel)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let (tx, rx) = mpsc::channel::<SnapshotChunk>(4);
+        let header = SnapshotHeader {
+            cell_id: self.cell_id,
+            from_node: self.from,
+            to_node: to,
+            raft_message: m.write_to_bytes()?,
+        };
+        let producer = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt as _;
+            tx.send(SnapshotChunk { piece: Some(Piece::Header(header)) }).await?;
+            for f in &manifest.files {
+                let mut file = tokio::fs::File::open(dir.join(&f.name)).await?;
+                let mut buf = vec![0u8; SNAPSHOT_CHUNK];
+                loop {
+                    let n = file.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    tx.send(SnapshotChunk { piece: Some(Piece::Data(buf[..n].to_vec())) }).await?;
+                }
+                let end = SnapshotFileEnd { name: f.name.clone(), size: f.size, sha256: f.sha256.to_vec() };
+                tx.send(SnapshotChunk { piece: Some(Piece::FileEnd(end)) }).await?;
+            }
+            anyhow::Ok(())
+        });
+        let result = client.send_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+        producer.await??;
+        result?;
+        Ok(())
+    }
+}
+
 /// The receiving side of the transport.
 pub struct RaftTransportService {
     /// This cell.
@@ -290,9 +375,84 @@ pub struct RaftTransportService {
     pub peer: PeerHandle,
     /// Metrics.
     pub metrics: Arc<CellMetrics>,
+    /// Where received snapshot files go.
+    pub snap_root: PathBuf,
 }
 
 impl RaftTransportService {
+    /// Receives one snapshot stream into `recv-<index>-<term>/`, checking every file, and returns
+    /// the snapshot message to step once everything is local.
+    async fn receive_snapshot(&self, mut stream: Streaming<SnapshotChunk>) -> Result<Message, Status> {
+        let refuse = |reason: &'static str| {
+            self.metrics.messages_rejected.with_label_values(&[reason]).inc();
+            Status::invalid_argument(format!("snapshot refused: {reason}"))
+        };
+        let header = match stream.next().await {
+            Some(Ok(SnapshotChunk { piece: Some(Piece::Header(h)) })) => h,
+            Some(Err(e)) => return Err(e),
+            _ => return Err(refuse("no_header")),
+        };
+        let batch = RaftMessageBatch {
+            cell_id: header.cell_id,
+            from_node: header.from_node,
+            to_node: header.to_node,
+            messages: vec![header.raft_message],
+        };
+        let m = self.accept(&batch).map_err(refuse)?.pop().ok_or_else(|| refuse("no_message"))?;
+        if m.get_msg_type() != MessageType::MsgSnapshot {
+            return Err(refuse("not_a_snapshot"));
+        }
+        let meta = m.get_snapshot().get_metadata();
+        let manifest: SnapshotManifest =
+            codec::decode(&m.get_snapshot().data).map_err(|_| refuse("bad_manifest"))?;
+        manifest.validate().map_err(|_| refuse("bad_manifest"))?;
+        let dir = snapshot::recv_dir(&self.snap_root, meta.index, meta.term);
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|_| Status::internal("cannot create snapshot directory"))?;
+        let mut expected = manifest.files.iter();
+        let mut current: Option<(tokio::fs::File, ring::digest::Context, u64, &snapshot::SnapshotFile)> =
+            None;
+        while let Some(chunk) = stream.next().await {
+            use tokio::io::AsyncWriteExt as _;
+            match chunk?.piece {
+                Some(Piece::Data(bytes)) => {
+                    if current.is_none() {
+                        let f = expected.next().ok_or_else(|| refuse("unexpected_file"))?;
+                        let file = tokio::fs::File::create(dir.join(&f.name))
+                            .await
+                            .map_err(|_| Status::internal("cannot write snapshot file"))?;
+                        current = Some((file, ring::digest::Context::new(&ring::digest::SHA256), 0, f));
+                    }
+                    let Some((file, ctx, size, f)) = current.as_mut() else { return Err(refuse("no_file")) };
+                    *size += bytes.len() as u64;
+                    if *size > f.size {
+                        return Err(refuse("file_too_long"));
+                    }
+                    ctx.update(&bytes);
+                    file.write_all(&bytes)
+                        .await
+                        .map_err(|_| Status::internal("cannot write snapshot file"))?;
+                }
+                Some(Piece::FileEnd(end)) => {
+                    let Some((file, ctx, size, f)) = current.take() else { return Err(refuse("no_file")) };
+                    file.sync_all().await.map_err(|_| Status::internal("cannot sync snapshot file"))?;
+                    let digest = ctx.finish();
+                    if end.name != f.name || end.size != size || size != f.size || digest.as_ref() != f.sha256
+                    {
+                        return Err(refuse("checksum_mismatch"));
+                    }
+                }
+                _ => return Err(refuse("unexpected_chunk")),
+            }
+        }
+        if current.is_some() || expected.next().is_some() {
+            return Err(refuse("incomplete"));
+        }
+        Ok(m)
+    }
+
     /// Checks one batch and returns its messages, or why it was refused.
     pub fn accept(&self, batch: &RaftMessageBatch) -> Result<Vec<Message>, &'static str> {
         if batch.cell_id != self.cell_id {
@@ -345,10 +505,11 @@ impl RaftTransport for RaftTransportService {
 
     async fn send_snapshot(
         &self,
-        _request: Request<Streaming<SnapshotChunk>>,
+        request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<SnapshotDone>, Status> {
-        Err(Status::unimplemented(
-            "snapshots travel inside raft messages in this version; chunked SST streaming is not built yet",
-        ))
+        let m = self.receive_snapshot(request.into_inner()).await?;
+        self.metrics.snapshots.with_label_values(&["received"]).inc();
+        self.peer.send(PeerMsg::Raft(Box::new(m))).map_err(|_| Status::unavailable("replica busy"))?;
+        Ok(Response::new(SnapshotDone {}))
     }
 }

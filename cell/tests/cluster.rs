@@ -340,6 +340,7 @@ async fn the_transport_refuses_malformed_or_misaddressed_raft_bytes() {
         book: Arc::new(AddressBook::new([member(1), member(2)])),
         peer: c.handle(1),
         metrics: Arc::new(CellMetrics::new()),
+        snap_root: std::env::temp_dir().join("nid-unused-snap-root"),
     };
     let mut m = raft::prelude::Message { from: 2, to: 1, ..Default::default() };
     m.set_msg_type(MessageType::MsgHeartbeat);

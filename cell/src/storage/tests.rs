@@ -1,6 +1,7 @@
 //! Storage tests: recovery, tail overwrite, compaction that keeps the truncated term, snapshots.
 
 use super::*;
+use crate::snapshot::{self, SnapshotManifest};
 use raft::Storage as _;
 
 fn entry(index: u64, term: u64) -> Entry {
@@ -118,53 +119,118 @@ fn restart_never_reports_commit_below_applied() {
     assert!(s.initial_state().unwrap().hard_state.commit >= 8);
 }
 
-#[test]
-fn snapshot_moves_data_ownership_and_conf_state() {
-    let src_dir = tempfile::tempdir().unwrap();
-    let dst_dir = tempfile::tempdir().unwrap();
-    let mut src = PeerStorage::open(open_db(src_dir.path()).unwrap(), &[1, 2, 3]).unwrap();
+/// Asks for a snapshot until the background generation has produced one.
+fn wait_snapshot(s: &PeerStorage, request_index: u64) -> Snapshot {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match s.snapshot(request_index, 2) {
+            Ok(snap) => return snap,
+            Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)) => {
+                assert!(std::time::Instant::now() < deadline, "snapshot never generated");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// What the transport does: copy the generated files into the receiver's directory.
+fn ship(src: &PeerStorage, dst: &PeerStorage, snap: &Snapshot) {
+    let meta = snap.get_metadata();
+    let from = snapshot::gen_dir(src.snap_root(), meta.index, meta.term);
+    let to = snapshot::recv_dir(dst.snap_root(), meta.index, meta.term);
+    std::fs::create_dir_all(&to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn source_with_data(dir: &std::path::Path) -> PeerStorage {
+    let mut src = PeerStorage::open(open_db(dir).unwrap(), &[1, 2, 3]).unwrap();
     append(&mut src, &(6..=9).map(|i| entry(i, 6)).collect::<Vec<_>>());
     let mut wb = WriteBatch::default();
     wb.put_cf(cf(src.db(), CF_DATA).unwrap(), b"\x00\x07k1", b"v1");
+    wb.put_cf(cf(src.db(), CF_DATA).unwrap(), b"\x00\x08k2", b"v2");
     wb.put_cf(cf(src.db(), CF_META).unwrap(), [0x10, 0, 7], [1]);
     src.stage_applied(9, 6, None, &mut wb).unwrap();
     src.write(wb, true).unwrap();
-    let snap = src.snapshot(9, 4).unwrap();
-    assert_eq!(snap.get_metadata().index, 9);
-    assert_eq!(src.snapshot(10, 4), Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)));
+    src
+}
 
-    let mut dst = PeerStorage::open(open_db(dst_dir.path()).unwrap(), &[]).unwrap();
+#[test]
+fn snapshot_files_move_data_ownership_and_conf_state() {
+    let root = tempfile::tempdir().unwrap();
+    let src = source_with_data(&root.path().join("src"));
+    let snap = wait_snapshot(&src, 9);
+    assert_eq!(snap.get_metadata().index, 9);
+    assert_eq!(src.snapshots_generated(), 1);
+    // The manifest is small: the data travels as a file.
+    let manifest: SnapshotManifest = codec::decode(&snap.data).unwrap();
+    assert_eq!(manifest.files.len(), 1);
+    assert_eq!(manifest.data_keys, 2);
+    // Asking again reuses the generated snapshot.
+    let _ = wait_snapshot(&src, 9);
+    assert_eq!(src.snapshots_generated(), 1);
+
+    let dst_dir = root.path().join("dst");
+    let mut dst = PeerStorage::open(open_db(&dst_dir).unwrap(), &[]).unwrap();
     let mut wb = WriteBatch::default();
     wb.put_cf(cf(dst.db(), CF_DATA).unwrap(), b"\x00\x09stale", b"x");
     dst.write(wb, true).unwrap();
+    ship(&src, &dst, &snap);
     dst.apply_snapshot(&snap).unwrap();
     assert!(dst.is_initialized());
     assert_eq!(dst.first_index().unwrap(), 10);
     assert_eq!(dst.term(9).unwrap(), 6);
     drop(dst);
-    let dst = PeerStorage::open(open_db(dst_dir.path()).unwrap(), &[]).unwrap();
+    let dst = PeerStorage::open(open_db(&dst_dir).unwrap(), &[]).unwrap();
     assert_eq!(dst.conf_state().voters, vec![1, 2, 3]);
     assert_eq!(dst.apply_state().applied_index, 9);
     let db = dst.db();
     assert_eq!(db.get_cf(cf(db, CF_DATA).unwrap(), b"\x00\x07k1").unwrap().as_deref(), Some(&b"v1"[..]));
+    assert_eq!(db.get_cf(cf(db, CF_DATA).unwrap(), b"\x00\x08k2").unwrap().as_deref(), Some(&b"v2"[..]));
     assert!(db.get_cf(cf(db, CF_DATA).unwrap(), b"\x00\x09stale").unwrap().is_none());
     assert_eq!(db.get_cf(cf(db, CF_META).unwrap(), [0x10, 0, 7]).unwrap().as_deref(), Some(&[1u8][..]));
+    assert!(db.get_cf(cf(db, CF_META).unwrap(), keys::SNAPSHOT_APPLYING).unwrap().is_none());
 }
 
 #[test]
-fn a_tampered_snapshot_is_refused_and_changes_nothing() {
-    let src_dir = tempfile::tempdir().unwrap();
-    let dst_dir = tempfile::tempdir().unwrap();
-    let src = PeerStorage::open(open_db(src_dir.path()).unwrap(), &[1]).unwrap();
-    let mut wb = WriteBatch::default();
-    wb.put_cf(cf(src.db(), CF_DATA).unwrap(), b"\x00\x07k1", b"v1");
-    src.write(wb, true).unwrap();
-    let mut snap = src.build_snapshot().unwrap();
-    let mut bytes = snap.data.to_vec();
-    let last = bytes.len() - 41; // inside the value "v1", before the bucket list and checksum
-    bytes[last] ^= 1;
-    snap.data = bytes.into();
-    let mut dst = PeerStorage::open(open_db(dst_dir.path()).unwrap(), &[]).unwrap();
+fn a_tampered_snapshot_file_is_refused_and_changes_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let src = source_with_data(&root.path().join("src"));
+    let snap = wait_snapshot(&src, 9);
+    let mut dst = PeerStorage::open(open_db(&root.path().join("dst")).unwrap(), &[]).unwrap();
+    ship(&src, &dst, &snap);
+    let file = snapshot::recv_dir(dst.snap_root(), 9, 6).join(snapshot::DATA_FILE);
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[10] ^= 1;
+    std::fs::write(&file, bytes).unwrap();
     assert!(dst.apply_snapshot(&snap).is_err());
     assert!(!dst.is_initialized());
+}
+
+#[test]
+fn a_crash_mid_install_is_redone_on_restart() {
+    let root = tempfile::tempdir().unwrap();
+    let src = source_with_data(&root.path().join("src"));
+    let snap = wait_snapshot(&src, 9);
+    let dst_dir = root.path().join("dst");
+    {
+        let dst = PeerStorage::open(open_db(&dst_dir).unwrap(), &[]).unwrap();
+        ship(&src, &dst, &snap);
+        // The install wrote its marker and wiped the old data, then the process died.
+        let mut wb = WriteBatch::default();
+        wb.put_cf(cf(dst.db(), CF_META).unwrap(), keys::SNAPSHOT_APPLYING, &snap.data);
+        wb.delete_range_cf(cf(dst.db(), CF_DATA).unwrap(), [0u8].as_slice(), [0xffu8; 4].as_slice());
+        dst.write(wb, true).unwrap();
+    }
+    let dst = PeerStorage::open(open_db(&dst_dir).unwrap(), &[]).unwrap();
+    assert!(dst.is_initialized(), "restart finished the install");
+    assert_eq!(dst.apply_state().applied_index, 9);
+    assert_eq!(dst.first_index().unwrap(), 10);
+    let db = dst.db();
+    assert_eq!(db.get_cf(cf(db, CF_DATA).unwrap(), b"\x00\x07k1").unwrap().as_deref(), Some(&b"v1"[..]));
+    assert!(db.get_cf(cf(db, CF_META).unwrap(), keys::SNAPSHOT_APPLYING).unwrap().is_none());
+    assert!(!snapshot::recv_dir(dst.snap_root(), 9, 6).exists(), "received files cleaned up");
 }
