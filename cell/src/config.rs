@@ -63,6 +63,9 @@ pub struct Flags {
     /// Entries kept behind the applied index when compacting.
     #[arg(long)]
     pub log_gc_keep: Option<u64>,
+    /// Compact the Raft log once its entries exceed this many MiB.
+    #[arg(long)]
+    pub log_gc_size_mib: Option<u64>,
     /// Seconds to wait for a leadership transfer on SIGTERM.
     #[arg(long)]
     pub shutdown_grace_secs: Option<u64>,
@@ -88,6 +91,7 @@ struct FileConfig {
     tick_ms: Option<u64>,
     log_gc_threshold: Option<u64>,
     log_gc_keep: Option<u64>,
+    log_gc_size_mib: Option<u64>,
     shutdown_grace_secs: Option<u64>,
 }
 
@@ -144,6 +148,8 @@ pub struct CellConfig {
     pub log_gc_threshold: u64,
     /// Log GC keep.
     pub log_gc_keep: u64,
+    /// Log GC size threshold in bytes.
+    pub log_gc_size: u64,
     /// Shutdown grace.
     pub shutdown_grace_secs: u64,
 }
@@ -249,6 +255,7 @@ impl CellConfig {
             tick_ms,
             log_gc_threshold: flags.log_gc_threshold.or(file.log_gc_threshold).unwrap_or(20_000),
             log_gc_keep: flags.log_gc_keep.or(file.log_gc_keep).unwrap_or(5_000),
+            log_gc_size: flags.log_gc_size_mib.or(file.log_gc_size_mib).unwrap_or(64).saturating_mul(1 << 20),
             shutdown_grace_secs: flags.shutdown_grace_secs.or(file.shutdown_grace_secs).unwrap_or(10),
         })
     }

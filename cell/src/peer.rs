@@ -155,6 +155,8 @@ pub struct PeerConfig {
     pub log_gc_threshold: u64,
     /// Entries kept behind the applied index when compacting (lets slow followers catch up from the log).
     pub log_gc_keep: u64,
+    /// Compact the log once its entries exceed this many bytes (whatever their count).
+    pub log_gc_size: u64,
     /// Most client commands in one entry.
     pub max_commands_per_entry: usize,
     /// Inbox capacity.
@@ -172,6 +174,7 @@ impl PeerConfig {
             heartbeat_tick: 2,
             log_gc_threshold: 20_000,
             log_gc_keep: 5_000,
+            log_gc_size: 64 << 20,
             max_commands_per_entry: 1024,
             inbox_capacity: 65_536,
         }
@@ -858,10 +861,15 @@ impl<T: Transport> Peer<T> {
 
     fn maybe_compact(&mut self) -> Result<(), StoreError> {
         let apply = self.node.store().apply_state();
-        if apply.applied_index.saturating_sub(apply.truncated_index) <= self.config.log_gc_threshold {
+        let by_count =
+            apply.applied_index.saturating_sub(apply.truncated_index) > self.config.log_gc_threshold;
+        let by_size = self.node.store().log_bytes() > self.config.log_gc_size;
+        if !by_count && !by_size {
             return Ok(());
         }
-        let to = apply.applied_index.saturating_sub(self.config.log_gc_keep);
+        // Over the size limit, keep a quarter of the usual tail (entries are large).
+        let keep = if by_count { self.config.log_gc_keep } else { self.config.log_gc_keep / 4 };
+        let to = apply.applied_index.saturating_sub(keep);
         let removed = self.node.mut_store().compact_to(to)?;
         self.metrics.log_compacted.inc_by(removed);
         Ok(())

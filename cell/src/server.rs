@@ -113,6 +113,7 @@ pub async fn run(config: CellConfig) -> anyhow::Result<()> {
     peer_config.tick = Duration::from_millis(config.tick_ms);
     peer_config.log_gc_threshold = config.log_gc_threshold;
     peer_config.log_gc_keep = config.log_gc_keep;
+    peer_config.log_gc_size = config.log_gc_size;
     let fsm = StateMachine::new(db.clone(), keyring.clone());
     let (handle, thread) = peer::spawn(
         peer_config,

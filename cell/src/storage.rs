@@ -145,6 +145,9 @@ pub struct PeerStorage {
     apply: ApplyState,
     conf_state: ConfState,
     cache: VecDeque<Entry>,
+    /// Approximate bytes of log entries after the truncated index (recounted from appends; zero
+    /// after a restart, when the count threshold still applies).
+    log_bytes: u64,
 }
 
 impl PeerStorage {
@@ -190,6 +193,7 @@ impl PeerStorage {
                     apply,
                     conf_state,
                     cache: VecDeque::new(),
+                    log_bytes: 0,
                 }
             }
             None => {
@@ -203,6 +207,7 @@ impl PeerStorage {
                     apply: ApplyState::default(),
                     conf_state: ConfState::default(),
                     cache: VecDeque::new(),
+                    log_bytes: 0,
                 };
                 if !bootstrap_voters.is_empty() {
                     storage.bootstrap(bootstrap_voters)?;
@@ -298,7 +303,9 @@ impl PeerStorage {
         if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
             let raft_cf = cf(&self.db, CF_RAFT)?;
             for e in entries {
-                wb.put_cf(raft_cf, keys::entry_key(e.index), encode_proto(e));
+                let bytes = encode_proto(e);
+                self.log_bytes += bytes.len() as u64;
+                wb.put_cf(raft_cf, keys::entry_key(e.index), bytes);
             }
             // Entries after the new last one are a stale tail from an older term: delete them.
             if last.index < self.last_index {
@@ -368,6 +375,9 @@ impl PeerStorage {
         while self.cache.front().is_some_and(|e| e.index <= index) {
             self.cache.pop_front();
         }
+        let before = self.last_index.saturating_sub(first - 1).max(1);
+        let kept = self.last_index.saturating_sub(index);
+        self.log_bytes = self.log_bytes.saturating_mul(kept) / before;
         Ok(index + 1 - first)
     }
 
@@ -399,6 +409,11 @@ impl PeerStorage {
         self.apply.truncated_index + 1
     }
 
+    /// Approximate size of the log after the truncated index.
+    pub fn log_bytes(&self) -> u64 {
+        self.log_bytes
+    }
+
     /// The directory holding this replica's snapshot files.
     pub fn snap_root(&self) -> &Path {
         &self.snap_root
@@ -428,6 +443,7 @@ impl PeerStorage {
         self.conf_state = meta.get_conf_state().clone();
         self.last_index = meta.index;
         self.last_term = meta.term;
+        self.log_bytes = 0;
         if self.hard_state.commit < meta.index {
             self.hard_state.commit = meta.index;
         }

@@ -377,3 +377,20 @@ async fn the_transport_refuses_malformed_or_misaddressed_raft_bytes() {
     assert_eq!(tokio::task::block_in_place(|| c.must_leader()), 1);
     assert_eq!(c.status(1).role, "Leader");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_is_compacted_by_size_as_well_as_by_count() {
+    let mut c = Cluster::new(3);
+    c.config.log_gc_threshold = 1_000_000;
+    c.config.log_gc_size = 16 << 10;
+    c.config.log_gc_keep = 8;
+    c.start();
+    c.must_own_all_buckets().await;
+    for i in 0..60 {
+        c.must_enroll(&format!("RID-SIZE-{i}")).await;
+    }
+    let leader = tokio::task::block_in_place(|| c.must_leader());
+    let status = c.status(leader);
+    assert!(status.first_index > 20, "size-based compaction ran: {status:?}");
+    assert!(c.metrics(leader).log_compacted.get() > 0);
+}
