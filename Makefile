@@ -60,14 +60,10 @@ bench-cell: deps
 	$(CARGO) build --workspace --locked
 	"$(CARGO_TARGET_DIR)/debug/bench-cell" $(ARGS)
 
+# A local cluster: a control cell, 2 data cells of 3 replicas (zone-a/b/c) and a router, as real
+# processes on 127.0.0.1. Ctrl-C stops it; `make run` again resumes the same data.
 run: build
-	@bin="$(CARGO_TARGET_DIR)/debug"; \
-	echo "built: $$(ls $$bin/nid-cell $$bin/nid-router $$bin/nidctl $$bin/nid-loadtest 2>/dev/null | xargs -n1 basename | tr '\n' ' ')"; \
-	echo "the local cluster (nidctl dev up) is not built yet; what works today is the id scheme:"; \
-	echo "\$$ nidctl id gen --bucket 777 --count 3"; \
-	"$$bin/nidctl" id gen --bucket 777 --count 3 2>/dev/null | tee /tmp/nid-run-ids.$$$$; \
-	first=$$(head -n1 /tmp/nid-run-ids.$$$$); rm -f /tmp/nid-run-ids.$$$$; \
-	echo "\$$ nidctl id check $$first"; "$$bin/nidctl" id check "$$first" 2>/dev/null
+	"$(CARGO_TARGET_DIR)/debug/nidctl" dev up --cells 2 --data-dir $(DEV_DIR)
 
 clean-dev:
 	rm -rf $(DEV_DIR)

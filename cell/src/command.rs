@@ -18,6 +18,18 @@ pub struct EntryBatch {
 pub enum Command {
     /// Create an identity (or return the existing one for a retried RID).
     Enroll(EnrollCommand),
+    /// Control cell: create the cluster (config and the first routing table), once.
+    ControlInit {
+        /// Protobuf `nid.v1.ClusterConfig`.
+        config: Vec<u8>,
+        /// Protobuf `nid.v1.RoutingTable` (version 1, with the cells).
+        table: Vec<u8>,
+    },
+    /// Control cell: add or update a cell in the registry (bumps the table version).
+    ControlRegisterCell {
+        /// Protobuf `nid.v1.CellInfo`.
+        cell: Vec<u8>,
+    },
     /// Set the ownership state of buckets (driven by the control cell and the rebalancer).
     SetBuckets {
         /// The buckets.
@@ -34,7 +46,9 @@ impl Command {
     pub fn bucket(&self) -> Option<u16> {
         match self {
             Command::Enroll(e) => Some(e.bucket),
-            Command::SetBuckets { .. } => None,
+            Command::SetBuckets { .. }
+            | Command::ControlInit { .. }
+            | Command::ControlRegisterCell { .. } => None,
         }
     }
 }
@@ -139,6 +153,13 @@ pub enum CommandResult {
     },
     /// Bucket states changed.
     BucketsSet,
+    /// The control state changed (or already matched); the routing-table version after it.
+    Control {
+        /// True when this command created or changed something.
+        changed: bool,
+        /// Table version.
+        version: u64,
+    },
     /// The command was refused; nothing was written.
     Rejected(Rejection),
 }
@@ -164,6 +185,10 @@ pub enum Rejection {
     CandidatesTaken,
     /// The command did not decode or open (deterministic on every replica).
     Malformed(String),
+    /// The cluster already exists with another config.
+    ClusterExists,
+    /// The cluster has not been initialized.
+    NoCluster,
     /// A routing-table version older than the one recorded.
     StaleTableVersion {
         /// The version on record.

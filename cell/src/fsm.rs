@@ -15,6 +15,8 @@ use crate::crypto::Keyring;
 use crate::keys::{self, CF_DATA, CF_META, Table};
 use crate::storage::{StoreError, cf};
 use nid_proto::bucket::BucketId;
+use nid_proto::v1::{CellInfo, ClusterConfig, RoutingTable};
+use prost::Message as _;
 use rocksdb::{DB, WriteBatch};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -112,6 +114,8 @@ impl StateMachine {
     ) -> Result<CommandResult, StoreError> {
         match command {
             Command::Enroll(cmd) => self.apply_enroll(cmd, wb, overlay),
+            Command::ControlInit { config, table } => self.apply_control_init(config, table, wb, overlay),
+            Command::ControlRegisterCell { cell } => self.apply_register_cell(cell, wb, overlay),
             Command::SetBuckets { buckets, state, table_version } => {
                 let meta = cf(&self.db, CF_META)?;
                 for &b in buckets {
@@ -136,6 +140,97 @@ impl StateMachine {
                 }
                 Ok(CommandResult::BucketsSet)
             }
+        }
+    }
+
+    fn control_value(&self, key: &[u8], overlay: &Overlay) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.get_in(key, overlay)? {
+            Some(bytes) => codec::decode::<Vec<u8>>(&bytes)
+                .map(Some)
+                .map_err(|source| StoreError::Corrupt { what: "control record", source }),
+            None => Ok(None),
+        }
+    }
+
+    fn put_control(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        wb: &mut WriteBatch,
+        overlay: &mut Overlay,
+    ) -> Result<(), StoreError> {
+        let encoded = codec::encode(&value.to_vec());
+        wb.put_cf(cf(&self.db, CF_DATA)?, key, &encoded);
+        overlay.data.insert(key.to_vec(), encoded);
+        Ok(())
+    }
+
+    fn apply_control_init(
+        &self,
+        config: &[u8],
+        table: &[u8],
+        wb: &mut WriteBatch,
+        overlay: &mut Overlay,
+    ) -> Result<CommandResult, StoreError> {
+        let Ok(parsed) = RoutingTable::decode(table) else {
+            return Ok(CommandResult::Rejected(Rejection::Malformed("routing table".into())));
+        };
+        if let Some(existing) = self.control_value(keys::CONTROL_CONFIG, overlay)? {
+            if existing != config {
+                return Ok(CommandResult::Rejected(Rejection::ClusterExists));
+            }
+            let version = self.routing_table_in(overlay)?.map(|t| t.version).unwrap_or(0);
+            return Ok(CommandResult::Control { changed: false, version });
+        }
+        self.put_control(keys::CONTROL_CONFIG, config, wb, overlay)?;
+        self.put_control(keys::CONTROL_TABLE, table, wb, overlay)?;
+        Ok(CommandResult::Control { changed: true, version: parsed.version })
+    }
+
+    fn apply_register_cell(
+        &self,
+        cell: &[u8],
+        wb: &mut WriteBatch,
+        overlay: &mut Overlay,
+    ) -> Result<CommandResult, StoreError> {
+        let Ok(cell) = CellInfo::decode(cell) else {
+            return Ok(CommandResult::Rejected(Rejection::Malformed("cell".into())));
+        };
+        let Some(mut table) = self.routing_table_in(overlay)? else {
+            return Ok(CommandResult::Rejected(Rejection::NoCluster));
+        };
+        if table.cells.contains(&cell) {
+            return Ok(CommandResult::Control { changed: false, version: table.version });
+        }
+        table.cells.retain(|c| c.cell_id != cell.cell_id);
+        table.cells.push(cell);
+        table.cells.sort_by_key(|c| c.cell_id);
+        table.version += 1;
+        self.put_control(keys::CONTROL_TABLE, &table.encode_to_vec(), wb, overlay)?;
+        Ok(CommandResult::Control { changed: true, version: table.version })
+    }
+
+    fn routing_table_in(&self, overlay: &Overlay) -> Result<Option<RoutingTable>, StoreError> {
+        match self.control_value(keys::CONTROL_TABLE, overlay)? {
+            Some(bytes) => RoutingTable::decode(bytes.as_slice())
+                .map(Some)
+                .map_err(|_| StoreError::BadSnapshot("stored routing table does not decode".into())),
+            None => Ok(None),
+        }
+    }
+
+    /// The routing table held by a control cell (None before the cluster exists).
+    pub fn routing_table(&self) -> Result<Option<RoutingTable>, StoreError> {
+        self.routing_table_in(&Overlay::default())
+    }
+
+    /// The cluster config held by a control cell.
+    pub fn cluster_config(&self) -> Result<Option<ClusterConfig>, StoreError> {
+        match self.control_value(keys::CONTROL_CONFIG, &Overlay::default())? {
+            Some(bytes) => ClusterConfig::decode(bytes.as_slice())
+                .map(Some)
+                .map_err(|_| StoreError::BadSnapshot("stored cluster config does not decode".into())),
+            None => Ok(None),
         }
     }
 

@@ -51,6 +51,12 @@ pub fn bucket_state_range() -> ([u8; 1], [u8; 1]) {
     ([BUCKET_STATE_PREFIX], [BUCKET_STATE_PREFIX + 1])
 }
 
+/// Control-cell keys in the `data` CF. They start with 0xFFFF, above every bucket prefix (< 0x4000),
+/// so they never meet a bucket range.
+pub const CONTROL_CONFIG: &[u8] = &[0xff, 0xff, 0x01];
+/// The routing table (with the cell registry) on the control cell.
+pub const CONTROL_TABLE: &[u8] = &[0xff, 0xff, 0x02];
+
 /// Tables inside a bucket's key range of the `data` CF.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

@@ -4,12 +4,12 @@
 //! grace period) for it to take over before the process exits, so a rolling restart costs no
 //! election timeout.
 
-use crate::config::{CellConfig, Flags};
+use crate::config::{CellConfig, Flags, Role};
 use crate::crypto::Keyring;
 use crate::fsm::StateMachine;
 use crate::metrics::{self, CellMetrics};
 use crate::peer::{self, PeerConfig, PeerHandle, PeerMsg};
-use crate::service::{BucketAdminService, CellContext, CellService};
+use crate::service::{BucketAdminService, CellContext, CellService, ControlService};
 use crate::storage::{PeerStorage, open_db};
 use crate::transport::{AddressBook, GrpcTransport, MAX_MESSAGE_BYTES, Member, RaftTransportService};
 use anyhow::Context as _;
@@ -17,6 +17,7 @@ use clap::Parser as _;
 use nid_proto::ids::{IdScheme, IdSchemeSeed};
 use nid_proto::v1::bucket_admin_server::BucketAdminServer;
 use nid_proto::v1::cell_server::CellServer;
+use nid_proto::v1::control_server::ControlServer;
 use nid_proto::v1::raft_transport_server::RaftTransportServer;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -184,6 +185,10 @@ pub async fn run(config: CellConfig) -> anyhow::Result<()> {
             .add_service(reflection)
             .add_service(CellServer::from_arc(Arc::new(CellService(context.clone()))))
             .add_service(BucketAdminServer::from_arc(Arc::new(BucketAdminService(context.clone()))))
+            .add_optional_service(
+                (config.role == Role::Control)
+                    .then(|| ControlServer::from_arc(Arc::new(ControlService(context.clone())))),
+            )
             .add_service(
                 RaftTransportServer::new(raft_service)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -18,6 +18,7 @@ use nid_proto::v1::bucket_admin_server::BucketAdmin;
 use nid_proto::v1::cell_request::Operation;
 use nid_proto::v1::cell_response::Result as CellResult;
 use nid_proto::v1::cell_server::Cell;
+use nid_proto::v1::control_server::Control;
 use nid_proto::v1::membership_change::Kind;
 use nid_proto::v1::{
     BucketExportChunk, CellInfo, CellRequest, CellResponse, CellState, CellStatus, ChangeMembershipRequest,
@@ -26,6 +27,13 @@ use nid_proto::v1::{
     ExportBucketRequest, GetCellStatusRequest, GetIdentityRequest, GetIdentityResponse, Identity,
     ImportBucketResponse, ReplicaInfo, ReplicaStatus, ServedBy, SetBucketStateRequest,
     SetBucketStateResponse, TransferLeaderRequest, TransferLeaderResponse,
+};
+use nid_proto::v1::{
+    ClusterConfig, CommitBucketMoveRequest, CommitBucketMoveResponse, GetClusterConfigRequest,
+    GetRoutingTableRequest, InitClusterRequest, InitClusterResponse, ListCellsRequest, ListCellsResponse,
+    ListMigrationsRequest, ListMigrationsResponse, ListPartnersInternalRequest, ListPartnersInternalResponse,
+    PutPartnerRequest, PutPartnerResponse, RecordMigrationRequest, RecordMigrationResponse,
+    RegisterCellRequest, RegisterCellResponse, RoutingTable, WatchRoutingTableRequest,
 };
 use prost::Message as _;
 use raft::prelude::{ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2};
@@ -101,6 +109,8 @@ impl CellContext {
                 "routing-table version is older than the recorded {current}"
             )),
             Rejection::Malformed(_) => Status::internal("the command could not be applied"),
+            Rejection::ClusterExists => Status::already_exists("the cluster exists with another config"),
+            Rejection::NoCluster => Status::failed_precondition("the cluster has not been initialized"),
         }
     }
 
@@ -135,7 +145,9 @@ impl CellContext {
                 }
                 CommandResult::Rejected(Rejection::CandidatesTaken) => continue,
                 CommandResult::Rejected(r) => return Err(self.rejection_status(r)),
-                CommandResult::BucketsSet => return Err(Status::internal("unexpected result")),
+                CommandResult::BucketsSet | CommandResult::Control { .. } => {
+                    return Err(Status::internal("unexpected result"));
+                }
             }
         }
         Err(Status::unavailable("uin candidates kept colliding; retry"))
@@ -485,7 +497,9 @@ impl BucketAdmin for BucketAdminService {
                     applied_index: ctx.peer.shared.applied.load(std::sync::atomic::Ordering::Relaxed),
                 }),
                 CommandResult::Rejected(r) => Err(ctx.rejection_status(r)),
-                CommandResult::Enrolled { .. } => Err(Status::internal("unexpected result")),
+                CommandResult::Enrolled { .. } | CommandResult::Control { .. } => {
+                    Err(Status::internal("unexpected result"))
+                }
             }
         })
         .await
@@ -530,6 +544,202 @@ impl BucketAdmin for BucketAdminService {
         _request: Request<DeleteBucketRequest>,
     ) -> Result<Response<DeleteBucketResponse>, Status> {
         Err(Status::unimplemented("bucket cleanup arrives with the rebalancer (issue #4)"))
+    }
+}
+
+/// The control cell's `Control` service (served only with `--role control`): cluster config,
+/// cell registry and routing table. Migrations and partners arrive with their issues.
+pub struct ControlService(pub Arc<CellContext>);
+
+type TableStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<RoutingTable, Status>> + Send>>;
+
+impl ControlService {
+    async fn read_table(&self) -> Result<RoutingTable, Status> {
+        let ctx = &self.0;
+        ctx.peer.read_barrier(RAFT_TIMEOUT).await.map_err(|e| ctx.peer_status(e))?;
+        ctx.fsm
+            .routing_table()
+            .map_err(|_| Status::internal("storage error"))?
+            .ok_or_else(|| Status::failed_precondition("the cluster has not been initialized"))
+    }
+
+    async fn propose_control(&self, cmd: Command) -> Result<(bool, u64), Status> {
+        let ctx = &self.0;
+        match ctx.peer.propose(cmd, RAFT_TIMEOUT).await.map_err(|e| ctx.peer_status(e))? {
+            CommandResult::Control { changed, version } => Ok((changed, version)),
+            CommandResult::Rejected(r) => Err(ctx.rejection_status(r)),
+            _ => Err(Status::internal("unexpected result")),
+        }
+    }
+}
+
+/// Checks a routing table's shape: one owner and epoch per bucket, owners among its cells.
+pub fn validate_table(table: &RoutingTable, field: &str) -> Result<(), Status> {
+    let n = usize::from(nid_proto::bucket::BUCKETS);
+    if table.owner.len() != n || table.epoch.len() != n {
+        return Err(invalid_field(
+            &format!("{field}.owner"),
+            "must have one owner and one epoch per bucket (16384)",
+        ));
+    }
+    let cells: std::collections::HashSet<u64> = table.cells.iter().map(|c| c.cell_id).collect();
+    if table.owner.iter().any(|o| !cells.contains(o)) {
+        return Err(invalid_field(&format!("{field}.owner"), "every owner must be one of the table's cells"));
+    }
+    if table.version == 0 {
+        return Err(invalid_field(&format!("{field}.version"), "must be > 0"));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn init_cluster(
+        &self,
+        request: Request<InitClusterRequest>,
+    ) -> Result<Response<InitClusterResponse>, Status> {
+        let req = request.into_inner();
+        observed(&self.0.metrics, "InitCluster", async {
+            let config = req.config.ok_or_else(|| invalid_field("config", "is required"))?;
+            if config.buckets != u32::from(nid_proto::bucket::BUCKETS) {
+                return Err(invalid_field("config.buckets", "must be 16384"));
+            }
+            if config.id_scheme_seed.len() != 32 {
+                return Err(invalid_field("config.id_scheme_seed", "must be 32 bytes"));
+            }
+            let mut table = req.table.ok_or_else(|| invalid_field("table", "is required"))?;
+            if table.cells.is_empty() {
+                table.cells = req.cells;
+            }
+            validate_table(&table, "table")?;
+            let cmd = Command::ControlInit { config: config.encode_to_vec(), table: table.encode_to_vec() };
+            let (created, version) = self.propose_control(cmd).await?;
+            Ok(InitClusterResponse { table_version: version, created })
+        })
+        .await
+    }
+
+    async fn get_cluster_config(
+        &self,
+        _request: Request<GetClusterConfigRequest>,
+    ) -> Result<Response<ClusterConfig>, Status> {
+        let ctx = &self.0;
+        observed(&ctx.metrics, "GetClusterConfig", async {
+            ctx.peer.read_barrier(RAFT_TIMEOUT).await.map_err(|e| ctx.peer_status(e))?;
+            ctx.fsm
+                .cluster_config()
+                .map_err(|_| Status::internal("storage error"))?
+                .ok_or_else(|| Status::failed_precondition("the cluster has not been initialized"))
+        })
+        .await
+    }
+
+    async fn get_routing_table(
+        &self,
+        _request: Request<GetRoutingTableRequest>,
+    ) -> Result<Response<RoutingTable>, Status> {
+        observed(&self.0.metrics, "GetRoutingTable", self.read_table()).await
+    }
+
+    type WatchRoutingTableStream = TableStream;
+
+    async fn watch_routing_table(
+        &self,
+        request: Request<WatchRoutingTableRequest>,
+    ) -> Result<Response<Self::WatchRoutingTableStream>, Status> {
+        let mut known = request.into_inner().known_version;
+        let ctx = self.0.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            // Sends every version above the known one, polling the applied state.
+            loop {
+                if tx.is_closed() {
+                    return;
+                }
+                let table = match ctx.peer.read_barrier(RAFT_TIMEOUT).await {
+                    Ok(()) => ctx.fsm.routing_table().ok().flatten(),
+                    Err(e) => {
+                        let _ = tx.send(Err(ctx.peer_status(e))).await;
+                        return;
+                    }
+                };
+                if let Some(t) = table
+                    && t.version > known
+                {
+                    known = t.version;
+                    if tx.send(Ok(t)).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn register_cell(
+        &self,
+        request: Request<RegisterCellRequest>,
+    ) -> Result<Response<RegisterCellResponse>, Status> {
+        let req = request.into_inner();
+        observed(&self.0.metrics, "RegisterCell", async {
+            let cell = req.cell.ok_or_else(|| invalid_field("cell", "is required"))?;
+            if cell.cell_id == 0 {
+                return Err(invalid_field("cell.cell_id", "must be > 0"));
+            }
+            if cell.replicas.is_empty() {
+                return Err(invalid_field("cell.replicas", "at least one replica is required"));
+            }
+            let (_, version) =
+                self.propose_control(Command::ControlRegisterCell { cell: cell.encode_to_vec() }).await?;
+            Ok(RegisterCellResponse { table_version: version })
+        })
+        .await
+    }
+
+    async fn list_cells(
+        &self,
+        _request: Request<ListCellsRequest>,
+    ) -> Result<Response<ListCellsResponse>, Status> {
+        observed(&self.0.metrics, "ListCells", async {
+            Ok(ListCellsResponse { cells: self.read_table().await?.cells })
+        })
+        .await
+    }
+
+    async fn commit_bucket_move(
+        &self,
+        _request: Request<CommitBucketMoveRequest>,
+    ) -> Result<Response<CommitBucketMoveResponse>, Status> {
+        Err(Status::unimplemented("bucket moves arrive with the rebalancer"))
+    }
+
+    async fn record_migration(
+        &self,
+        _request: Request<RecordMigrationRequest>,
+    ) -> Result<Response<RecordMigrationResponse>, Status> {
+        Err(Status::unimplemented("migrations arrive with the rebalancer"))
+    }
+
+    async fn list_migrations(
+        &self,
+        _request: Request<ListMigrationsRequest>,
+    ) -> Result<Response<ListMigrationsResponse>, Status> {
+        Err(Status::unimplemented("migrations arrive with the rebalancer"))
+    }
+
+    async fn put_partner(
+        &self,
+        _request: Request<PutPartnerRequest>,
+    ) -> Result<Response<PutPartnerResponse>, Status> {
+        Err(Status::unimplemented("partners arrive with the identity domain"))
+    }
+
+    async fn list_partners_internal(
+        &self,
+        _request: Request<ListPartnersInternalRequest>,
+    ) -> Result<Response<ListPartnersInternalResponse>, Status> {
+        Err(Status::unimplemented("partners arrive with the identity domain"))
     }
 }
 

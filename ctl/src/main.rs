@@ -3,7 +3,9 @@
 //! This file only parses flags and dispatches; each command group lives in its own module.
 
 mod config;
+mod dev;
 mod id;
+mod identity;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -39,6 +41,56 @@ enum Command {
         #[command(subcommand)]
         command: id::IdCommand,
     },
+    /// A development cluster on this machine.
+    Dev {
+        #[command(subcommand)]
+        command: DevCommand,
+    },
+    /// Enrol a person through the router; prints the UIN (the existing one for a repeated RID).
+    Enroll {
+        #[command(flatten)]
+        args: identity::EnrollArgs,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print an identity record (by UIN) read through the router.
+    Get {
+        /// The UIN.
+        id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// Where the router is.
+#[derive(Debug, clap::Args)]
+struct Target {
+    /// Router address host:port (default: the dev cluster's, from DIR/cluster.json).
+    #[arg(long)]
+    router: Option<String>,
+    /// Dev cluster directory holding cluster.json.
+    #[arg(long, default_value = ".nid/dev")]
+    dev_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum DevCommand {
+    /// Start (or resume) a local cluster: a control cell, N data cells of 3 replicas, a router.
+    Up {
+        /// Data cells.
+        #[arg(long, default_value_t = 2)]
+        cells: u64,
+        /// Replicas per cell (3: one per zone).
+        #[arg(long, default_value_t = 3)]
+        replicas: u64,
+        /// Where data, logs and cluster.json go.
+        #[arg(long, default_value = ".nid/dev")]
+        data_dir: PathBuf,
+    },
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(f)
 }
 
 fn main() -> ExitCode {
@@ -46,6 +98,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Id { command } => config::Config::load(cli.config.as_deref())
             .and_then(|config| id::run(command, &config, cli.output)),
+        Command::Dev { command: DevCommand::Up { cells, replicas, data_dir } } => {
+            block_on(dev::up(cells, replicas, &data_dir)).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Enroll { args, target } => {
+            block_on(identity::enroll(args, target.router.as_deref(), &target.dev_dir, cli.output))
+        }
+        Command::Get { id, target } => {
+            block_on(identity::get(id, target.router.as_deref(), &target.dev_dir, cli.output))
+        }
     };
     match result {
         Ok(code) => code,

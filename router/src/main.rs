@@ -1,6 +1,128 @@
-//! `nid-router`: the stateless router (issue #4 builds it; this binary only reports that so far).
+//! `nid-router`: the stateless router. It validates requests, computes their bucket from the request
+//! alone, and forwards them to the owning cell's leader using a routing table cached from the
+//! control cell (kept when the control cell is unreachable). It holds no durable state.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("nid-router {}: not implemented yet (see issue #4)", env!("CARGO_PKG_VERSION"));
-    std::process::ExitCode::from(2)
+mod metrics;
+mod routing;
+mod service;
+
+use clap::Parser;
+use nid_proto::v1::enrollment_server::EnrollmentServer;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// nid's stateless router.
+#[derive(Debug, Parser)]
+#[command(name = "nid-router", version)]
+struct Flags {
+    /// Public gRPC listen address.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Control-cell replica addresses, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    control: Vec<String>,
+    /// This router's availability zone.
+    #[arg(long, default_value = "zone-a")]
+    zone: String,
+    /// Prometheus metrics listen address (HTTP, GET /metrics).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Routing-table refresh period in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    refresh_ms: u64,
+    /// Serve plaintext gRPC (required until mTLS lands; development only).
+    #[arg(long)]
+    insecure: bool,
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NID_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let flags = Flags::parse();
+    if !flags.insecure {
+        eprintln!(
+            "nid-router: mTLS is not implemented yet; start with --insecure on a trusted network (development)"
+        );
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nid-router: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(flags)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nid-router: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("router stopping");
+}
+
+async fn run(flags: Flags) -> anyhow::Result<()> {
+    let metrics = Arc::new(metrics::RouterMetrics::new()?);
+    let router = Arc::new(routing::Router::new(flags.control.clone(), metrics.clone()));
+    router.spawn_refresher(Duration::from_millis(flags.refresh_ms.max(50)));
+    if let Some(addr) = flags.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else { continue };
+                let body = m.render();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    let _ = stream.write_all(body.as_bytes()).await;
+                });
+            }
+        });
+    }
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<EnrollmentServer<service::EnrollmentService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(nid_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let listener = tokio::net::TcpListener::bind(flags.listen).await?;
+    let local = listener.local_addr()?;
+    tracing::info!(%local, zone = %flags.zone, "router serving");
+    println!("nid-router ready listen={local}");
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(EnrollmentServer::new(service::EnrollmentService(router.clone())))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown_signal(),
+        )
+        .await?;
+    Ok(())
 }

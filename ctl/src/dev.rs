@@ -1,0 +1,436 @@
+//! `nidctl dev up`: a whole development cluster as real processes on 127.0.0.1 (a control cell and
+//! N data cells of 3 replicas in zone-a/zone-b/zone-c, plus one router), initialized, described in
+//! `DIR/cluster.json`, stopped cleanly on Ctrl-C or SIGTERM, resumed on the same data when started
+//! again on the same DIR.
+
+use anyhow::{Context as _, bail};
+use nid_proto::bucket::BUCKETS;
+use nid_proto::error::RoutingHint;
+use nid_proto::ids::{IdKind, IdSchemeSeed};
+use nid_proto::placement::{CellWeight, DEFAULT_WEIGHT, desired_placement};
+use nid_proto::v1::bucket_admin_client::BucketAdminClient;
+use nid_proto::v1::cell_client::CellClient;
+use nid_proto::v1::control_client::ControlClient;
+use nid_proto::v1::enrollment_client::EnrollmentClient;
+use nid_proto::v1::{
+    BucketState, CellInfo, CellState, ClusterConfig, GetCellStatusRequest, GetIdentityRequest,
+    InitClusterRequest, ReplicaInfo, RoutingTable, SetBucketStateRequest,
+};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The id of the control cell.
+pub const CONTROL_CELL_ID: u64 = 0;
+const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
+
+/// One process of the cluster, as written to cluster.json.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    /// Name (also the log file name).
+    pub name: String,
+    /// gRPC address.
+    pub address: String,
+    /// Metrics address.
+    pub metrics: String,
+    /// Zone.
+    pub zone: String,
+    /// Process id of the last start.
+    pub pid: u32,
+    /// Raft node id (0 for the router).
+    pub node_id: u64,
+}
+
+/// One cell in cluster.json.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CellEntry {
+    /// Cell id (0 is the control cell).
+    pub cell_id: u64,
+    /// Its replicas.
+    pub replicas: Vec<ProcessInfo>,
+}
+
+/// `DIR/cluster.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterFile {
+    /// The router.
+    pub router: ProcessInfo,
+    /// The control cell.
+    pub control: CellEntry,
+    /// The data cells.
+    pub cells: Vec<CellEntry>,
+    /// The id-scheme seed (hex).
+    pub id_scheme_seed: String,
+    /// Development partner credentials (partners arrive with the identity domain; placeholder id).
+    pub dev_partner: DevPartner,
+}
+
+/// Development partner credentials.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevPartner {
+    /// Partner id.
+    pub partner_id: String,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("nidctl has no directory")?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!("{} not found next to nidctl (build the workspace first)", path.display());
+    }
+    Ok(path)
+}
+
+fn new_process(name: String, zone: &str, node_id: u64) -> anyhow::Result<ProcessInfo> {
+    Ok(ProcessInfo {
+        name,
+        address: format!("127.0.0.1:{}", free_port()?),
+        metrics: format!("127.0.0.1:{}", free_port()?),
+        zone: zone.to_owned(),
+        pid: 0,
+        node_id,
+    })
+}
+
+fn plan(cells: u64) -> anyhow::Result<ClusterFile> {
+    let cell = |cell_id: u64| -> anyhow::Result<CellEntry> {
+        let replicas = (1..=3u64)
+            .map(|n| new_process(format!("cell-{cell_id}-node-{n}"), ZONES[(n - 1) as usize], n))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(CellEntry { cell_id, replicas })
+    };
+    let mut control = cell(CONTROL_CELL_ID)?;
+    for r in &mut control.replicas {
+        r.name = format!("control-node-{}", r.node_id);
+    }
+    Ok(ClusterFile {
+        router: new_process("router".into(), "zone-a", 0)?,
+        control,
+        cells: (1..=cells).map(cell).collect::<anyhow::Result<_>>()?,
+        id_scheme_seed: IdSchemeSeed::dev().to_hex(),
+        dev_partner: DevPartner { partner_id: "dev-partner".into() },
+    })
+}
+
+struct Running {
+    children: Vec<(String, Child)>,
+}
+
+impl Running {
+    fn stop(&mut self) {
+        for (_, c) in &self.children {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for (name, c) in &mut self.children {
+            loop {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    eprintln!("nidctl: {name} did not stop in time; killing it");
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn spawn(
+    running: &mut Running,
+    dir: &Path,
+    p: &mut ProcessInfo,
+    binary: &Path,
+    args: Vec<String>,
+) -> anyhow::Result<()> {
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let log =
+        std::fs::OpenOptions::new().create(true).append(true).open(logs.join(format!("{}.log", p.name)))?;
+    let child = Command::new(binary)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("start {}", p.name))?;
+    p.pid = child.id();
+    running.children.push((p.name.clone(), child));
+    Ok(())
+}
+
+fn cell_args(dir: &Path, cell: &CellEntry, p: &ProcessInfo, role: &str, seed: &str) -> Vec<String> {
+    let peers = cell
+        .replicas
+        .iter()
+        .map(|r| format!("{}={}@{}", r.node_id, r.address, r.zone))
+        .collect::<Vec<_>>()
+        .join(",");
+    vec![
+        "--cell-id".into(),
+        cell.cell_id.to_string(),
+        "--node-id".into(),
+        p.node_id.to_string(),
+        "--zone".into(),
+        p.zone.clone(),
+        "--listen".into(),
+        p.address.clone(),
+        "--metrics-listen".into(),
+        p.metrics.clone(),
+        "--data-dir".into(),
+        dir.join("data").join(&p.name).display().to_string(),
+        "--peers".into(),
+        peers,
+        "--role".into(),
+        role.into(),
+        "--id-scheme-seed".into(),
+        seed.into(),
+        "--insecure".into(),
+    ]
+}
+
+async fn channel(address: &str) -> anyhow::Result<tonic::transport::Channel> {
+    Ok(tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await?)
+}
+
+/// Waits until some replica of `cell` reports a leader; returns the leader's address.
+async fn wait_leader(cell: &CellEntry, deadline: Instant) -> anyhow::Result<String> {
+    loop {
+        for r in &cell.replicas {
+            if let Ok(ch) = channel(&r.address).await
+                && let Ok(status) = CellClient::new(ch).get_cell_status(GetCellStatusRequest {}).await
+                && let Some(leader) = status.into_inner().replicas.iter().find(|x| x.is_leader)
+                && let Some(l) = cell.replicas.iter().find(|x| x.node_id == leader.node_id)
+            {
+                return Ok(l.address.clone());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("cell {} elected no leader in time", cell.cell_id);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `f` against the leader of `cell`, following not-leader hints, until it succeeds or `deadline`.
+async fn on_leader<T, F, Fut>(cell: &CellEntry, deadline: Instant, f: F) -> anyhow::Result<T>
+where
+    F: Fn(tonic::transport::Channel) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    loop {
+        let leader = wait_leader(cell, deadline).await?;
+        match f(channel(&leader).await?).await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() > deadline => bail!("cell {}: {}", cell.cell_id, e.message()),
+            Err(e) => {
+                if !matches!(RoutingHint::from_status(&e), Some(RoutingHint::NotLeader { .. }))
+                    && e.code() != tonic::Code::Unavailable
+                {
+                    bail!("cell {}: {}", cell.cell_id, e.message());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn cell_info(cell: &CellEntry) -> CellInfo {
+    CellInfo {
+        cell_id: cell.cell_id,
+        replicas: cell
+            .replicas
+            .iter()
+            .map(|r| ReplicaInfo { node_id: r.node_id, address: r.address.clone(), zone: r.zone.clone() })
+            .collect(),
+        weight: DEFAULT_WEIGHT,
+        state: CellState::Active as i32,
+    }
+}
+
+/// Initializes the cluster: config and table in the control cell, ownership in each data cell.
+/// Idempotent, so a resumed cluster runs it again harmlessly.
+pub async fn init_cluster(cluster: &ClusterFile, deadline: Instant) -> anyhow::Result<()> {
+    let weights: Vec<CellWeight> =
+        cluster.cells.iter().map(|c| CellWeight { cell_id: c.cell_id, weight: DEFAULT_WEIGHT }).collect();
+    let owner = desired_placement(&weights)?;
+    let table = RoutingTable {
+        version: 1,
+        owner: owner.clone(),
+        epoch: vec![0; usize::from(BUCKETS)],
+        cells: cluster.cells.iter().map(cell_info).collect(),
+    };
+    let seed = IdSchemeSeed::from_hex(&cluster.id_scheme_seed).map_err(|e| anyhow::anyhow!("seed: {e}"))?;
+    let config = ClusterConfig {
+        buckets: u32::from(BUCKETS),
+        id_scheme_seed: seed.as_bytes().to_vec(),
+        name: "dev".into(),
+    };
+    let request = InitClusterRequest { config: Some(config), cells: Vec::new(), table: Some(table) };
+    on_leader(&cluster.control, deadline, |ch| {
+        let request = request.clone();
+        async move {
+            ControlClient::new(ch)
+                .max_encoding_message_size(16 << 20)
+                .init_cluster(request)
+                .await
+                .map(|r| r.into_inner())
+        }
+    })
+    .await?;
+    for cell in &cluster.cells {
+        let buckets: Vec<u32> =
+            (0..u32::from(BUCKETS)).filter(|&b| owner[b as usize] == cell.cell_id).collect();
+        let request = SetBucketStateRequest { buckets, state: BucketState::Owned as i32, table_version: 1 };
+        on_leader(cell, deadline, |ch| {
+            let request = request.clone();
+            async move { BucketAdminClient::new(ch).set_bucket_state(request).await.map(|r| r.into_inner()) }
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Waits until the router routes: a lookup of a well-formed UIN comes back NOT_FOUND.
+async fn wait_router(cluster: &ClusterFile, deadline: Instant) -> anyhow::Result<()> {
+    let scheme = nid_proto::ids::IdScheme::new(
+        &IdSchemeSeed::from_hex(&cluster.id_scheme_seed).map_err(|e| anyhow::anyhow!("seed: {e}"))?,
+    );
+    let probe = scheme
+        .generate(
+            IdKind::Uin,
+            nid_proto::bucket::BucketId::new(0).context("bucket 0")?,
+            &mut nid_proto::ids::system_random_u64,
+        )?
+        .to_digits();
+    loop {
+        if let Ok(ch) = channel(&cluster.router.address).await {
+            match EnrollmentClient::new(ch).get_identity(GetIdentityRequest { id: probe.clone() }).await {
+                Err(e) if e.code() == tonic::Code::NotFound => return Ok(()),
+                Ok(_) => return Ok(()),
+                Err(_) => {}
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the router never started routing");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `nidctl dev up`.
+pub async fn up(cells: u64, replicas: u64, dir: &Path) -> anyhow::Result<()> {
+    if replicas != 3 {
+        bail!("--replicas: a dev cell has 3 replicas, one per zone (got {replicas})");
+    }
+    if !(1..=16).contains(&cells) {
+        bail!("--cells must be 1..=16");
+    }
+    std::fs::create_dir_all(dir)?;
+    let file = dir.join("cluster.json");
+    let mut cluster = match std::fs::read_to_string(&file) {
+        Ok(text) => {
+            let c: ClusterFile = serde_json::from_str(&text).context("read cluster.json")?;
+            eprintln!("nidctl: resuming the cluster in {}", dir.display());
+            c
+        }
+        Err(_) => plan(cells)?,
+    };
+    let cell_bin = sibling_binary("nid-cell")?;
+    let router_bin = sibling_binary("nid-router")?;
+    let mut running = Running { children: Vec::new() };
+    let seed = cluster.id_scheme_seed.clone();
+    let control = cluster.control.clone();
+    for p in &mut cluster.control.replicas {
+        let args = cell_args(dir, &control, p, "control", &seed);
+        spawn(&mut running, dir, p, &cell_bin, args)?;
+    }
+    for i in 0..cluster.cells.len() {
+        let cell = cluster.cells[i].clone();
+        for p in &mut cluster.cells[i].replicas {
+            let args = cell_args(dir, &cell, p, "data", &seed);
+            spawn(&mut running, dir, p, &cell_bin, args)?;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    init_cluster(&cluster, deadline).await?;
+    let control_addrs =
+        cluster.control.replicas.iter().map(|r| r.address.clone()).collect::<Vec<_>>().join(",");
+    let router_args = vec![
+        "--listen".into(),
+        cluster.router.address.clone(),
+        "--metrics-listen".into(),
+        cluster.router.metrics.clone(),
+        "--control".into(),
+        control_addrs,
+        "--zone".into(),
+        cluster.router.zone.clone(),
+        "--insecure".into(),
+    ];
+    let mut router = cluster.router.clone();
+    spawn(&mut running, dir, &mut router, &router_bin, router_args)?;
+    cluster.router = router;
+    wait_router(&cluster, deadline).await?;
+    let tmp = dir.join("cluster.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&cluster)?)?;
+    std::fs::rename(&tmp, &file)?;
+    println!("router {}", cluster.router.address);
+    println!("cluster file {}", file.display());
+    println!("logs {}/logs; Ctrl-C stops the cluster", dir.display());
+    wait_for_signal().await;
+    eprintln!("nidctl: stopping the cluster");
+    running.stop();
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// The router address from `--router` or the dev cluster file.
+pub fn router_address(router: Option<&str>, dir: &Path) -> anyhow::Result<String> {
+    if let Some(r) = router {
+        return Ok(r.to_owned());
+    }
+    let text = std::fs::read_to_string(dir.join("cluster.json")).with_context(|| {
+        format!("no --router given and no {}/cluster.json (start one with nidctl dev up)", dir.display())
+    })?;
+    let c: ClusterFile = serde_json::from_str(&text)?;
+    Ok(c.router.address)
+}
+
+/// A client of the router.
+pub async fn enrollment_client(address: &str) -> anyhow::Result<EnrollmentClient<tonic::transport::Channel>> {
+    Ok(EnrollmentClient::new(channel(address).await.with_context(|| format!("connect to router {address}"))?))
+}

@@ -1,0 +1,259 @@
+//! The routing state of a router: the cached routing table (refreshed from the control cell, kept
+//! when the control cell is unreachable), a leader cache per cell, pooled channels per replica,
+//! and the forwarding loop that follows not-leader and wrong-owner hints within the deadline.
+
+use crate::metrics::RouterMetrics;
+use nid_proto::error::RoutingHint;
+use nid_proto::ids::{IdScheme, IdSchemeSeed};
+use nid_proto::v1::cell_client::CellClient;
+use nid_proto::v1::cell_request::Operation;
+use nid_proto::v1::cell_response::Result as CellResult;
+use nid_proto::v1::control_client::ControlClient;
+use nid_proto::v1::{
+    CellRequest, ClusterConfig, GetClusterConfigRequest, GetRoutingTableRequest, RouteHeader, RoutingTable,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// The routing table as the router uses it.
+#[derive(Debug, Default)]
+pub struct Table {
+    /// Version.
+    pub version: u64,
+    /// Owner cell per bucket.
+    pub owner: Vec<u64>,
+    /// Replica addresses per cell.
+    pub replicas: HashMap<u64, Vec<String>>,
+}
+
+impl Table {
+    fn from_proto(raw: RoutingTable) -> Table {
+        let replicas = raw
+            .cells
+            .iter()
+            .map(|c| (c.cell_id, c.replicas.iter().map(|r| r.address.clone()).collect()))
+            .collect();
+        Table { version: raw.version, owner: raw.owner, replicas }
+    }
+}
+
+/// Shared routing state.
+pub struct Router {
+    control: Vec<String>,
+    table: RwLock<Arc<Table>>,
+    scheme: RwLock<Option<Arc<IdScheme>>>,
+    leaders: RwLock<HashMap<u64, String>>,
+    channels: Mutex<HashMap<String, Channel>>,
+    /// Metrics.
+    pub metrics: Arc<RouterMetrics>,
+}
+
+impl Router {
+    /// A router that learns its table from `control` replicas.
+    pub fn new(control: Vec<String>, metrics: Arc<RouterMetrics>) -> Router {
+        Router {
+            control,
+            table: RwLock::default(),
+            scheme: RwLock::default(),
+            leaders: RwLock::default(),
+            channels: Mutex::default(),
+            metrics,
+        }
+    }
+
+    /// The cached table.
+    pub fn table(&self) -> Arc<Table> {
+        self.table.read().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// The id scheme of the cluster, once the config is known.
+    pub fn scheme(&self) -> Result<Arc<IdScheme>, Status> {
+        self.scheme
+            .read()
+            .ok()
+            .and_then(|s| s.clone())
+            .ok_or_else(|| Status::unavailable("the router has not loaded the cluster config yet"))
+    }
+
+    /// A pooled channel to `address` (connected lazily, reconnecting by itself).
+    pub fn channel(&self, address: &str) -> Result<Channel, Status> {
+        let mut channels = self.channels.lock().map_err(|_| Status::internal("channel pool poisoned"))?;
+        if let Some(c) = channels.get(address) {
+            return Ok(c.clone());
+        }
+        let channel = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|_| Status::internal("bad replica address in the routing table"))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .connect_lazy();
+        channels.insert(address.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Fetches the config and table from the control cell (following its leader). Keeps the cached
+    /// table on failure; never goes back to a lower version.
+    pub async fn refresh(&self) -> Result<u64, Status> {
+        let mut last = Status::unavailable("no control-cell address configured");
+        let mut candidates: Vec<String> = self.control.clone();
+        let mut tried = 0;
+        while let Some(address) = candidates.first().cloned() {
+            candidates.remove(0);
+            tried += 1;
+            if tried > 6 {
+                break;
+            }
+            let mut client = ControlClient::new(self.channel(&address)?).max_decoding_message_size(16 << 20);
+            let loaded = async {
+                if self.scheme.read().map(|s| s.is_none()).unwrap_or(true) {
+                    let config: ClusterConfig =
+                        client.get_cluster_config(GetClusterConfigRequest {}).await?.into_inner();
+                    let seed: [u8; 32] = config
+                        .id_scheme_seed
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| Status::internal("cluster config has a bad id-scheme seed"))?;
+                    if let Ok(mut s) = self.scheme.write() {
+                        *s = Some(Arc::new(IdScheme::new(&IdSchemeSeed::from_bytes(seed))));
+                    }
+                }
+                client.get_routing_table(GetRoutingTableRequest {}).await.map(|r| r.into_inner())
+            }
+            .await;
+            match loaded {
+                Ok(raw) => return Ok(self.install(raw)),
+                Err(e) => {
+                    if let Some(RoutingHint::NotLeader { leader: Some((_, leader)), .. }) =
+                        RoutingHint::from_status(&e)
+                    {
+                        candidates.insert(0, leader);
+                    }
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn install(&self, raw: RoutingTable) -> u64 {
+        let Ok(mut table) = self.table.write() else { return 0 };
+        if raw.version > table.version {
+            tracing::info!(version = raw.version, cells = raw.cells.len(), "routing table updated");
+            *table = Arc::new(Table::from_proto(raw));
+            self.metrics.table_version.set(table.version as i64);
+        }
+        table.version
+    }
+
+    /// Refreshes the table every `period` in the background.
+    pub fn spawn_refresher(self: &Arc<Self>, period: Duration) {
+        let router = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = router.refresh().await {
+                    tracing::warn!(code = ?e.code(), "routing-table refresh failed; serving from the cached table");
+                }
+                tokio::time::sleep(period).await;
+            }
+        });
+    }
+
+    fn leader_of(&self, cell: u64) -> Option<String> {
+        self.leaders.read().ok()?.get(&cell).cloned()
+    }
+
+    fn set_leader(&self, cell: u64, address: Option<String>) {
+        if let Ok(mut l) = self.leaders.write() {
+            match address {
+                Some(a) => {
+                    l.insert(cell, a);
+                }
+                None => {
+                    l.remove(&cell);
+                }
+            }
+        }
+    }
+
+    /// Forwards one operation on `bucket` to the owning cell's leader, retrying on routing hints and
+    /// transient failures until `deadline`.
+    pub async fn forward(
+        &self,
+        bucket: u16,
+        operation: Operation,
+        deadline: Instant,
+    ) -> Result<CellResult, Status> {
+        let mut attempt = 0usize;
+        loop {
+            attempt += 1;
+            let table = self.table();
+            if table.version == 0 {
+                self.refresh().await?;
+                continue;
+            }
+            let cell = *table
+                .owner
+                .get(usize::from(bucket))
+                .ok_or_else(|| Status::internal("bucket outside table"))?;
+            let replicas = table.replicas.get(&cell).cloned().unwrap_or_default();
+            if replicas.is_empty() {
+                return Err(Status::unavailable("the owning cell has no replicas in the routing table"));
+            }
+            let address = self.leader_of(cell).unwrap_or_else(|| replicas[attempt % replicas.len()].clone());
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(Status::deadline_exceeded("no answer from the owning cell within the deadline"));
+            }
+            let request = CellRequest {
+                route: Some(RouteHeader {
+                    bucket: u32::from(bucket),
+                    table_version: table.version,
+                    partner_id: String::new(),
+                    partner_allowed: Vec::new(),
+                }),
+                operation: Some(operation.clone()),
+            };
+            let mut client = CellClient::new(self.channel(&address)?);
+            let mut req = tonic::Request::new(request);
+            req.set_timeout(remaining);
+            let err = match client.execute(req).await {
+                Ok(resp) => {
+                    self.set_leader(cell, Some(address));
+                    return resp.into_inner().result.ok_or_else(|| Status::internal("empty cell response"));
+                }
+                Err(e) => e,
+            };
+            match RoutingHint::from_status(&err) {
+                Some(RoutingHint::NotLeader { leader, .. }) => {
+                    self.metrics.retries.with_label_values(&["not_leader"]).inc();
+                    let hint = leader.map(|(_, a)| a).filter(|a| *a != address);
+                    if hint.is_none() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    self.set_leader(cell, hint);
+                }
+                Some(RoutingHint::WrongOwner { .. }) => {
+                    self.metrics.retries.with_label_values(&["wrong_owner"]).inc();
+                    if let Err(e) = self.refresh().await {
+                        tracing::warn!(code = ?e.code(), "refresh after wrong-owner failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                Some(RoutingHint::RetryLater { after }) => {
+                    self.metrics.retries.with_label_values(&["retry_later"]).inc();
+                    tokio::time::sleep(after.min(remaining)).await;
+                }
+                None if matches!(err.code(), Code::Unavailable | Code::Unknown) => {
+                    // The replica is down or unreachable: try another one.
+                    self.metrics.retries.with_label_values(&["unavailable"]).inc();
+                    self.set_leader(cell, None);
+                    tokio::time::sleep(Duration::from_millis(10 * attempt.min(10) as u64)).await;
+                }
+                None => return Err(err),
+            }
+        }
+    }
+}
