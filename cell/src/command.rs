@@ -30,6 +30,18 @@ pub enum Command {
         /// Protobuf `nid.v1.CellInfo`.
         cell: Vec<u8>,
     },
+    /// Control cell: the one decision point of a bucket move: owner `from` -> `to` if the bucket's
+    /// epoch is still `expected_epoch` (compare-and-swap); epoch and table version grow by one.
+    ControlCommitMove {
+        /// The bucket.
+        bucket: u16,
+        /// Current owner.
+        from: u64,
+        /// New owner.
+        to: u64,
+        /// The epoch the coordinator observed.
+        expected_epoch: u64,
+    },
     /// Set the ownership state of buckets (driven by the control cell and the rebalancer).
     SetBuckets {
         /// The buckets.
@@ -39,18 +51,6 @@ pub enum Command {
         /// The routing-table version that decided it; older versions are ignored.
         table_version: u64,
     },
-}
-
-impl Command {
-    /// The bucket a client command touches (ownership is checked against it at apply).
-    pub fn bucket(&self) -> Option<u16> {
-        match self {
-            Command::Enroll(e) => Some(e.bucket),
-            Command::SetBuckets { .. }
-            | Command::ControlInit { .. }
-            | Command::ControlRegisterCell { .. } => None,
-        }
-    }
 }
 
 /// Ownership state of one bucket on this cell.
@@ -185,6 +185,8 @@ pub enum Rejection {
     CandidatesTaken,
     /// The command did not decode or open (deterministic on every replica).
     Malformed(String),
+    /// A bucket move whose owner or epoch no longer matches (someone else moved it).
+    MoveConflict,
     /// The cluster already exists with another config.
     ClusterExists,
     /// The cluster has not been initialized.

@@ -116,6 +116,24 @@ impl StateMachine {
             Command::Enroll(cmd) => self.apply_enroll(cmd, wb, overlay),
             Command::ControlInit { config, table } => self.apply_control_init(config, table, wb, overlay),
             Command::ControlRegisterCell { cell } => self.apply_register_cell(cell, wb, overlay),
+            Command::ControlCommitMove { bucket, from, to, expected_epoch } => {
+                let Some(mut table) = self.routing_table_in(overlay)? else {
+                    return Ok(CommandResult::Rejected(Rejection::NoCluster));
+                };
+                let b = usize::from(*bucket);
+                let known = table.cells.iter().any(|c| c.cell_id == *to);
+                if b >= table.owner.len() || !known {
+                    return Ok(CommandResult::Rejected(Rejection::Malformed("bucket or destination".into())));
+                }
+                if table.owner[b] != *from || table.epoch[b] != *expected_epoch {
+                    return Ok(CommandResult::Rejected(Rejection::MoveConflict));
+                }
+                table.owner[b] = *to;
+                table.epoch[b] += 1;
+                table.version += 1;
+                self.put_control(keys::CONTROL_TABLE, &table.encode_to_vec(), wb, overlay)?;
+                Ok(CommandResult::Control { changed: true, version: table.version })
+            }
             Command::SetBuckets { buckets, state, table_version } => {
                 let meta = cf(&self.db, CF_META)?;
                 for &b in buckets {

@@ -109,6 +109,9 @@ impl CellContext {
                 "routing-table version is older than the recorded {current}"
             )),
             Rejection::Malformed(_) => Status::internal("the command could not be applied"),
+            Rejection::MoveConflict => {
+                Status::aborted("the bucket's owner or epoch changed; read the table and retry")
+            }
             Rejection::ClusterExists => Status::already_exists("the cluster exists with another config"),
             Rejection::NoCluster => Status::failed_precondition("the cluster has not been initialized"),
         }
@@ -709,9 +712,25 @@ impl Control for ControlService {
 
     async fn commit_bucket_move(
         &self,
-        _request: Request<CommitBucketMoveRequest>,
+        request: Request<CommitBucketMoveRequest>,
     ) -> Result<Response<CommitBucketMoveResponse>, Status> {
-        Err(Status::unimplemented("bucket moves arrive with the rebalancer"))
+        let req = request.into_inner();
+        observed(&self.0.metrics, "CommitBucketMove", async {
+            let bucket =
+                BucketId::new(req.bucket).ok_or_else(|| invalid_field("bucket", "must be < 16384"))?;
+            if req.from_cell == req.to_cell {
+                return Err(invalid_field("to_cell", "must differ from from_cell"));
+            }
+            let cmd = Command::ControlCommitMove {
+                bucket: bucket.get(),
+                from: req.from_cell,
+                to: req.to_cell,
+                expected_epoch: req.expected_epoch,
+            };
+            let (_, version) = self.propose_control(cmd).await?;
+            Ok(CommitBucketMoveResponse { table_version: version, epoch: req.expected_epoch + 1 })
+        })
+        .await
     }
 
     async fn record_migration(

@@ -3,8 +3,15 @@
 //! SIGKILL and restart; with every control-cell replica dead the router keeps serving from its
 //! cached table; SIGTERM to nidctl stops every process.
 
+use nid_proto::bucket::{KeyDomain, bucket_of_key};
+use nid_proto::v1::bucket_admin_client::BucketAdminClient;
+use nid_proto::v1::cell_client::CellClient;
+use nid_proto::v1::control_client::ControlClient;
 use nid_proto::v1::enrollment_client::EnrollmentClient;
-use nid_proto::v1::{Demographics, EnrollRequest, GetIdentityRequest};
+use nid_proto::v1::{
+    BucketState, CommitBucketMoveRequest, Demographics, EnrollRequest, GetCellStatusRequest,
+    GetIdentityRequest, GetRoutingTableRequest, SetBucketStateRequest,
+};
 use nid_tests::binary;
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
@@ -120,8 +127,11 @@ async fn a_dev_cluster_routes_balances_and_survives_router_and_control_loss() {
         .iter()
         .map(|r| r["address"].as_str().unwrap().to_owned())
         .collect();
+    let router_metrics = format!("127.0.0.1:{}", nid_tests::free_port());
+    // A refresh period of an hour: this router's table goes stale on purpose below.
     let mut new_router = Command::new(binary("nid-router"))
-        .args(["--listen", &router, "--control", &control.join(","), "--insecure"])
+        .args(["--listen", &router, "--control", &control.join(","), "--insecure", "--refresh-ms", "3600000"])
+        .args(["--metrics-listen", &router_metrics])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -130,6 +140,59 @@ async fn a_dev_cluster_routes_balances_and_survives_router_and_control_loss() {
     let mut c = client(&router).await;
     assert!(c.get_identity(GetIdentityRequest { id: uin }).await.is_ok());
     assert_eq!(enroll(&router, "DEV-0").await.0, enrolled["DEV-0"], "no data difference after the restart");
+
+    // SIGKILL the leader of data cell 1: the router finds the new leader; nothing acknowledged is lost.
+    let cell1 = &cluster["cells"][0];
+    let leader = cell_leader(cell1).await;
+    kill9(leader);
+    for i in 0..30 {
+        enroll(&router, &format!("DEV-AFTER-LEADER-KILL-{i}")).await;
+    }
+    let mut c = client(&router).await;
+    for uin in enrolled.values().take(200) {
+        assert!(
+            c.get_identity(GetIdentityRequest { id: uin.clone() }).await.is_ok(),
+            "acknowledged write lost"
+        );
+    }
+
+    // A bucket moves while this router's table is stale: the old owner refuses with wrong-owner and
+    // the router refreshes and re-routes.
+    let used: std::collections::HashSet<u16> =
+        enrolled.keys().map(|rid| bucket_of_key(KeyDomain::Rid, rid.as_bytes()).get()).collect();
+    let rid = (0..)
+        .map(|i| format!("MOVE-{i}"))
+        .find(|r| !used.contains(&bucket_of_key(KeyDomain::Rid, r.as_bytes()).get()))
+        .unwrap();
+    let bucket = bucket_of_key(KeyDomain::Rid, rid.as_bytes()).get();
+    let table =
+        control_call(&control, |mut c| async move { c.get_routing_table(GetRoutingTableRequest {}).await })
+            .await;
+    let from = table.owner[usize::from(bucket)];
+    let to = if from == 1 { 2 } else { 1 };
+    let cells: Vec<&serde_json::Value> = cluster["cells"].as_array().unwrap().iter().collect();
+    let cell_of = |id: u64| *cells.iter().find(|c| c["cell_id"].as_u64() == Some(id)).unwrap();
+    set_bucket(cell_of(from), bucket, BucketState::NotOwned, table.version + 1).await;
+    set_bucket(cell_of(to), bucket, BucketState::Owned, table.version + 1).await;
+    let expected_epoch = table.epoch[usize::from(bucket)];
+    let moved = control_call(&control, |mut c| async move {
+        c.commit_bucket_move(CommitBucketMoveRequest {
+            bucket: u32::from(bucket),
+            from_cell: from,
+            to_cell: to,
+            expected_epoch,
+        })
+        .await
+    })
+    .await;
+    assert_eq!(moved.table_version, table.version + 1, "routing-table versions only grow");
+    let (_, served_by) = enroll(&router, &rid).await;
+    assert_eq!(served_by, to, "re-routed to the new owner");
+    let metrics = http_get(&router_metrics).await;
+    assert!(
+        metrics.lines().any(|l| l.starts_with("nid_router_retries_total{reason=\"wrong_owner\"}")),
+        "the stale route was refused and retried:\n{metrics}"
+    );
 
     // Every control-cell replica dies: the router keeps serving from its cached table.
     for r in cluster["control"]["replicas"].as_array().unwrap() {
@@ -153,6 +216,78 @@ async fn a_dev_cluster_routes_balances_and_survives_router_and_control_loss() {
             assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "replica {pid} still running");
         }
     }
+}
+
+async fn cell_leader(cell: &serde_json::Value) -> u64 {
+    for r in cell["replicas"].as_array().unwrap() {
+        let address = r["address"].as_str().unwrap();
+        if let Ok(ch) =
+            tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await
+            && let Ok(s) = CellClient::new(ch).get_cell_status(GetCellStatusRequest {}).await
+            && let Some(l) = s.into_inner().replicas.iter().find(|x| x.is_leader)
+        {
+            let replica = cell["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["node_id"].as_u64() == Some(l.node_id));
+            return replica.unwrap()["pid"].as_u64().unwrap();
+        }
+    }
+    panic!("no leader in cell {}", cell["cell_id"]);
+}
+
+/// Runs a control-cell call on whichever replica leads.
+async fn control_call<T, F, Fut>(control: &[String], f: F) -> T
+where
+    F: Fn(ControlClient<tonic::transport::Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for address in control {
+            if let Ok(ch) =
+                tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await
+                && let Ok(r) = f(ControlClient::new(ch).max_decoding_message_size(16 << 20)).await
+            {
+                return r.into_inner();
+            }
+        }
+        assert!(Instant::now() < deadline, "control cell unreachable");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn set_bucket(cell: &serde_json::Value, bucket: u16, state: BucketState, version: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for r in cell["replicas"].as_array().unwrap() {
+            let address = r["address"].as_str().unwrap();
+            if let Ok(ch) =
+                tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await
+            {
+                let req = SetBucketStateRequest {
+                    buckets: vec![u32::from(bucket)],
+                    state: state as i32,
+                    table_version: version,
+                };
+                if BucketAdminClient::new(ch).set_bucket_state(req).await.is_ok() {
+                    return;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "could not set bucket state");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn http_get(address: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(address).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
 }
 
 async fn futures_join<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
