@@ -4,6 +4,7 @@
 use nid_cell::command::{BucketState, Command, CommandResult, Rejection};
 use nid_cell::peer::{PeerError, PeerMsg};
 use nid_cell::testkit::{Cluster, DropTypes, WAIT, sample_request};
+use prost::Message as _;
 use raft::prelude::{ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, MessageType};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -393,4 +394,50 @@ async fn the_log_is_compacted_by_size_as_well_as_by_count() {
     let status = c.status(leader);
     assert!(status.first_index > 20, "size-based compaction ran: {status:?}");
     assert!(c.metrics(leader).log_compacted.get() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_uin_never_names_two_people() {
+    use nid_cell::codec;
+    use nid_cell::command::EnrollSecret;
+    use nid_cell::crypto::Keyring;
+
+    let mut c = Cluster::new(3);
+    c.start();
+    c.must_own_all_buckets().await;
+    let first = c.must_enroll("RID-FIRST").await;
+    // A second person whose leader-chosen candidates collide with the first UIN (forced here).
+    let keyring = Keyring::dev();
+    let retarget = |rid: &str, candidates: Vec<String>| {
+        let Command::Enroll(mut cmd) = c.enroll_command(rid) else { unreachable!() };
+        let mut secret: EnrollSecret =
+            codec::decode(&keyring.open(&cmd.rid_hash, &cmd.sealed).unwrap()).unwrap();
+        secret.candidates = candidates;
+        cmd.sealed =
+            keyring.seal(&cmd.rid_hash, nid_cell::crypto::random_nonce().unwrap(), &codec::encode(&secret));
+        Command::Enroll(cmd)
+    };
+    // Same bucket is needed for a real collision: the first UIN lives in RID-FIRST's bucket.
+    let same_bucket_rid = (0..)
+        .map(|i| format!("RID-SAME-BUCKET-{i}"))
+        .find(|r| nid_cell::enroll::bucket_of_rid(r) == nid_cell::enroll::bucket_of_rid("RID-FIRST"))
+        .unwrap();
+    assert_eq!(
+        c.must_propose(retarget(&same_bucket_rid, vec![first.clone()])).await,
+        CommandResult::Rejected(Rejection::CandidatesTaken)
+    );
+    // With a free candidate behind the taken one, the free one is used.
+    let Command::Enroll(fresh) = c.enroll_command(&same_bucket_rid) else { unreachable!() };
+    let secret: EnrollSecret = codec::decode(&keyring.open(&fresh.rid_hash, &fresh.sealed).unwrap()).unwrap();
+    let free = secret.candidates[0].clone();
+    match c.must_propose(retarget(&same_bucket_rid, vec![first.clone(), free.clone()])).await {
+        CommandResult::Enrolled { uin, created: true, .. } => assert_eq!(uin, free),
+        other => panic!("{other:?}"),
+    }
+    // The first person's record is untouched.
+    let record =
+        c.fsm(1).get_identity(nid_cell::enroll::bucket_of_rid("RID-FIRST"), &first).unwrap().unwrap();
+    assert_eq!(record.uin, first);
+    let request = nid_proto::v1::EnrollRequest::decode(record.request.as_slice()).unwrap();
+    assert_eq!(request.rid, "RID-FIRST");
 }
