@@ -1,13 +1,10 @@
-//! Prometheus metrics of one replica (etcd-style names with a `nid_` prefix), and the HTTP endpoint
-//! that serves them. Labels never carry identifiers or personal data.
+//! Prometheus metrics of one replica (etcd-style names with a `nid_` prefix); `nid_support` serves
+//! them over HTTP. Labels never carry identifiers or personal data.
 
 use prometheus::{
     Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
 };
-use std::net::SocketAddr;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpListener;
 
 /// The replica's metrics, registered in their own registry (an in-process test cluster holds many).
 pub struct CellMetrics {
@@ -161,37 +158,4 @@ impl Default for CellMetrics {
     fn default() -> Self {
         CellMetrics::new()
     }
-}
-
-/// Serves `GET /metrics` (and `GET /healthz`) over plain HTTP/1.1 on `listener`.
-pub async fn serve(listener: TcpListener, render: std::sync::Arc<dyn Fn() -> String + Send + Sync>) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
-        let render = render.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let n = match tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf)).await
-            {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let path = head.split_whitespace().nth(1).unwrap_or("");
-            let (status, body) = match path {
-                "/metrics" => ("200 OK", render()),
-                "/healthz" => ("200 OK", "ok\n".to_owned()),
-                _ => ("404 Not Found", "not found\n".to_owned()),
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-        });
-    }
-}
-
-/// Binds the metrics listener.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }

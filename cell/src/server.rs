@@ -7,7 +7,7 @@
 use crate::config::{CellConfig, Flags, Role};
 use crate::crypto::Keyring;
 use crate::fsm::StateMachine;
-use crate::metrics::{self, CellMetrics};
+use crate::metrics::CellMetrics;
 use crate::peer::{self, PeerConfig, PeerHandle, PeerMsg};
 use crate::service::{BucketAdminService, CellContext, CellService, ControlService};
 use crate::storage::{PeerStorage, open_db};
@@ -142,7 +142,8 @@ pub async fn run(config: CellConfig) -> anyhow::Result<()> {
     });
 
     if let Some(addr) = config.metrics_listen {
-        let listener = metrics::bind(addr).await.with_context(|| format!("bind metrics {addr}"))?;
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind metrics {addr}"))?;
         let m = metrics.clone();
         let size_db = db.clone();
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
@@ -152,7 +153,7 @@ pub async fn run(config: CellConfig) -> anyhow::Result<()> {
             m.render()
         });
         tracing::info!(%addr, "metrics listening");
-        tokio::spawn(metrics::serve(listener, render));
+        tokio::spawn(nid_support::serve_metrics(listener, render));
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -205,7 +206,7 @@ pub async fn run(config: CellConfig) -> anyhow::Result<()> {
             result.context("gRPC server task")?.context("gRPC server")?;
             anyhow::bail!("gRPC server stopped unexpectedly");
         }
-        () = wait_for_signal() => {}
+        () = nid_support::shutdown_signal() => {}
     }
     tracing::info!("shutdown requested");
     hand_over_leadership(&handle, config.node_id, Duration::from_secs(config.shutdown_grace_secs)).await;
@@ -217,21 +218,6 @@ pub async fn run(config: CellConfig) -> anyhow::Result<()> {
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 /// If this replica leads, transfers leadership away and waits (up to `grace`) for another leader.

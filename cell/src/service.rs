@@ -38,7 +38,7 @@ use nid_proto::v1::{
 use prost::Message as _;
 use raft::prelude::{ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 /// How long a write or read may wait for Raft.
@@ -229,39 +229,21 @@ fn identity_view(r: IdentityRecord) -> Result<Identity, Status> {
     })
 }
 
-/// Runs `f`, recording its method and gRPC code.
+/// Runs `f`, recording its method, gRPC code and latency in the replica's metrics.
 async fn observed<T>(
     metrics: &CellMetrics,
     method: &'static str,
     f: impl Future<Output = Result<T, Status>>,
 ) -> Result<Response<T>, Status> {
-    let started = Instant::now();
-    let result = f.await;
-    let code = match &result {
-        Ok(_) => Code::Ok,
-        Err(s) => s.code(),
-    };
-    metrics.grpc_requests.with_label_values(&[method, code_name(code)]).inc();
-    metrics.grpc_seconds.with_label_values(&[method]).observe(started.elapsed().as_secs_f64());
-    result.map(Response::new)
-}
-
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "Canceled",
-        Code::InvalidArgument => "InvalidArgument",
-        Code::DeadlineExceeded => "DeadlineExceeded",
-        Code::NotFound => "NotFound",
-        Code::AlreadyExists => "AlreadyExists",
-        Code::PermissionDenied => "PermissionDenied",
-        Code::ResourceExhausted => "ResourceExhausted",
-        Code::FailedPrecondition => "FailedPrecondition",
-        Code::Unimplemented => "Unimplemented",
-        Code::Internal => "Internal",
-        Code::Unavailable => "Unavailable",
-        _ => "Other",
-    }
+    nid_support::observed(
+        method,
+        |method, code, secs| {
+            metrics.grpc_requests.with_label_values(&[method, code]).inc();
+            metrics.grpc_seconds.with_label_values(&[method]).observe(secs);
+        },
+        f,
+    )
+    .await
 }
 
 /// The `Cell` service.

@@ -397,25 +397,10 @@ pub async fn up(cells: u64, replicas: u64, dir: &Path) -> anyhow::Result<()> {
     println!("router {}", cluster.router.address);
     println!("cluster file {}", file.display());
     println!("logs {}/logs; Ctrl-C stops the cluster", dir.display());
-    wait_for_signal().await;
+    nid_support::shutdown_signal().await;
     eprintln!("nidctl: stopping the cluster");
     running.stop();
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 /// The router address from `--router` or the dev cluster file.

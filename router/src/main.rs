@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// nid's stateless router.
 #[derive(Debug, Parser)]
@@ -65,22 +64,6 @@ fn main() -> ExitCode {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    tracing::info!("router stopping");
-}
-
 async fn run(flags: Flags) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::RouterMetrics::new()?);
     let router = Arc::new(routing::Router::new(flags.control.clone(), metrics.clone()));
@@ -88,22 +71,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     if let Some(addr) = flags.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let m = metrics.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else { continue };
-                let body = m.render();
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 1024];
-                    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
-                    let head = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                        body.len()
-                    );
-                    let _ = stream.write_all(head.as_bytes()).await;
-                    let _ = stream.write_all(body.as_bytes()).await;
-                });
-            }
-        });
+        tokio::spawn(nid_support::serve_metrics(listener, Arc::new(move || m.render())));
     }
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<EnrollmentServer<service::EnrollmentService>>().await;
@@ -119,10 +87,10 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         .add_service(health_service)
         .add_service(reflection)
         .add_service(EnrollmentServer::new(service::EnrollmentService(router.clone())))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown_signal(),
-        )
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+            nid_support::shutdown_signal().await;
+            tracing::info!("router stopping");
+        })
         .await?;
     Ok(())
 }

@@ -50,15 +50,15 @@ async fn observed<T>(
     method: &'static str,
     f: impl Future<Output = Result<T, Status>>,
 ) -> Result<Response<T>, Status> {
-    let started = Instant::now();
-    let result = f.await;
-    let code = match &result {
-        Ok(_) => Code::Ok,
-        Err(s) => s.code(),
-    };
-    router.metrics.requests.with_label_values(&[method, &format!("{code:?}")]).inc();
-    router.metrics.latency.with_label_values(&[method]).observe(started.elapsed().as_secs_f64());
-    result.map(Response::new)
+    nid_support::observed(
+        method,
+        |method, code, secs| {
+            router.metrics.requests.with_label_values(&[method, code]).inc();
+            router.metrics.latency.with_label_values(&[method]).observe(secs);
+        },
+        f,
+    )
+    .await
 }
 
 impl EnrollmentService {

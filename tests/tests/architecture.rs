@@ -61,7 +61,7 @@ fn linked_closure(metadata: &Value, root: &str) -> BTreeSet<String> {
 #[test]
 fn proto_is_a_leaf_and_only_the_cell_links_storage_and_raft() {
     let metadata = metadata();
-    let members = ["nid-proto", "nid-cell", "nid-router", "nidctl", "nid-loadtest"];
+    let members = ["nid-proto", "nid-support", "nid-cell", "nid-router", "nidctl", "nid-loadtest"];
     let forbidden_outside_cell = ["rocksdb", "librocksdb-sys", "raft", "raft-proto"];
 
     let proto = linked_closure(&metadata, "nid-proto");
@@ -70,6 +70,11 @@ fn proto_is_a_leaf_and_only_the_cell_links_storage_and_raft() {
     }
     for forbidden in forbidden_outside_cell {
         assert!(!proto.contains(forbidden), "nid-proto links {forbidden}");
+    }
+    // nid-support (process plumbing) is a leaf as well, free of storage and raft.
+    let support = linked_closure(&metadata, "nid-support");
+    for member in members.iter().chain(forbidden_outside_cell.iter()) {
+        assert!(!support.contains(*member), "nid-support must not depend on {member}");
     }
     for crate_name in ["nid-router", "nidctl", "nid-loadtest"] {
         let closure = linked_closure(&metadata, crate_name);
