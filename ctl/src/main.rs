@@ -6,6 +6,7 @@ mod config;
 mod dev;
 mod id;
 mod identity;
+mod status;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -50,6 +51,11 @@ enum Command {
     Enroll {
         #[command(flatten)]
         args: identity::EnrollArgs,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Cells, replicas, zones, leaders, applied indexes, buckets owned and health.
+    Status {
         #[command(flatten)]
         target: Target,
     },
@@ -103,6 +109,9 @@ fn main() -> ExitCode {
         }
         Command::Enroll { args, target } => {
             block_on(identity::enroll(args, target.router.as_deref(), &target.dev_dir, cli.output))
+        }
+        Command::Status { target } => {
+            block_on(status::run(target.router.as_deref(), &target.dev_dir, cli.output))
         }
         Command::Get { id, target } => {
             block_on(identity::get(id, target.router.as_deref(), &target.dev_dir, cli.output))

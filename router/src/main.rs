@@ -2,11 +2,13 @@
 //! alone, and forwards them to the owning cell's leader using a routing table cached from the
 //! control cell (kept when the control cell is unreachable). It holds no durable state.
 
+mod admin;
 mod metrics;
 mod routing;
 mod service;
 
 use clap::Parser;
+use nid_proto::v1::admin_server::AdminServer;
 use nid_proto::v1::enrollment_server::EnrollmentServer;
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -87,6 +89,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         .add_service(health_service)
         .add_service(reflection)
         .add_service(EnrollmentServer::new(service::EnrollmentService(router.clone())))
+        .add_service(AdminServer::new(admin::AdminService(router.clone())))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
             nid_support::shutdown_signal().await;
             tracing::info!("router stopping");

@@ -27,6 +27,8 @@ pub struct Table {
     pub owner: Vec<u64>,
     /// Replica addresses per cell.
     pub replicas: HashMap<u64, Vec<String>>,
+    /// The registered cells.
+    pub cells: Vec<nid_proto::v1::CellInfo>,
 }
 
 impl Table {
@@ -36,7 +38,7 @@ impl Table {
             .iter()
             .map(|c| (c.cell_id, c.replicas.iter().map(|r| r.address.clone()).collect()))
             .collect();
-        Table { version: raw.version, owner: raw.owner, replicas }
+        Table { version: raw.version, owner: raw.owner, replicas, cells: raw.cells }
     }
 }
 

@@ -118,6 +118,28 @@ async fn a_dev_cluster_routes_balances_and_survives_router_and_control_loss() {
         assert_eq!(&r.into_inner().identity.unwrap().uin, uin);
     }
 
+    // nidctl status: both cells, three replicas each in three zones, one leader, all buckets owned.
+    let out = Command::new(binary("nidctl"))
+        .args(["status", "-o", "json", "--dev-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cells = status["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 2);
+    let owned: u64 = cells.iter().map(|c| c["buckets_owned"].as_u64().unwrap()).sum();
+    assert_eq!(owned, 16384);
+    for c in cells {
+        let replicas = c["replicas"].as_array().unwrap();
+        assert_eq!(replicas.len(), 3);
+        assert_eq!(replicas.iter().filter(|r| r["leader"] == true).count(), 1, "{c}");
+        assert!(replicas.iter().all(|r| r["healthy"] == true));
+        let zones: std::collections::HashSet<&str> =
+            replicas.iter().map(|r| r["zone"].as_str().unwrap()).collect();
+        assert_eq!(zones.len(), 3);
+    }
+
     // SIGKILL the router and start another on the same address: clients reconnect.
     let router_pid = cluster["router"]["pid"].as_u64().unwrap();
     kill9(router_pid);
