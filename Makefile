@@ -13,7 +13,7 @@ DEV_DIR ?= $(CURDIR)/.nid/dev
 # need protoc 3.x.
 DEBIAN_PACKAGES := clang libclang-dev protobuf-compiler
 
-.PHONY: all deps build test run fmt lint ci clean-dev help bench-cell
+.PHONY: all deps build test run fmt lint ci clean-dev help bench-cell bench-router
 
 all: build
 
@@ -23,6 +23,7 @@ help:
 	@echo "make lint   rustfmt --check and clippy -D warnings"
 	@echo "make ci     lint + test, as .ci/run does"
 	@echo "make bench-cell  write throughput/latency of one 3-replica cell"
+	@echo "make bench-router  latency and CPU the router adds to a read"
 
 deps:
 	@missing=""; \
@@ -59,6 +60,12 @@ ci: lint test
 bench-cell: deps
 	$(CARGO) build --workspace --locked
 	"$(CARGO_TARGET_DIR)/debug/bench-cell" $(ARGS)
+
+# What the router adds: the same read through the router and straight to the cell leader, p50/p99
+# and the router's CPU per request. Prints figures; not a test. ARGS="--seconds 5"
+bench-router: deps
+	$(CARGO) build --workspace --locked
+	"$(CARGO_TARGET_DIR)/debug/bench-router" $(ARGS)
 
 # A local cluster: a control cell, 2 data cells of 3 replicas (zone-a/b/c) and a router, as real
 # processes on 127.0.0.1. Ctrl-C stops it; `make run` again resumes the same data.

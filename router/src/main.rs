@@ -34,6 +34,10 @@ struct Flags {
     /// Routing-table refresh period in milliseconds.
     #[arg(long, default_value_t = 1000)]
     refresh_ms: u64,
+    /// Do not watch the control cell; only fetch the table every --refresh-ms (tests use this to
+    /// hold a stale table on purpose).
+    #[arg(long)]
+    no_watch: bool,
     /// Serve plaintext gRPC (required until mTLS lands; development only).
     #[arg(long)]
     insecure: bool,
@@ -69,7 +73,7 @@ fn main() -> ExitCode {
 async fn run(flags: Flags) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::RouterMetrics::new()?);
     let router = Arc::new(routing::Router::new(flags.control.clone(), metrics.clone()));
-    router.spawn_refresher(Duration::from_millis(flags.refresh_ms.max(50)));
+    router.spawn_refresher(Duration::from_millis(flags.refresh_ms.max(50)), !flags.no_watch);
     if let Some(addr) = flags.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let m = metrics.clone();

@@ -11,6 +11,7 @@ use nid_proto::v1::cell_response::Result as CellResult;
 use nid_proto::v1::control_client::ControlClient;
 use nid_proto::v1::{
     CellRequest, ClusterConfig, GetClusterConfigRequest, GetRoutingTableRequest, RouteHeader, RoutingTable,
+    WatchRoutingTableRequest,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -150,17 +151,49 @@ impl Router {
         table.version
     }
 
-    /// Refreshes the table every `period` in the background.
-    pub fn spawn_refresher(self: &Arc<Self>, period: Duration) {
+    /// Keeps the table current in the background: a watch stream on the control cell's leader
+    /// (pushes each new version), falling back to a fetch every `period` while no watch holds.
+    pub fn spawn_refresher(self: &Arc<Self>, period: Duration, watch: bool) {
         let router = self.clone();
         tokio::spawn(async move {
+            let mut next = 0usize;
             loop {
                 if let Err(e) = router.refresh().await {
                     tracing::warn!(code = ?e.code(), "routing-table refresh failed; serving from the cached table");
                 }
+                if !watch || router.control.is_empty() {
+                    tokio::time::sleep(period).await;
+                    continue;
+                }
+                let address = router.control[next % router.control.len()].clone();
+                next += 1;
+                match router.watch(&address).await {
+                    Ok(()) => {}
+                    Err(e) => {
+                        if let Some(RoutingHint::NotLeader { leader: Some((_, leader)), .. }) =
+                            RoutingHint::from_status(&e)
+                            && let Some(i) = router.control.iter().position(|a| *a == leader)
+                        {
+                            next = i;
+                            continue;
+                        }
+                    }
+                }
                 tokio::time::sleep(period).await;
             }
         });
+    }
+
+    /// Follows the control cell's watch stream until it ends or fails.
+    async fn watch(&self, address: &str) -> Result<(), Status> {
+        let mut client = ControlClient::new(self.channel(address)?).max_decoding_message_size(16 << 20);
+        let known = self.table().version;
+        let mut stream =
+            client.watch_routing_table(WatchRoutingTableRequest { known_version: known }).await?.into_inner();
+        while let Some(table) = stream.message().await? {
+            self.install(table);
+        }
+        Ok(())
     }
 
     fn leader_of(&self, cell: u64) -> Option<String> {

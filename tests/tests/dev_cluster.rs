@@ -152,7 +152,16 @@ async fn a_dev_cluster_routes_balances_and_survives_router_and_control_loss() {
     let router_metrics = format!("127.0.0.1:{}", nid_tests::free_port());
     // A refresh period of an hour: this router's table goes stale on purpose below.
     let mut new_router = Command::new(binary("nid-router"))
-        .args(["--listen", &router, "--control", &control.join(","), "--insecure", "--refresh-ms", "3600000"])
+        .args([
+            "--listen",
+            &router,
+            "--control",
+            &control.join(","),
+            "--insecure",
+            "--refresh-ms",
+            "3600000",
+            "--no-watch",
+        ])
         .args(["--metrics-listen", &router_metrics])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -215,6 +224,79 @@ async fn a_dev_cluster_routes_balances_and_survives_router_and_control_loss() {
         metrics.lines().any(|l| l.starts_with("nid_router_retries_total{reason=\"wrong_owner\"}")),
         "the stale route was refused and retried:\n{metrics}"
     );
+
+    // A watching router (with a one-hour poll period) learns of the next move through the watch.
+    let watch_addr = format!("127.0.0.1:{}", nid_tests::free_port());
+    let watch_metrics = format!("127.0.0.1:{}", nid_tests::free_port());
+    let mut watcher = Command::new(binary("nid-router"))
+        .args([
+            "--listen",
+            &watch_addr,
+            "--control",
+            &control.join(","),
+            "--insecure",
+            "--refresh-ms",
+            "3600000",
+        ])
+        .args(["--metrics-listen", &watch_metrics])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let version_of = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("nid_router_table_version "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while version_of(&http_get_retry(&watch_metrics).await) != moved.table_version {
+        assert!(Instant::now() < deadline, "the watching router never loaded the table");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let back = control_call(&control, |mut c| async move {
+        c.commit_bucket_move(CommitBucketMoveRequest {
+            bucket: u32::from(bucket),
+            from_cell: to,
+            to_cell: from,
+            expected_epoch: expected_epoch + 1,
+        })
+        .await
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while version_of(&http_get_retry(&watch_metrics).await) != back.table_version {
+        assert!(Instant::now() < deadline, "the watch never delivered version {}", back.table_version);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    // A stale epoch loses the compare-and-swap.
+    let stale = {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", control[0]))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let req = CommitBucketMoveRequest {
+            bucket: u32::from(bucket),
+            from_cell: from,
+            to_cell: to,
+            expected_epoch,
+        };
+        let mut results = vec![ControlClient::new(ch).commit_bucket_move(req).await.map(|_| ())];
+        for address in &control[1..] {
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            results.push(ControlClient::new(ch).commit_bucket_move(req).await.map(|_| ()));
+        }
+        results
+    };
+    assert!(stale.iter().all(|r| r.is_err()), "a move with a stale epoch must be refused");
+    assert!(stale.iter().any(|r| matches!(r, Err(e) if e.code() == tonic::Code::Aborted)), "{stale:?}");
 
     // Every control-cell replica dies: the router keeps serving from its cached table.
     for r in cluster["control"]["replicas"].as_array().unwrap() {
@@ -301,6 +383,16 @@ async fn set_bucket(cell: &serde_json::Value, bucket: u16, state: BucketState, v
         assert!(Instant::now() < deadline, "could not set bucket state");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+async fn http_get_retry(address: &str) -> String {
+    for _ in 0..50 {
+        if tokio::net::TcpStream::connect(address).await.is_ok() {
+            return http_get(address).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("metrics endpoint {address} never came up");
 }
 
 async fn http_get(address: &str) -> String {

@@ -1,0 +1,179 @@
+//! `make bench-router`: what the router adds. The same linearizable read (GetIdentity) through the
+//! router and straight to the owning cell's leader, p50/p99 at concurrency 1 and 16, plus the
+//! router's CPU per request (from /proc). Prints figures; asserts nothing.
+//!
+//! Usage: bench-router [--seconds N]
+
+use nid_proto::v1::cell_client::CellClient;
+use nid_proto::v1::cell_request::Operation;
+use nid_proto::v1::enrollment_client::EnrollmentClient;
+use nid_proto::v1::{CellRequest, Demographics, EnrollRequest, GetIdentityRequest};
+use nid_tests::binary;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+fn cpu_ticks(pid: u64) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name: state is field 3; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0
+}
+
+#[derive(Clone)]
+enum Target {
+    Router(EnrollmentClient<tonic::transport::Channel>),
+    Cell(CellClient<tonic::transport::Channel>),
+}
+
+async fn read(target: &mut Target, uin: &str) -> bool {
+    match target {
+        Target::Router(c) => c.get_identity(GetIdentityRequest { id: uin.to_owned() }).await.is_ok(),
+        Target::Cell(c) => c
+            .execute(CellRequest {
+                route: None,
+                operation: Some(Operation::GetIdentity(GetIdentityRequest { id: uin.to_owned() })),
+            })
+            .await
+            .is_ok(),
+    }
+}
+
+/// Runs `concurrency` closed-loop readers for `seconds`; returns (reads/s, sorted latencies in us).
+async fn run(target: Target, uins: Arc<Vec<String>>, concurrency: usize, seconds: u64) -> (f64, Vec<u64>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let (mut target, uins, stop) = (target.clone(), uins.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut k = w;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                if read(&mut target, &uins[k % uins.len()]).await {
+                    lat.push(t.elapsed().as_micros() as u64);
+                }
+                k += concurrency;
+            }
+            lat
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    all.sort_unstable();
+    (all.len() as f64 / started.elapsed().as_secs_f64(), all)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let seconds: u64 = args
+        .iter()
+        .position(|a| a == "--seconds")
+        .and_then(|i| args.get(i + 1))
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(5);
+    let dir = tempfile::tempdir()?;
+    let mut up = Command::new(binary("nidctl"))
+        .args(["dev", "up", "--cells", "1", "--data-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let file = dir.path().join("cluster.json");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !file.exists() {
+        anyhow::ensure!(Instant::now() < deadline, "the dev cluster did not start");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let cluster: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file)?)?;
+    let router_addr = cluster["router"]["address"].as_str().unwrap_or_default().to_owned();
+    let router_pid = cluster["router"]["pid"].as_u64().unwrap_or(0);
+    let connect = |a: String| async move {
+        tonic::transport::Endpoint::from_shared(format!("http://{a}"))?.tcp_nodelay(true).connect().await
+    };
+    let mut router = EnrollmentClient::new(connect(router_addr).await?);
+    let mut uins = Vec::new();
+    for i in 0..200 {
+        let r = router
+            .enroll(EnrollRequest {
+                rid: format!("BENCH-ROUTER-{i}"),
+                demographics: Some(Demographics {
+                    full_name: "Bench".into(),
+                    date_of_birth: "1970-01-01".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await?;
+        uins.push(r.into_inner().uin);
+    }
+    // The leader of the one data cell, from its status.
+    let mut leader = None;
+    for r in cluster["cells"][0]["replicas"].as_array().cloned().unwrap_or_default() {
+        let addr = r["address"].as_str().unwrap_or_default().to_owned();
+        let mut c = CellClient::new(connect(addr.clone()).await?);
+        let s = c.get_cell_status(nid_proto::v1::GetCellStatusRequest {}).await?.into_inner();
+        if s.replicas.iter().any(|x| x.is_leader && Some(x.node_id) == r["node_id"].as_u64()) {
+            leader = Some(addr);
+        }
+    }
+    let leader = leader.ok_or_else(|| anyhow::anyhow!("no leader"))?;
+    let cell = CellClient::new(connect(leader).await?);
+    let uins = Arc::new(uins);
+    println!("GetIdentity (ReadIndex read), 1 data cell of 3 replicas on one machine, {seconds} s per row");
+    println!(
+        "{:<8} {:>11} {:>10} {:>9} {:>9} {:>16}",
+        "path", "concurrency", "reads/s", "p50 ms", "p99 ms", "router CPU us/req"
+    );
+    let ticks_per_sec = 100.0; // USER_HZ on Linux
+    for concurrency in [1usize, 16] {
+        let (direct_rate, direct) = run(Target::Cell(cell.clone()), uins.clone(), concurrency, seconds).await;
+        let before = cpu_ticks(router_pid);
+        let (routed_rate, routed) =
+            run(Target::Router(router.clone()), uins.clone(), concurrency, seconds).await;
+        let cpu = (cpu_ticks(router_pid) - before) as f64 / ticks_per_sec;
+        let per_req = cpu * 1e6 / (routed.len().max(1) as f64);
+        println!(
+            "{:<8} {:>11} {:>10.0} {:>9.3} {:>9.3} {:>16}",
+            "direct",
+            concurrency,
+            direct_rate,
+            percentile(&direct, 0.5),
+            percentile(&direct, 0.99),
+            "-"
+        );
+        println!(
+            "{:<8} {:>11} {:>10.0} {:>9.3} {:>9.3} {:>16.0}",
+            "router",
+            concurrency,
+            routed_rate,
+            percentile(&routed, 0.5),
+            percentile(&routed, 0.99),
+            per_req
+        );
+        println!(
+            "         added p50 at concurrency {concurrency}: {:.0} us",
+            (percentile(&routed, 0.5) - percentile(&direct, 0.5)) * 1000.0
+        );
+    }
+    let _ = Command::new("kill").arg("-TERM").arg(up.id().to_string()).status();
+    let _ = up.wait();
+    Ok(())
+}
