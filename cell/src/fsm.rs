@@ -122,7 +122,7 @@ impl StateMachine {
                 };
                 let b = usize::from(*bucket);
                 let known = table.cells.iter().any(|c| c.cell_id == *to);
-                if b >= table.owner.len() || !known {
+                if b >= table.owner.len() || b >= table.epoch.len() || !known {
                     return Ok(CommandResult::Rejected(Rejection::Malformed("bucket or destination".into())));
                 }
                 if table.owner[b] != *from || table.epoch[b] != *expected_epoch {
