@@ -1,6 +1,238 @@
-//! `nid-loadtest`: the load-test harness (issue #6 builds it; this binary only reports that so far).
+//! `nid-loadtest`: populate a cluster with synthetic people and drive load at it through the router,
+//! open loop (fixed rate, latency from the intended send time) or closed loop (fixed concurrency),
+//! with HdrHistogram percentiles, throughput over time, errors by code and reason, and a JSON report.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("nid-loadtest {}: not implemented yet (see issue #6)", env!("CARGO_PKG_VERSION"));
-    std::process::ExitCode::from(2)
+mod driver;
+mod people;
+mod report;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::{BufRead as _, Write as _};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(name = "nid-loadtest", version, about = "Load-test harness for nid")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ScenarioArg {
+    Enroll,
+    Get,
+    Mixed,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Enrol N synthetic people (deterministic by seed) and save them with their UINs.
+    Populate {
+        /// Router address host:port.
+        #[arg(long)]
+        target: String,
+        /// How many people.
+        #[arg(long)]
+        count: u64,
+        /// Population seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Requests in flight.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Where to save the people (JSON lines).
+        #[arg(long, default_value = "people.jsonl")]
+        out: PathBuf,
+    },
+    /// Drive a scenario and report.
+    Run {
+        /// Router address host:port.
+        #[arg(long)]
+        target: String,
+        /// What to send.
+        #[arg(long, value_enum)]
+        scenario: ScenarioArg,
+        /// Share of reads in the mixed scenario (percent).
+        #[arg(long, default_value_t = 90)]
+        get_percent: u64,
+        /// Open loop: requests per second.
+        #[arg(long, conflicts_with = "concurrency", required_unless_present = "concurrency")]
+        rate: Option<u64>,
+        /// Closed loop: requests in flight.
+        #[arg(long)]
+        concurrency: Option<usize>,
+        /// Measured seconds.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Unmeasured seconds first.
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
+        /// People file from `populate` (needed by get and mixed).
+        #[arg(long, default_value = "people.jsonl")]
+        people: PathBuf,
+        /// Seed for fresh enrolments (use another seed than the populated one).
+        #[arg(long, default_value_t = 2)]
+        seed: u64,
+        /// Bound on requests in flight in open loop (beyond it sends are counted as not sent).
+        #[arg(long, default_value_t = 20_000)]
+        max_in_flight: usize,
+        /// gRPC connections to the router.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// JSON report file.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+}
+
+async fn clients(
+    target: &str,
+    n: usize,
+) -> anyhow::Result<Vec<nid_proto::v1::enrollment_client::EnrollmentClient<tonic::transport::Channel>>> {
+    let mut out = Vec::new();
+    for _ in 0..n.max(1) {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))?
+            .tcp_nodelay(true)
+            .timeout(Duration::from_secs(30))
+            .connect()
+            .await
+            .with_context(|| format!("connect to {target}"))?;
+        out.push(nid_proto::v1::enrollment_client::EnrollmentClient::new(channel));
+    }
+    Ok(out)
+}
+
+async fn populate(
+    target: String,
+    count: u64,
+    seed: u64,
+    concurrency: usize,
+    out: PathBuf,
+) -> anyhow::Result<()> {
+    let clients = clients(&target, 4).await?;
+    let next = Arc::new(AtomicU64::new(0));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for w in 0..concurrency.max(1) {
+        let (mut client, next, tx) = (clients[w % clients.len()].clone(), next.clone(), tx.clone());
+        tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= count {
+                    return;
+                }
+                let mut p = people::person(seed, i);
+                let mut attempts = 0;
+                let result = loop {
+                    attempts += 1;
+                    match client.enroll(driver::enroll_request(&p)).await {
+                        Ok(r) => break Ok(r.into_inner().uin),
+                        Err(e) if attempts < 5 && e.code() == tonic::Code::Unavailable => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => break Err(format!("{:?}: {}", e.code(), e.message())),
+                    }
+                };
+                let result = result.map(|uin| {
+                    p.uin = uin;
+                    p
+                });
+                if tx.send(result).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&out)?);
+    let (mut done, mut failed) = (0u64, 0u64);
+    while let Some(r) = rx.recv().await {
+        match r {
+            Ok(p) => writeln!(file, "{}", serde_json::to_string(&p)?)?,
+            Err(e) => {
+                failed += 1;
+                if failed <= 5 {
+                    eprintln!("enrol failed: {e}");
+                }
+            }
+        }
+        done += 1;
+        if done % (count / 10).max(1) == 0 {
+            eprintln!("populate: {done}/{count}");
+        }
+    }
+    file.flush()?;
+    println!("populated {} of {count} people into {}", done - failed, out.display());
+    anyhow::ensure!(failed == 0, "{failed} enrolments failed");
+    Ok(())
+}
+
+fn load_uins(path: &PathBuf) -> anyhow::Result<Arc<Vec<String>>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("open {} (run populate first)", path.display()))?;
+    let mut uins = Vec::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let p: people::Person = serde_json::from_str(&line?)?;
+        uins.push(p.uin);
+    }
+    anyhow::ensure!(!uins.is_empty(), "{} holds no people", path.display());
+    Ok(Arc::new(uins))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Populate { target, count, seed, concurrency, out } => {
+            populate(target, count, seed, concurrency, out).await
+        }
+        Command::Run {
+            target,
+            scenario,
+            get_percent,
+            rate,
+            concurrency,
+            duration,
+            warmup,
+            people,
+            seed,
+            max_in_flight,
+            connections,
+            report: report_file,
+        } => {
+            anyhow::ensure!(get_percent <= 100, "--get-percent must be 0..=100");
+            let next = Arc::new(AtomicU64::new(0));
+            let (name, scenario) = match scenario {
+                ScenarioArg::Enroll => ("enroll", driver::Scenario::Enroll { seed, next }),
+                ScenarioArg::Get => ("get", driver::Scenario::Get { uins: load_uins(&people)? }),
+                ScenarioArg::Mixed => {
+                    ("mixed", driver::Scenario::Mixed { get_percent, seed, next, uins: load_uins(&people)? })
+                }
+            };
+            let (mode, load, amount) = match (rate, concurrency) {
+                (Some(r), _) => ("open", driver::Load::Rate(r), r),
+                (None, Some(c)) => ("closed", driver::Load::Concurrency(c), c as u64),
+                (None, None) => anyhow::bail!("give --rate or --concurrency"),
+            };
+            let clients = clients(&target, connections).await?;
+            let recorder = driver::run(
+                clients,
+                scenario,
+                load,
+                Duration::from_secs(warmup),
+                Duration::from_secs(duration),
+                max_in_flight,
+            )
+            .await?;
+            let report = report::Report::new(name, mode, amount, duration as f64, &recorder);
+            print!("{}", report.summary());
+            if let Some(path) = report_file {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+                println!("report {}", path.display());
+            }
+            Ok(())
+        }
+    }
 }

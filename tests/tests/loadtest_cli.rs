@@ -1,0 +1,92 @@
+//! `nid-loadtest` against a real one-cell dev cluster: populate, then an open-loop read run whose
+//! JSON report accounts for every scheduled request, and a closed-loop enrolment run.
+
+use nid_tests::binary;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+fn populate_then_open_and_closed_loop_runs_report_honestly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut up = Command::new(binary("nidctl"))
+        .args(["dev", "up", "--cells", "1", "--data-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let file = dir.path().join("cluster.json");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !file.exists() {
+        assert!(Instant::now() < deadline, "cluster.json never appeared");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let cluster: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let router = cluster["router"]["address"].as_str().unwrap().to_owned();
+    let people = dir.path().join("people.jsonl");
+    let out = Command::new(binary("nid-loadtest"))
+        .args(["populate", "--target", &router, "--count", "60", "--seed", "9", "--out"])
+        .arg(&people)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = std::fs::read_to_string(&people).unwrap();
+    assert_eq!(lines.lines().count(), 60);
+    assert!(lines.lines().all(|l| l.contains("\"uin\":\"") && !l.contains("\"uin\":\"\"")));
+
+    let report = dir.path().join("get.json");
+    let out = Command::new(binary("nid-loadtest"))
+        .args([
+            "run",
+            "--target",
+            &router,
+            "--scenario",
+            "get",
+            "--rate",
+            "200",
+            "--duration",
+            "2",
+            "--warmup",
+            "1",
+        ])
+        .arg("--people")
+        .arg(&people)
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    // Open loop: exactly rate x duration requests are scheduled in the measured window.
+    let accounted =
+        r["ok"].as_u64().unwrap() + r["failed"].as_u64().unwrap() + r["dropped"].as_u64().unwrap();
+    assert_eq!(accounted, 400, "{r}");
+    assert_eq!(r["failed"], 0, "{r}");
+    assert_eq!(r["per_second"].as_array().unwrap().len(), 2);
+    let p50 = r["latency_ms"]["p50"].as_f64().unwrap();
+    let p99 = r["latency_ms"]["p99"].as_f64().unwrap();
+    assert!(p50 > 0.0 && p99 >= p50);
+
+    let out = Command::new(binary("nid-loadtest"))
+        .args([
+            "run",
+            "--target",
+            &router,
+            "--scenario",
+            "enroll",
+            "--concurrency",
+            "8",
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("enroll (closed loop, load 8)") && text.contains(" 0 failed"), "{text}");
+
+    let _ = Command::new("kill").arg("-TERM").arg(up.id().to_string()).status();
+    assert!(up.wait().unwrap().success());
+}
