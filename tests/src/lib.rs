@@ -207,3 +207,56 @@ impl Drop for CellProcess {
         self.kill9();
     }
 }
+
+/// A `nidctl dev up` cluster started for a test or a benchmark; SIGTERM on drop.
+pub struct DevCluster {
+    /// The `nidctl dev up` process.
+    pub process: Child,
+    /// Its `cluster.json`.
+    pub info: serde_json::Value,
+    /// The cluster directory.
+    pub dir: tempfile::TempDir,
+}
+
+impl DevCluster {
+    /// Starts `nidctl dev up --cells N` in a fresh directory and waits for its `cluster.json`.
+    pub fn start(cells: u64) -> DevCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut process = Command::new(binary("nidctl"))
+            .args(["dev", "up", "--cells", &cells.to_string(), "--data-dir"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nidctl dev up");
+        let file = dir.path().join("cluster.json");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !file.exists() {
+            assert!(Instant::now() < deadline, "cluster.json never appeared");
+            assert!(process.try_wait().ok().flatten().is_none(), "nidctl dev up exited early");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let text = std::fs::read_to_string(&file).expect("read cluster.json");
+        let info = serde_json::from_str(&text).expect("cluster.json is JSON");
+        DevCluster { process, info, dir }
+    }
+
+    /// The router's address.
+    pub fn router(&self) -> String {
+        self.info["router"]["address"].as_str().unwrap_or_default().to_owned()
+    }
+
+    /// Sends SIGTERM to `nidctl dev up` and returns whether it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        let _ = Command::new("kill").arg("-TERM").arg(self.process.id().to_string()).status();
+        self.process.wait().map(|s| s.success()).unwrap_or(false)
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        if let Ok(None) = self.process.try_wait() {
+            self.stop();
+        }
+    }
+}

@@ -12,7 +12,7 @@ use nid_proto::v1::{
     BucketState, CommitBucketMoveRequest, Demographics, EnrollRequest, GetCellStatusRequest,
     GetIdentityRequest, GetRoutingTableRequest, SetBucketStateRequest,
 };
-use nid_tests::binary;
+use nid_tests::{DevCluster, binary};
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -69,22 +69,8 @@ fn kill9(pid: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dev_cluster_routes_balances_and_survives_router_and_control_loss() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut up = Command::new(binary("nidctl"))
-        .args(["dev", "up", "--cells", "2", "--data-dir"])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let file = dir.path().join("cluster.json");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !file.exists() {
-        assert!(Instant::now() < deadline, "cluster.json never appeared");
-        assert!(up.try_wait().unwrap().is_none(), "nidctl dev up exited early");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let cluster: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let mut dev = DevCluster::start(2);
+    let cluster = dev.info.clone();
     let router = cluster["router"]["address"].as_str().unwrap().to_owned();
 
     // 1000 enrolments through the router, 16 at a time.
@@ -121,7 +107,7 @@ async fn a_dev_cluster_routes_balances_and_survives_router_and_control_loss() {
     // nidctl status: both cells, three replicas each in three zones, one leader, all buckets owned.
     let out = Command::new(binary("nidctl"))
         .args(["status", "-o", "json", "--dev-dir"])
-        .arg(dir.path())
+        .arg(dev.dir.path())
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -311,9 +297,7 @@ async fn a_dev_cluster_routes_balances_and_survives_router_and_control_loss() {
     let _ = new_router.kill();
     let _ = new_router.wait();
     // SIGTERM to nidctl stops every process it started.
-    let _ = Command::new("kill").arg("-TERM").arg(up.id().to_string()).status();
-    let status = up.wait().unwrap();
-    assert!(status.success(), "{status:?}");
+    assert!(dev.stop(), "nidctl dev up stops cleanly");
     for cell in cluster["cells"].as_array().unwrap() {
         for r in cell["replicas"].as_array().unwrap() {
             let pid = r["pid"].as_u64().unwrap();

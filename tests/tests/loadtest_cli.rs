@@ -1,28 +1,14 @@
 //! `nid-loadtest` against a real one-cell dev cluster: populate, then an open-loop read run whose
 //! JSON report accounts for every scheduled request, and a closed-loop enrolment run.
 
-use nid_tests::binary;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use nid_tests::{DevCluster, binary};
+use std::process::Command;
 
 #[test]
 fn populate_then_open_and_closed_loop_runs_report_honestly() {
+    let mut cluster = DevCluster::start(1);
+    let router = cluster.router();
     let dir = tempfile::tempdir().unwrap();
-    let mut up = Command::new(binary("nidctl"))
-        .args(["dev", "up", "--cells", "1", "--data-dir"])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let file = dir.path().join("cluster.json");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !file.exists() {
-        assert!(Instant::now() < deadline, "cluster.json never appeared");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let cluster: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
-    let router = cluster["router"]["address"].as_str().unwrap().to_owned();
     let people = dir.path().join("people.jsonl");
     let out = Command::new(binary("nid-loadtest"))
         .args(["populate", "--target", &router, "--count", "60", "--seed", "9", "--out"])
@@ -87,6 +73,5 @@ fn populate_then_open_and_closed_loop_runs_report_honestly() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("enroll (closed loop, load 8)") && text.contains(" 0 failed"), "{text}");
 
-    let _ = Command::new("kill").arg("-TERM").arg(up.id().to_string()).status();
-    assert!(up.wait().unwrap().success());
+    assert!(cluster.stop(), "nidctl dev up stops cleanly");
 }

@@ -8,8 +8,7 @@ use nid_proto::v1::cell_client::CellClient;
 use nid_proto::v1::cell_request::Operation;
 use nid_proto::v1::enrollment_client::EnrollmentClient;
 use nid_proto::v1::{CellRequest, Demographics, EnrollRequest, GetIdentityRequest};
-use nid_tests::binary;
-use std::process::{Command, Stdio};
+use nid_tests::DevCluster;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -89,20 +88,8 @@ async fn main() -> anyhow::Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(5);
-    let dir = tempfile::tempdir()?;
-    let mut up = Command::new(binary("nidctl"))
-        .args(["dev", "up", "--cells", "1", "--data-dir"])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let file = dir.path().join("cluster.json");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !file.exists() {
-        anyhow::ensure!(Instant::now() < deadline, "the dev cluster did not start");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let cluster: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file)?)?;
+    let mut dev = DevCluster::start(1);
+    let cluster = dev.info.clone();
     let router_addr = cluster["router"]["address"].as_str().unwrap_or_default().to_owned();
     let router_pid = cluster["router"]["pid"].as_u64().unwrap_or(0);
     let connect = |a: String| async move {
@@ -173,7 +160,6 @@ async fn main() -> anyhow::Result<()> {
             (percentile(&routed, 0.5) - percentile(&direct, 0.5)) * 1000.0
         );
     }
-    let _ = Command::new("kill").arg("-TERM").arg(up.id().to_string()).status();
-    let _ = up.wait();
+    dev.stop();
     Ok(())
 }
