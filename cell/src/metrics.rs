@@ -34,7 +34,8 @@ pub struct CellMetrics {
     pub fsync_seconds: Histogram,
     /// Duration of applying a Ready's committed entries.
     pub apply_seconds: Histogram,
-    /// Snapshots by operation (built, sent, applied, rejected).
+    /// Snapshots by operation: message_sent, sent / send_failed (files delivered or not), received,
+    /// applied.
     pub snapshots: IntCounterVec,
     /// Log entries removed by compaction.
     pub log_compacted: IntCounter,

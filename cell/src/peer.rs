@@ -727,7 +727,7 @@ impl<T: Transport> Peer<T> {
     fn send(&mut self, messages: Vec<Message>) {
         for m in &messages {
             if m.get_msg_type() == MessageType::MsgSnapshot {
-                self.metrics.snapshots.with_label_values(&["built"]).inc();
+                self.metrics.snapshots.with_label_values(&["message_sent"]).inc();
             }
         }
         self.transport.send(messages);
