@@ -20,9 +20,9 @@ use raft::prelude::{
 use raft::{RawNode, ReadOnlyOption, StateRole};
 use rocksdb::WriteBatch;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
@@ -204,14 +204,8 @@ impl PeerConfig {
 pub struct SharedState {
     /// Current leader (0 when unknown).
     pub leader_id: AtomicU64,
-    /// Current term.
-    pub term: AtomicU64,
     /// Applied index.
     pub applied: AtomicU64,
-    /// True while the loop runs.
-    pub running: AtomicBool,
-    /// Last storage failure that stopped the loop.
-    pub failure: Mutex<Option<String>>,
 }
 
 /// A handle to a running replica loop.
@@ -331,7 +325,6 @@ pub fn spawn<T: Transport>(
     let node = RawNode::new(&config.raft_config(applied), storage, logger)?;
     let (tx, rx) = std::sync::mpsc::sync_channel(config.inbox_capacity);
     let shared = Arc::new(SharedState::default());
-    shared.running.store(true, Ordering::SeqCst);
     shared.applied.store(applied, Ordering::Relaxed);
     let handle = PeerHandle { tx, shared: shared.clone(), node_id: config.node_id };
     let name = format!("raft-{}-{}", config.cell_id, config.node_id);
@@ -409,7 +402,6 @@ impl<T: Transport> Peer<T> {
                 break;
             }
         }
-        self.shared.running.store(false, Ordering::SeqCst);
         self.shared.leader_id.store(0, Ordering::Relaxed);
         self.metrics.is_leader.set(0);
         // Dropping the pending replies answers every waiter with Stopped.
@@ -417,9 +409,6 @@ impl<T: Transport> Peer<T> {
 
     fn fail(&mut self, e: StoreError) {
         tracing::error!(cell = self.config.cell_id, node = self.config.node_id, error = %e, "replica stopped after a storage failure");
-        if let Ok(mut f) = self.shared.failure.lock() {
-            *f = Some(e.to_string());
-        }
     }
 
     /// Handles one inbox message; true means stop.
@@ -653,7 +642,6 @@ impl<T: Transport> Peer<T> {
             );
         }
         self.shared.leader_id.store(leader, Ordering::Relaxed);
-        self.shared.term.store(term, Ordering::Relaxed);
         self.metrics.has_leader.set(i64::from(leader != 0));
         self.metrics.is_leader.set(i64::from(role == StateRole::Leader));
         self.metrics.term.set(term as i64);

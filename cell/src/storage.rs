@@ -450,10 +450,9 @@ impl PeerStorage {
         if self.hard_state.term < meta.term {
             self.hard_state.term = meta.term;
         }
+        // install_files already persisted this local state (log reset, commit and term raised).
         self.cache.clear();
-        let mut wb = WriteBatch::default();
-        self.put_local_state(&mut wb)?;
-        self.write(wb, true)
+        Ok(())
     }
 
     /// Entries `[low, high)` read from the cache or the DB, at most `max_size` bytes (at least one).
