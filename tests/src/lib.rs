@@ -260,3 +260,87 @@ impl Drop for DevCluster {
         }
     }
 }
+
+/// A valid enrolment request for `rid` with a fixed synthetic person named `name`.
+pub fn enroll_request(rid: &str, name: &str) -> nid_proto::v1::EnrollRequest {
+    nid_proto::v1::EnrollRequest {
+        rid: rid.to_owned(),
+        demographics: Some(nid_proto::v1::Demographics {
+            full_name: name.to_owned(),
+            date_of_birth: "1970-01-01".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// `GET path` over plain HTTP/1.1 (the metrics endpoints); None when the server is unreachable.
+pub async fn http_get(address: &str, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(address).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    Some(out)
+}
+
+/// The `p` quantile (0..=1) of sorted microsecond latencies, in milliseconds.
+pub fn percentile_ms(sorted_us: &[u64], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    sorted_us[((sorted_us.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0
+}
+
+/// What a closed-loop run measured.
+pub struct ClosedLoop {
+    /// Successful requests per second.
+    pub rate: f64,
+    /// Latencies of successful requests in microseconds, sorted.
+    pub latencies_us: Vec<u64>,
+    /// Failed requests.
+    pub errors: u64,
+}
+
+/// Keeps `concurrency` requests in flight for `duration`. `request(worker, k)` sends the k-th
+/// request of a worker and says whether it succeeded.
+pub async fn closed_loop<F, Fut>(concurrency: usize, duration: Duration, request: F) -> ClosedLoop
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let (stop, errors, request) = (stop.clone(), errors.clone(), request.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut k = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                if request(w, k).await {
+                    lat.push(t.elapsed().as_micros() as u64);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                k += 1;
+            }
+            lat
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies_us = Vec::new();
+    for t in tasks {
+        latencies_us.extend(t.await.unwrap_or_default());
+    }
+    latencies_us.sort_unstable();
+    let rate = latencies_us.len() as f64 / started.elapsed().as_secs_f64();
+    ClosedLoop { rate, latencies_us, errors: errors.load(Ordering::Relaxed) }
+}

@@ -10,7 +10,7 @@ use nid_proto::v1::{
     BucketState, CellRequest, Demographics, EnrollRequest, GetCellStatusRequest, GetIdentityRequest,
     SetBucketStateRequest,
 };
-use nid_tests::{ProcessCell, binary};
+use nid_tests::{ProcessCell, binary, enroll_request};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tonic::Code;
@@ -18,18 +18,7 @@ use tonic::Code;
 const WAIT: Duration = Duration::from_secs(30);
 
 fn enroll(rid: &str) -> CellRequest {
-    CellRequest {
-        route: None,
-        operation: Some(Operation::Enroll(EnrollRequest {
-            rid: rid.into(),
-            demographics: Some(Demographics {
-                full_name: "Process Test".into(),
-                date_of_birth: "1970-01-01".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })),
-    }
+    CellRequest { route: None, operation: Some(Operation::Enroll(enroll_request(rid, "Process Test"))) }
 }
 
 /// Finds the leader by asking every running replica.

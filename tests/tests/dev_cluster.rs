@@ -9,25 +9,13 @@ use nid_proto::v1::cell_client::CellClient;
 use nid_proto::v1::control_client::ControlClient;
 use nid_proto::v1::enrollment_client::EnrollmentClient;
 use nid_proto::v1::{
-    BucketState, CommitBucketMoveRequest, Demographics, EnrollRequest, GetCellStatusRequest,
-    GetIdentityRequest, GetRoutingTableRequest, SetBucketStateRequest,
+    BucketState, CommitBucketMoveRequest, GetCellStatusRequest, GetIdentityRequest, GetRoutingTableRequest,
+    SetBucketStateRequest,
 };
-use nid_tests::{DevCluster, binary};
+use nid_tests::{DevCluster, binary, enroll_request, http_get};
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn request(rid: &str) -> EnrollRequest {
-    EnrollRequest {
-        rid: rid.into(),
-        demographics: Some(Demographics {
-            full_name: "Dev Cluster".into(),
-            date_of_birth: "1999-09-09".into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 async fn client(address: &str) -> EnrollmentClient<tonic::transport::Channel> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -50,7 +38,7 @@ async fn enroll(address: &str, rid: &str) -> (String, u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let mut c = client(address).await;
-        match c.enroll(request(rid)).await {
+        match c.enroll(enroll_request(rid, "Dev Cluster")).await {
             Ok(r) => {
                 let r = r.into_inner();
                 return (r.uin, r.served_by.map(|s| s.cell_id).unwrap_or(0));
@@ -205,7 +193,7 @@ async fn a_dev_cluster_routes_balances_and_survives_router_and_control_loss() {
     assert_eq!(moved.table_version, table.version + 1, "routing-table versions only grow");
     let (_, served_by) = enroll(&router, &rid).await;
     assert_eq!(served_by, to, "re-routed to the new owner");
-    let metrics = http_get(&router_metrics).await;
+    let metrics = http_get(&router_metrics, "/metrics").await.expect("router metrics");
     assert!(
         metrics.lines().any(|l| l.starts_with("nid_router_retries_total{reason=\"wrong_owner\"}")),
         "the stale route was refused and retried:\n{metrics}"
@@ -369,23 +357,15 @@ async fn set_bucket(cell: &serde_json::Value, bucket: u16, state: BucketState, v
     }
 }
 
+/// The metrics text, waiting for the endpoint to come up.
 async fn http_get_retry(address: &str) -> String {
     for _ in 0..50 {
-        if tokio::net::TcpStream::connect(address).await.is_ok() {
-            return http_get(address).await;
+        if let Some(text) = http_get(address, "/metrics").await {
+            return text;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("metrics endpoint {address} never came up");
-}
-
-async fn http_get(address: &str) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(address).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 async fn futures_join<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>

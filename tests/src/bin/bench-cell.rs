@@ -6,13 +6,9 @@
 
 use nid_proto::v1::bucket_admin_client::BucketAdminClient;
 use nid_proto::v1::cell_request::Operation;
-use nid_proto::v1::{
-    BucketState, CellRequest, Demographics, EnrollRequest, GetCellStatusRequest, SetBucketStateRequest,
-};
-use nid_tests::ProcessCell;
+use nid_proto::v1::{BucketState, CellRequest, GetCellStatusRequest, SetBucketStateRequest};
+use nid_tests::{ProcessCell, closed_loop, enroll_request, http_get, percentile_ms};
 use std::io::Write as _;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 fn fdatasync_latency(dir: &std::path::Path) -> (Duration, Duration) {
@@ -29,14 +25,6 @@ fn fdatasync_latency(dir: &std::path::Path) -> (Duration, Duration) {
     let _ = std::fs::remove_file(&path);
     samples.sort();
     (samples[samples.len() / 2], samples[samples.len() * 99 / 100])
-}
-
-fn percentile(sorted: &[u64], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    Duration::from_micros(sorted[i])
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -90,63 +78,33 @@ async fn main() -> anyhow::Result<()> {
         "concurrency", "writes/s", "p50 ms", "p99 ms", "max ms", "errors"
     );
     for (run, &c) in levels.iter().enumerate() {
-        let stop = Arc::new(AtomicBool::new(false));
-        let errors = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for w in 0..c {
-            let client = nid_proto::v1::cell_client::CellClient::new(channel.clone());
-            let stop = stop.clone();
-            let errors = errors.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut client = client;
-                let mut lat = Vec::new();
-                let mut k = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    k += 1;
-                    let req = CellRequest {
-                        route: None,
-                        operation: Some(Operation::Enroll(EnrollRequest {
-                            rid: format!("BENCH-{run}-{w}-{k}"),
-                            demographics: Some(Demographics {
-                                full_name: "Bench Person".into(),
-                                date_of_birth: "1980-05-05".into(),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        })),
-                    };
-                    let t = Instant::now();
-                    match client.execute(req).await {
-                        Ok(_) => lat.push(t.elapsed().as_micros() as u64),
-                        Err(_) => {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                lat
-            }));
-        }
-        let started = Instant::now();
-        tokio::time::sleep(Duration::from_secs(seconds)).await;
-        stop.store(true, Ordering::Relaxed);
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await?);
-        }
-        let elapsed = started.elapsed().as_secs_f64();
-        all.sort_unstable();
+        let client = nid_proto::v1::cell_client::CellClient::new(channel.clone());
+        let m = closed_loop(c, Duration::from_secs(seconds), move |w, k| {
+            let mut client = client.clone();
+            async move {
+                let request = CellRequest {
+                    route: None,
+                    operation: Some(Operation::Enroll(enroll_request(
+                        &format!("BENCH-{run}-{w}-{k}"),
+                        "Bench Person",
+                    ))),
+                };
+                client.execute(request).await.is_ok()
+            }
+        })
+        .await;
         println!(
             "{:>11} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>7}",
             c,
-            all.len() as f64 / elapsed,
-            percentile(&all, 0.50).as_secs_f64() * 1e3,
-            percentile(&all, 0.99).as_secs_f64() * 1e3,
-            percentile(&all, 1.0).as_secs_f64() * 1e3,
-            errors.load(Ordering::Relaxed)
+            m.rate,
+            percentile_ms(&m.latencies_us, 0.50),
+            percentile_ms(&m.latencies_us, 0.99),
+            percentile_ms(&m.latencies_us, 1.0),
+            m.errors
         );
     }
     // Group commit at work: client commands per log entry and entries per fsync, from the leader.
-    let metrics = reqwest_metrics(&node.metrics_addr).await.unwrap_or_default();
+    let metrics = http_get(&node.metrics_addr, "/metrics").await.unwrap_or_default();
     for line in metrics.lines() {
         if line.starts_with("nid_raft_batch_commands_sum")
             || line.starts_with("nid_raft_batch_commands_count")
@@ -157,14 +115,4 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Fetches the metrics text over plain HTTP.
-async fn reqwest_metrics(addr: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.ok()?;
-    Some(out)
 }

@@ -7,11 +7,10 @@
 use nid_proto::v1::cell_client::CellClient;
 use nid_proto::v1::cell_request::Operation;
 use nid_proto::v1::enrollment_client::EnrollmentClient;
-use nid_proto::v1::{CellRequest, Demographics, EnrollRequest, GetIdentityRequest};
-use nid_tests::DevCluster;
+use nid_proto::v1::{CellRequest, GetIdentityRequest};
+use nid_tests::{DevCluster, closed_loop, enroll_request, percentile_ms};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn cpu_ticks(pid: u64) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -20,13 +19,6 @@ fn cpu_ticks(pid: u64) -> u64 {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let get = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     get(11) + get(12)
-}
-
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0
 }
 
 #[derive(Clone)]
@@ -50,32 +42,15 @@ async fn read(target: &mut Target, uin: &str) -> bool {
 
 /// Runs `concurrency` closed-loop readers for `seconds`; returns (reads/s, sorted latencies in us).
 async fn run(target: Target, uins: Arc<Vec<String>>, concurrency: usize, seconds: u64) -> (f64, Vec<u64>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for w in 0..concurrency {
-        let (mut target, uins, stop) = (target.clone(), uins.clone(), stop.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut k = w;
-            while !stop.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                if read(&mut target, &uins[k % uins.len()]).await {
-                    lat.push(t.elapsed().as_micros() as u64);
-                }
-                k += concurrency;
-            }
-            lat
-        }));
-    }
-    let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap_or_default());
-    }
-    all.sort_unstable();
-    (all.len() as f64 / started.elapsed().as_secs_f64(), all)
+    let m = closed_loop(concurrency, Duration::from_secs(seconds), move |w, k| {
+        let (mut target, uins) = (target.clone(), uins.clone());
+        async move {
+            let i = (w as u64 + k * concurrency as u64) as usize % uins.len();
+            read(&mut target, &uins[i]).await
+        }
+    })
+    .await;
+    (m.rate, m.latencies_us)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -98,17 +73,7 @@ async fn main() -> anyhow::Result<()> {
     let mut router = EnrollmentClient::new(connect(router_addr).await?);
     let mut uins = Vec::new();
     for i in 0..200 {
-        let r = router
-            .enroll(EnrollRequest {
-                rid: format!("BENCH-ROUTER-{i}"),
-                demographics: Some(Demographics {
-                    full_name: "Bench".into(),
-                    date_of_birth: "1970-01-01".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await?;
+        let r = router.enroll(enroll_request(&format!("BENCH-ROUTER-{i}"), "Bench")).await?;
         uins.push(r.into_inner().uin);
     }
     // The leader of the one data cell, from its status.
@@ -142,8 +107,8 @@ async fn main() -> anyhow::Result<()> {
             "direct",
             concurrency,
             direct_rate,
-            percentile(&direct, 0.5),
-            percentile(&direct, 0.99),
+            percentile_ms(&direct, 0.5),
+            percentile_ms(&direct, 0.99),
             "-"
         );
         println!(
@@ -151,13 +116,13 @@ async fn main() -> anyhow::Result<()> {
             "router",
             concurrency,
             routed_rate,
-            percentile(&routed, 0.5),
-            percentile(&routed, 0.99),
+            percentile_ms(&routed, 0.5),
+            percentile_ms(&routed, 0.99),
             per_req
         );
         println!(
             "         added p50 at concurrency {concurrency}: {:.0} us",
-            (percentile(&routed, 0.5) - percentile(&direct, 0.5)) * 1000.0
+            (percentile_ms(&routed, 0.5) - percentile_ms(&direct, 0.5)) * 1000.0
         );
     }
     dev.stop();
