@@ -53,6 +53,19 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Roughly how many bytes the command takes in a log entry (for sizing entries).
+    pub fn approx_len(&self) -> usize {
+        match self {
+            Command::Enroll(e) => e.sealed.len() + 128,
+            Command::ControlInit { config, table } => config.len() + table.len() + 16,
+            Command::ControlRegisterCell { cell } => cell.len() + 16,
+            Command::ControlCommitMove { .. } => 64,
+            Command::SetBuckets { buckets, .. } => buckets.len() * 2 + 32,
+        }
+    }
+}
+
 /// Ownership state of one bucket on this cell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
 pub enum BucketState {

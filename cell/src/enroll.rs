@@ -56,6 +56,25 @@ pub fn validate(req: &EnrollRequest) -> FieldViolations {
             if !d.email.is_empty() && (d.email.len() > 254 || !d.email.contains('@')) {
                 v.add("demographics.email", "must be an e-mail address of at most 254 characters");
             }
+            if let Some(a) = &d.address {
+                if a.lines.len() > 4 || a.lines.iter().any(|l| l.len() > 256) {
+                    v.add("demographics.address.lines", "at most 4 lines of at most 256 bytes");
+                }
+                if a.locality.len() > 128 {
+                    v.add("demographics.address.locality", "at most 128 bytes");
+                }
+                if a.region.len() > 128 {
+                    v.add("demographics.address.region", "at most 128 bytes");
+                }
+                if a.postal_code.len() > 32 {
+                    v.add("demographics.address.postal_code", "at most 32 bytes");
+                }
+                let country_ok = a.country.is_empty()
+                    || (a.country.len() == 2 && a.country.bytes().all(|b| b.is_ascii_uppercase()));
+                if !country_ok {
+                    v.add("demographics.address.country", "must be an ISO 3166-1 alpha-2 code");
+                }
+            }
             if d.extensions.len() > MAX_EXTENSIONS {
                 v.add("demographics.extensions", format!("at most {MAX_EXTENSIONS} entries"));
             }
@@ -237,6 +256,13 @@ mod tests {
         let mut r = request("R1");
         r.demographics.as_mut().unwrap().phone = "12345678".into();
         assert_eq!(fields(&r), vec!["demographics.phone"]);
+        let mut r = request("R1");
+        r.demographics.as_mut().unwrap().address = Some(nid_proto::v1::Address {
+            lines: vec!["x".repeat(300)],
+            country: "india".into(),
+            ..Default::default()
+        });
+        assert_eq!(fields(&r), vec!["demographics.address.lines", "demographics.address.country"]);
     }
 
     #[test]

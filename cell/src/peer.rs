@@ -159,6 +159,8 @@ pub struct PeerConfig {
     pub log_gc_size: u64,
     /// Most client commands in one entry.
     pub max_commands_per_entry: usize,
+    /// Most bytes of client commands in one entry (a single larger command still goes alone).
+    pub max_entry_bytes: usize,
     /// Inbox capacity.
     pub inbox_capacity: usize,
 }
@@ -176,6 +178,7 @@ impl PeerConfig {
             log_gc_keep: 5_000,
             log_gc_size: 64 << 20,
             max_commands_per_entry: 1024,
+            max_entry_bytes: 4 << 20,
             inbox_capacity: 65_536,
         }
     }
@@ -483,10 +486,19 @@ impl<T: Transport> Peer<T> {
         }
         let mut rest = batch.into_iter().peekable();
         while rest.peek().is_some() {
-            let chunk: Vec<_> = rest.by_ref().take(self.config.max_commands_per_entry).collect();
-            let mut commands = Vec::with_capacity(chunk.len());
-            let mut replies = Vec::with_capacity(chunk.len());
-            for (command, reply, deadline) in chunk {
+            // One entry takes commands until the count or the byte budget is reached (at least one).
+            let mut commands = Vec::new();
+            let mut replies = Vec::new();
+            let mut bytes = 0usize;
+            while let Some((command, _, _)) = rest.peek() {
+                let len = command.approx_len();
+                let full = commands.len() >= self.config.max_commands_per_entry
+                    || (!commands.is_empty() && bytes + len > self.config.max_entry_bytes);
+                if full {
+                    break;
+                }
+                let Some((command, reply, deadline)) = rest.next() else { break };
+                bytes += len;
                 commands.push(command);
                 replies.push(Some((reply, deadline)));
             }

@@ -441,3 +441,29 @@ async fn one_uin_never_names_two_people() {
     let request = nid_proto::v1::EnrollRequest::decode(record.request.as_slice()).unwrap();
     assert_eq!(request.rid, "RID-FIRST");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_are_bounded_in_bytes_as_well_as_in_commands() {
+    let mut c = Cluster::new(3);
+    c.config.max_entry_bytes = 4096;
+    c.start();
+    c.must_own_all_buckets().await;
+    let leader = tokio::task::block_in_place(|| c.must_leader());
+    let h = c.handle(leader);
+    let m = c.metrics(leader);
+    let entries_before = m.batch_commands.get_sample_count();
+    let commands: Vec<_> = (0..200).map(|i| c.enroll_command(&format!("RID-BYTES-{i}"))).collect();
+    let total: usize = commands.iter().map(|cmd| cmd.approx_len()).sum();
+    let mut replies = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for command in commands {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        h.send(PeerMsg::Propose { command, reply, deadline }).unwrap();
+        replies.push(rx);
+    }
+    for rx in replies {
+        assert!(matches!(rx.await.unwrap(), Ok(CommandResult::Enrolled { created: true, .. })));
+    }
+    let entries = m.batch_commands.get_sample_count() - entries_before;
+    assert!(entries as usize >= total / 4096, "{total} bytes of commands fit in {entries} entries of 4 KiB");
+}
