@@ -48,12 +48,23 @@ async fn execute(
     request: CellRequest,
     budget: Duration,
 ) -> Result<CellResult, tonic::Status> {
+    execute_tracked(cell, request, budget).await.map(|(result, _)| result)
+}
+
+/// Like [`execute`], and also says whether an earlier attempt ended ambiguously (timeout or lost
+/// connection), in which case that attempt may have committed and the answer may be a replay.
+async fn execute_tracked(
+    cell: &ProcessCell,
+    request: CellRequest,
+    budget: Duration,
+) -> Result<(CellResult, bool), tonic::Status> {
     let deadline = Instant::now() + budget;
     let mut target = leader(cell).await;
+    let mut ambiguous = false;
     loop {
         let mut client = cell.nodes[(target - 1) as usize].client(WAIT).await;
         let err = match client.execute(request.clone()).await {
-            Ok(r) => return Ok(r.into_inner().result.expect("result")),
+            Ok(r) => return Ok((r.into_inner().result.expect("result"), ambiguous)),
             Err(e) => e,
         };
         if Instant::now() > deadline {
@@ -66,6 +77,7 @@ async fn execute(
                 target = id
             }
             _ if matches!(err.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown) => {
+                ambiguous = true;
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 target = leader(cell).await;
             }
@@ -113,10 +125,11 @@ async fn write_many(cell: &ProcessCell, tag: &str, n: usize) -> (Vec<(String, St
     let mut unknown = Vec::new();
     for k in 0..n {
         let rid = format!("RID-{tag}-{k}");
-        match execute(cell, enroll(&rid), Duration::from_secs(20)).await {
-            Ok(r) => {
+        match execute_tracked(cell, enroll(&rid), Duration::from_secs(20)).await {
+            Ok((r, ambiguous)) => {
                 let (uin, created) = uin_of(r);
-                assert!(created, "a fresh RID creates an identity");
+                // A replay answer is only legitimate when an earlier attempt may have committed.
+                assert!(created || ambiguous, "a fresh RID creates an identity");
                 acked.push((rid, uin));
             }
             Err(e) => {
