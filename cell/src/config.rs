@@ -69,6 +69,15 @@ pub struct Flags {
     /// Seconds to wait for a leadership transfer on SIGTERM.
     #[arg(long)]
     pub shutdown_grace_secs: Option<u64>,
+    /// Consecutive failed authentications that lock an identity's authentication (default 5).
+    #[arg(long)]
+    pub auth_max_failures: Option<u32>,
+    /// How long that lock lasts, in seconds (default 1800).
+    #[arg(long)]
+    pub auth_cooldown_secs: Option<u64>,
+    /// Allowed distance between a partner's request time and the cell's clock, seconds (default 300).
+    #[arg(long)]
+    pub auth_skew_secs: Option<u64>,
 }
 
 /// The TOML file form of [`Flags`].
@@ -93,6 +102,9 @@ struct FileConfig {
     log_gc_keep: Option<u64>,
     log_gc_size_mib: Option<u64>,
     shutdown_grace_secs: Option<u64>,
+    auth_max_failures: Option<u32>,
+    auth_cooldown_secs: Option<u64>,
+    auth_skew_secs: Option<u64>,
 }
 
 /// What the cell holds.
@@ -152,6 +164,12 @@ pub struct CellConfig {
     pub log_gc_size: u64,
     /// Shutdown grace.
     pub shutdown_grace_secs: u64,
+    /// Failures before the auth lock.
+    pub auth_max_failures: u32,
+    /// Auth lock duration, seconds.
+    pub auth_cooldown_secs: u64,
+    /// Allowed request-time skew, seconds.
+    pub auth_skew_secs: u64,
 }
 
 /// Parses `id=host:port@zone,...`.
@@ -257,6 +275,12 @@ impl CellConfig {
             log_gc_keep: flags.log_gc_keep.or(file.log_gc_keep).unwrap_or(5_000),
             log_gc_size: flags.log_gc_size_mib.or(file.log_gc_size_mib).unwrap_or(64).saturating_mul(1 << 20),
             shutdown_grace_secs: flags.shutdown_grace_secs.or(file.shutdown_grace_secs).unwrap_or(10),
+            auth_max_failures: match flags.auth_max_failures.or(file.auth_max_failures).unwrap_or(5) {
+                0 => return Err("auth_max_failures must be > 0".into()),
+                n => n,
+            },
+            auth_cooldown_secs: flags.auth_cooldown_secs.or(file.auth_cooldown_secs).unwrap_or(1800),
+            auth_skew_secs: flags.auth_skew_secs.or(file.auth_skew_secs).unwrap_or(300),
         })
     }
 }

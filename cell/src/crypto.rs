@@ -9,6 +9,7 @@
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::hmac;
+use ring::signature::{Ed25519KeyPair, KeyPair as _};
 
 /// A nonce chosen by the leader before proposing, carried in the command so every replica writes
 /// the same ciphertext.
@@ -19,6 +20,10 @@ pub struct Keyring {
     key_id: u32,
     index: hmac::Key,
     data: LessSafeKey,
+    pin: hmac::Key,
+    token: hmac::Key,
+    signing: Ed25519KeyPair,
+    signing_key_id: String,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -54,7 +59,14 @@ impl Keyring {
         let data = LessSafeKey::new(
             UnboundKey::new(&AES_256_GCM, data_bytes.as_ref()).map_err(|_| "derive data key".to_string())?,
         );
-        Ok(Keyring { key_id, index, data })
+        let pin = hmac::Key::new(hmac::HMAC_SHA256, derive(b"nid/v1/keyring/pin").as_ref());
+        let token = hmac::Key::new(hmac::HMAC_SHA256, derive(b"nid/v1/keyring/partner-token").as_ref());
+        let seed = derive(b"nid/v1/keyring/signing");
+        let signing = Ed25519KeyPair::from_seed_unchecked(&seed.as_ref()[..32])
+            .map_err(|_| "derive signing key".to_string())?;
+        let fingerprint = ring::digest::digest(&ring::digest::SHA256, signing.public_key().as_ref());
+        let signing_key_id = format!("ed25519-{key_id}-{}", hex::encode(&fingerprint.as_ref()[..4]));
+        Ok(Keyring { key_id, index, data, pin, token, signing, signing_key_id })
     }
 
     /// The development keyring. Never for production: its secret is in the source.
@@ -85,6 +97,60 @@ impl Keyring {
         let mut out = [0u8; 32];
         out.copy_from_slice(ctx.sign().as_ref());
         out
+    }
+
+    /// The PIN verifier MAC: HMAC-SHA256 under the PIN key over (salt, PIN).
+    pub fn pin_mac(&self, salt: &[u8; 16], pin: &str) -> [u8; 32] {
+        let mut ctx = hmac::Context::with_key(&self.pin);
+        ctx.update(salt);
+        ctx.update(pin.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.sign().as_ref());
+        out
+    }
+
+    /// The partner-specific token of a person: HMAC(token key, partner id || UIN), hex. Stable per
+    /// (partner, person); two partners get unrelated tokens and cannot correlate a person.
+    pub fn partner_token(&self, partner_id: &str, uin: &str) -> String {
+        let mut ctx = hmac::Context::with_key(&self.token);
+        ctx.update(&(partner_id.len() as u32).to_be_bytes());
+        ctx.update(partner_id.as_bytes());
+        ctx.update(uin.as_bytes());
+        hex::encode(ctx.sign().as_ref())
+    }
+
+    /// Signs `message` with the decision-signing key (Ed25519).
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.signing.sign(message).as_ref().to_vec()
+    }
+
+    /// Id of the decision-signing key, as published by GetSigningKeys.
+    pub fn signing_key_id(&self) -> &str {
+        &self.signing_key_id
+    }
+
+    /// The raw 32-byte Ed25519 public key of the signing key.
+    pub fn signing_public_key(&self) -> Vec<u8> {
+        self.signing.public_key().as_ref().to_vec()
+    }
+
+    /// Seals a value that changes over time: the version goes in front in clear and into the
+    /// associated data with the key, so an old version cannot be replayed under the key.
+    /// Layout: version (u64 BE) | [`Keyring::seal`] output.
+    pub fn seal_versioned(&self, key: &[u8], version: u64, nonce: SealNonce, plaintext: &[u8]) -> Vec<u8> {
+        let mut out = version.to_be_bytes().to_vec();
+        out.extend_from_slice(&self.seal(&versioned_aad(key, version), nonce, plaintext));
+        out
+    }
+
+    /// Opens a value sealed by [`Keyring::seal_versioned`]; returns the version and the plaintext.
+    pub fn open_versioned(&self, key: &[u8], sealed: &[u8]) -> Result<(u64, Vec<u8>), SealError> {
+        if sealed.len() < 8 {
+            return Err(SealError::Truncated);
+        }
+        let (v, rest) = sealed.split_at(8);
+        let version = u64::from_be_bytes(v.try_into().map_err(|_| SealError::Truncated)?);
+        Ok((version, self.open(&versioned_aad(key, version), rest)?))
     }
 
     /// Seals `plaintext` bound to `aad` (the RocksDB key) with a leader-chosen nonce.
@@ -119,6 +185,32 @@ impl Keyring {
             self.data.open_in_place(nonce, Aad::from(aad), &mut body).map_err(|_| SealError::Tampered)?;
         Ok(plain.to_vec())
     }
+}
+
+fn versioned_aad(key: &[u8], version: u64) -> Vec<u8> {
+    let mut aad = key.to_vec();
+    aad.extend_from_slice(&version.to_be_bytes());
+    aad
+}
+
+/// The `i`-th nonce derived from a command's leader-chosen random seed: SHA-256(seed || i),
+/// truncated. Every replica derives the same nonces, so every replica writes the same ciphertext.
+pub fn derived_nonce(seed: &[u8; 16], i: u32) -> SealNonce {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"nid/v1/nonce");
+    ctx.update(seed);
+    ctx.update(&i.to_be_bytes());
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&ctx.finish().as_ref()[..NONCE_LEN]);
+    nonce
+}
+
+/// Fresh random bytes from the system's CSPRNG.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], ring::error::Unspecified> {
+    use ring::rand::SecureRandom as _;
+    let mut out = [0u8; N];
+    ring::rand::SystemRandom::new().fill(&mut out)?;
+    Ok(out)
 }
 
 /// A fresh random nonce from the system's CSPRNG.
@@ -181,6 +273,62 @@ mod tests {
         assert!(Keyring::from_file(&p).is_err());
         std::fs::write(&p, "nothing").unwrap();
         assert!(Keyring::from_file(&p).is_err());
+    }
+
+    #[test]
+    fn versioned_values_are_bound_to_their_version() {
+        let k = Keyring::dev();
+        let sealed = k.seal_versioned(b"key", 7, random_nonce().unwrap(), b"record v7");
+        assert_eq!(k.open_versioned(b"key", &sealed).unwrap(), (7, b"record v7".to_vec()));
+        let mut relabelled = sealed.clone();
+        relabelled[..8].copy_from_slice(&8u64.to_be_bytes());
+        assert_eq!(k.open_versioned(b"key", &relabelled), Err(SealError::Tampered));
+        assert_eq!(k.open_versioned(b"other", &sealed), Err(SealError::Tampered));
+    }
+
+    #[test]
+    fn pin_macs_are_salted_and_keyed() {
+        let a = Keyring::dev();
+        let b = Keyring::from_master(1, &[9u8; 32]).unwrap();
+        assert_eq!(a.pin_mac(&[1; 16], "1234"), a.pin_mac(&[1; 16], "1234"));
+        assert_ne!(a.pin_mac(&[1; 16], "1234"), a.pin_mac(&[2; 16], "1234"), "salted");
+        assert_ne!(a.pin_mac(&[1; 16], "1234"), b.pin_mac(&[1; 16], "1234"), "keyed");
+    }
+
+    #[test]
+    fn partner_tokens_are_stable_per_partner_and_unrelated_across_partners() {
+        let k = Keyring::dev();
+        let t1 = k.partner_token("bank-a", "123456789012");
+        assert_eq!(t1, k.partner_token("bank-a", "123456789012"));
+        assert_ne!(t1, k.partner_token("bank-b", "123456789012"));
+        assert_ne!(t1, k.partner_token("bank-a", "123456789013"));
+        // The length prefix keeps (partner, uin) boundaries unambiguous.
+        assert_ne!(k.partner_token("ab", "1"), k.partner_token("a", "b1"));
+        assert_eq!(t1.len(), 64);
+    }
+
+    #[test]
+    fn signatures_verify_with_the_published_key_and_fail_after_one_byte_changes() {
+        use ring::signature::{ED25519, UnparsedPublicKey};
+        let k = Keyring::dev();
+        let message = b"decision bytes".to_vec();
+        let sig = k.sign(&message);
+        let public = UnparsedPublicKey::new(&ED25519, k.signing_public_key());
+        assert!(public.verify(&message, &sig).is_ok());
+        let mut changed = message.clone();
+        changed[0] ^= 1;
+        assert!(public.verify(&changed, &sig).is_err());
+        assert!(k.signing_key_id().starts_with("ed25519-0-"));
+        let other = Keyring::from_master(0, &[5u8; 32]).unwrap();
+        assert_ne!(other.signing_key_id(), k.signing_key_id(), "the key id names the key");
+    }
+
+    #[test]
+    fn derived_nonces_differ_per_index_and_seed() {
+        let a = derived_nonce(&[1; 16], 0);
+        assert_eq!(a, derived_nonce(&[1; 16], 0));
+        assert_ne!(a, derived_nonce(&[1; 16], 1));
+        assert_ne!(a, derived_nonce(&[2; 16], 0));
     }
 
     #[test]

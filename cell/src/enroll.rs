@@ -10,7 +10,7 @@ use crate::fsm::RID_DOMAIN;
 use nid_proto::bucket::{BucketId, KeyDomain, bucket_of_key};
 use nid_proto::error::FieldViolations;
 use nid_proto::ids::{GenerationError, IdKind, IdScheme, system_random_u64};
-use nid_proto::v1::EnrollRequest;
+use nid_proto::v1::{BiometricModality, BiometricReference, Demographics, EnrollRequest, Gender};
 use prost::Message as _;
 
 /// UIN candidates proposed per enrolment; apply takes the first free one (and the leader prepares
@@ -19,6 +19,9 @@ use prost::Message as _;
 pub const CANDIDATES: usize = 2;
 const MAX_BIOMETRICS: usize = 10;
 const MAX_EXTENSIONS: usize = 32;
+/// Upper bound on the encoded identity data (demographics, biometrics); the field limits above
+/// allow more in total than one record should hold.
+pub const MAX_RECORD_BYTES: usize = 16 * 1024;
 
 /// Why an enrolment could not be prepared.
 #[derive(Debug)]
@@ -39,80 +42,115 @@ pub fn validate(req: &EnrollRequest) -> FieldViolations {
     }
     match &req.demographics {
         None => v.add("demographics", "is required"),
-        Some(d) => {
-            let name_len = d.full_name.chars().count();
-            if name_len == 0 || name_len > 256 {
-                v.add("demographics.full_name", "must be 1..=256 characters");
-            }
-            if !valid_date(&d.date_of_birth) {
-                v.add("demographics.date_of_birth", "must be a calendar date YYYY-MM-DD");
-            }
-            if !d.phone.is_empty() {
-                let digits = d.phone.strip_prefix('+').unwrap_or("");
-                if !(8..=15).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
-                    v.add("demographics.phone", "must be E.164: '+' then 8..=15 digits");
-                }
-            }
-            if !d.email.is_empty() && (d.email.len() > 254 || !d.email.contains('@')) {
-                v.add("demographics.email", "must be an e-mail address of at most 254 characters");
-            }
-            if let Some(a) = &d.address {
-                if a.lines.len() > 4 || a.lines.iter().any(|l| l.len() > 256) {
-                    v.add("demographics.address.lines", "at most 4 lines of at most 256 bytes");
-                }
-                if a.locality.len() > 128 {
-                    v.add("demographics.address.locality", "at most 128 bytes");
-                }
-                if a.region.len() > 128 {
-                    v.add("demographics.address.region", "at most 128 bytes");
-                }
-                if a.postal_code.len() > 32 {
-                    v.add("demographics.address.postal_code", "at most 32 bytes");
-                }
-                let country_ok = a.country.is_empty()
-                    || (a.country.len() == 2 && a.country.bytes().all(|b| b.is_ascii_uppercase()));
-                if !country_ok {
-                    v.add("demographics.address.country", "must be an ISO 3166-1 alpha-2 code");
-                }
-            }
-            if d.extensions.len() > MAX_EXTENSIONS {
-                v.add("demographics.extensions", format!("at most {MAX_EXTENSIONS} entries"));
-            }
-            for (k, val) in &d.extensions {
-                let key_ok = !k.is_empty()
-                    && k.len() <= 64
-                    && k.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-                if !key_ok {
-                    v.add("demographics.extensions", "keys must match [a-z0-9_]{1,64}");
-                    break;
-                }
-                if val.len() > 1024 {
-                    v.add("demographics.extensions", "values must be at most 1024 bytes");
-                    break;
-                }
-            }
-        }
+        Some(d) => validate_demographics(d, "demographics", &mut v),
     }
-    if req.biometrics.len() > MAX_BIOMETRICS {
-        v.add("biometrics", format!("at most {MAX_BIOMETRICS} references"));
-    }
-    for (i, b) in req.biometrics.iter().enumerate() {
-        if b.template_digest.len() != 32 {
-            v.add(format!("biometrics[{i}].template_digest"), "must be 32 bytes (SHA-256)");
-        }
-        if b.position.len() > 64 || b.abis_reference.len() > 256 {
-            v.add(format!("biometrics[{i}]"), "position at most 64 and abis_reference at most 256 bytes");
-        }
-    }
+    validate_biometrics(&req.biometrics, "biometrics", &mut v);
     if !req.pin.is_empty()
         && (!(4..=8).contains(&req.pin.len()) || !req.pin.bytes().all(|b| b.is_ascii_digit()))
     {
         v.add("pin", "must be 4..=8 digits");
     }
+    if v.is_empty() && req.encoded_len() > MAX_RECORD_BYTES {
+        v.add("demographics", format!("the record may take at most {MAX_RECORD_BYTES} bytes"));
+    }
     v
 }
 
-fn valid_date(s: &str) -> bool {
+/// Checks demographics; field paths start with `prefix` (e.g. "demographics").
+pub fn validate_demographics(d: &Demographics, prefix: &str, v: &mut FieldViolations) {
+    let f = |name: &str| format!("{prefix}.{name}");
+    let name_len = d.full_name.chars().count();
+    if name_len == 0 || name_len > 256 {
+        v.add(f("full_name"), "must be 1..=256 characters");
+    }
+    if !valid_date(&d.date_of_birth) {
+        v.add(f("date_of_birth"), "must be a calendar date YYYY-MM-DD");
+    }
+    if Gender::try_from(d.gender).is_err() {
+        v.add(f("gender"), "must be one of the Gender values");
+    }
+    if !d.phone.is_empty() && !valid_phone(&d.phone) {
+        v.add(f("phone"), "must be E.164: '+' then 8..=15 digits");
+    }
+    if !d.email.is_empty() && !valid_email(&d.email) {
+        v.add(f("email"), "must be an e-mail address (local@domain) of at most 254 characters");
+    }
+    if let Some(a) = &d.address {
+        if a.lines.len() > 4 || a.lines.iter().any(|l| l.len() > 256) {
+            v.add(f("address.lines"), "at most 4 lines of at most 256 bytes");
+        }
+        if a.locality.len() > 128 {
+            v.add(f("address.locality"), "at most 128 bytes");
+        }
+        if a.region.len() > 128 {
+            v.add(f("address.region"), "at most 128 bytes");
+        }
+        if a.postal_code.len() > 32 {
+            v.add(f("address.postal_code"), "at most 32 bytes");
+        }
+        let country_ok = a.country.is_empty()
+            || (a.country.len() == 2 && a.country.bytes().all(|b| b.is_ascii_uppercase()));
+        if !country_ok {
+            v.add(f("address.country"), "must be an ISO 3166-1 alpha-2 code");
+        }
+    }
+    if d.extensions.len() > MAX_EXTENSIONS {
+        v.add(f("extensions"), format!("at most {MAX_EXTENSIONS} entries"));
+    }
+    for (k, val) in &d.extensions {
+        let key_ok = !k.is_empty()
+            && k.len() <= 64
+            && k.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !key_ok {
+            v.add(f("extensions"), "keys must match [a-z0-9_]{1,64}");
+            break;
+        }
+        if val.len() > 1024 {
+            v.add(f("extensions"), "values must be at most 1024 bytes");
+            break;
+        }
+    }
+}
+
+/// Checks biometric references; field paths start with `prefix`.
+pub fn validate_biometrics(biometrics: &[BiometricReference], prefix: &str, v: &mut FieldViolations) {
+    if biometrics.len() > MAX_BIOMETRICS {
+        v.add(prefix, format!("at most {MAX_BIOMETRICS} references"));
+    }
+    for (i, b) in biometrics.iter().enumerate() {
+        if BiometricModality::try_from(b.modality).is_err() || b.modality == 0 {
+            v.add(format!("{prefix}[{i}].modality"), "must be FINGER, IRIS or FACE");
+        }
+        if b.template_digest.len() != 32 {
+            v.add(format!("{prefix}[{i}].template_digest"), "must be 32 bytes (SHA-256)");
+        }
+        if b.position.len() > 64 || b.abis_reference.len() > 256 {
+            v.add(format!("{prefix}[{i}]"), "position at most 64 and abis_reference at most 256 bytes");
+        }
+    }
+}
+
+/// E.164: '+' then 8..=15 digits.
+pub fn valid_phone(phone: &str) -> bool {
+    let digits = phone.strip_prefix('+').unwrap_or("");
+    (8..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// A plausible e-mail address: one '@' with a non-empty local part and a dotted domain, no spaces.
+pub fn valid_email(email: &str) -> bool {
+    let Some((local, domain)) = email.split_once('@') else { return false };
+    email.len() <= 254
+        && !local.is_empty()
+        && local.len() <= 64
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains('@')
+        && !email.chars().any(char::is_whitespace)
+}
+
+/// A real calendar date YYYY-MM-DD (years 1800..=9999).
+pub fn valid_date(s: &str) -> bool {
     let b = s.as_bytes();
     if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
         return false;
@@ -153,7 +191,12 @@ pub fn prepare(
     let payload_mac = keyring.index_hash(b"enroll-payload", &req.encode_to_vec());
     let mut stored = req.clone();
     stored.pin.clear();
-    let pin_verifier = (!req.pin.is_empty()).then(|| pin_verifier(keyring, &rid_hash, &req.pin));
+    let pin_verifier = if req.pin.is_empty() {
+        None
+    } else {
+        let salt = crypto::random_bytes::<16>().map_err(|_| PrepareError::Random)?;
+        Some(crate::identity::pin_verifier(keyring, salt, &req.pin))
+    };
     let totp_secret = if req.provision_totp {
         let mut secret = vec![0u8; 20];
         use ring::rand::SecureRandom as _;
@@ -176,14 +219,13 @@ pub fn prepare(
         sealed: keyring.seal(&rid_hash, seal_nonce, &codec::encode(&secret)),
         payload_mac,
         now_ms,
-        rid_nonce: crypto::random_nonce().map_err(|_| PrepareError::Random)?,
-        record_nonce: crypto::random_nonce().map_err(|_| PrepareError::Random)?,
+        seed: crypto::random_bytes::<16>().map_err(|_| PrepareError::Random)?,
     })
 }
 
 /// A random stream for one enrolment: one 32-byte seed from the system CSPRNG, expanded with
 /// SHA-256 in counter mode (a getrandom call per draw costs more than the draw is worth here).
-fn seeded_random() -> Result<impl FnMut() -> Result<u64, GenerationError>, GenerationError> {
+pub(crate) fn seeded_random() -> Result<impl FnMut() -> Result<u64, GenerationError>, GenerationError> {
     let seed = [system_random_u64()?, system_random_u64()?, system_random_u64()?, system_random_u64()?];
     let mut counter = 0u64;
     let mut pool: Vec<u64> = Vec::new();
@@ -204,13 +246,6 @@ fn seeded_random() -> Result<impl FnMut() -> Result<u64, GenerationError>, Gener
         }
         Ok(pool.pop().unwrap_or(0))
     })
-}
-
-/// The keyed PIN verifier, bound to the identity's RID hash.
-pub fn pin_verifier(keyring: &Keyring, rid_hash: &[u8; 32], pin: &str) -> [u8; 32] {
-    let mut input = rid_hash.to_vec();
-    input.extend_from_slice(pin.as_bytes());
-    keyring.index_hash(b"pin", &input)
 }
 
 #[cfg(test)]

@@ -8,14 +8,18 @@
 
 use crate::codec;
 use crate::command::{
-    BucketRecord, BucketState, Command, CommandResult, EnrollCommand, EnrollSecret, IdentityRecord,
-    Rejection, RidRecord,
+    AuditRecord, AuthOutcome, BucketRecord, BucketState, Command, CommandResult, EnrollCommand, EnrollSecret,
+    HistoryEntry, IdentityCommand, IdentityOp, IdentityRecord, IdentityResult, Rejection, RidRecord, Target,
+    VidIndex,
 };
-use crate::crypto::Keyring;
+use crate::crypto::{Keyring, derived_nonce};
+use crate::identity;
 use crate::keys::{self, CF_DATA, CF_META, Table};
 use crate::storage::{StoreError, cf};
 use nid_proto::bucket::BucketId;
-use nid_proto::v1::{CellInfo, ClusterConfig, RoutingTable};
+use nid_proto::v1::{
+    AuthReason, CellInfo, ClusterConfig, ListPartnersInternalResponse, PartnerRecord, RoutingTable,
+};
 use prost::Message as _;
 use rocksdb::{DB, WriteBatch};
 use std::collections::HashMap;
@@ -25,14 +29,49 @@ use std::sync::Arc;
 pub const RID_DOMAIN: &[u8] = b"rid";
 /// See [`RID_DOMAIN`].
 pub const UIN_DOMAIN: &[u8] = b"uin";
+/// See [`RID_DOMAIN`].
+pub const VID_DOMAIN: &[u8] = b"vid";
+/// See [`RID_DOMAIN`].
+pub const TXN_DOMAIN: &[u8] = b"txn";
 
-/// `nid.v1.IdentityStatus.ACTIVATED`.
-pub const STATUS_ACTIVATED: i32 = 1;
+/// Nonce indexes of the values one command writes (each value gets its own nonce).
+mod nonce {
+    pub const RECORD: u32 = 0;
+    pub const RID: u32 = 1;
+    pub const HISTORY: u32 = 2;
+    pub const VID: u32 = 3;
+    pub const AUDIT: u32 = 4;
+}
+
+/// The result of verifying an identity's audit chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainReport {
+    /// True when every link and the head match.
+    pub intact: bool,
+    /// Records checked.
+    pub records: u64,
+    /// Sequence number of the first broken link (0 when intact).
+    pub first_broken: u64,
+}
 
 /// Reads and applies against one replica's DB.
 pub struct StateMachine {
     db: Arc<DB>,
     keyring: Arc<Keyring>,
+}
+
+/// Associated data of a sealed identity operation: the bucket and the target, so a sealed payload
+/// cannot be replayed against another identity.
+pub fn op_aad(bucket: u16, target: &Target) -> Vec<u8> {
+    let (tag, hash) = match target {
+        Target::Uin(h) => (b'u', h),
+        Target::Vid(h) => (b'v', h),
+    };
+    let mut aad = b"nid/v1/op".to_vec();
+    aad.extend_from_slice(&bucket.to_be_bytes());
+    aad.push(tag);
+    aad.extend_from_slice(hash);
+    aad
 }
 
 /// Pending writes of the current apply batch, visible to later commands in it.
@@ -114,6 +153,8 @@ impl StateMachine {
     ) -> Result<CommandResult, StoreError> {
         match command {
             Command::Enroll(cmd) => self.apply_enroll(cmd, wb, overlay),
+            Command::Identity(cmd) => self.apply_identity(cmd, wb, overlay),
+            Command::ControlPutPartner { partner } => self.apply_put_partner(partner, wb, overlay),
             Command::ControlInit { config, table } => self.apply_control_init(config, table, wb, overlay),
             Command::ControlRegisterCell { cell } => self.apply_register_cell(cell, wb, overlay),
             Command::ControlCommitMove { bucket, from, to, expected_epoch } => {
@@ -302,23 +343,30 @@ impl StateMachine {
             }
             let record = IdentityRecord {
                 uin: candidate.clone(),
-                status: STATUS_ACTIVATED,
+                status: identity::ACTIVATED,
+                status_reason: String::new(),
                 version: 1,
                 created_ms: cmd.now_ms,
                 updated_ms: cmd.now_ms,
                 request: secret.request.clone(),
-                pin_verifier: secret.pin_verifier,
-                totp_secret: secret.totp_secret.clone(),
                 payload_mac: cmd.payload_mac,
+                pin: secret.pin_verifier,
+                totp_secret: secret.totp_secret.clone(),
+                totp_last_step: 0,
+                vids: Vec::new(),
+                locks: Vec::new(),
+                failures: 0,
+                locked_until_ms: 0,
+                audit_len: 0,
+                audit_head: [0; 32],
             };
             let rid_value = RidRecord { uin: candidate.clone(), payload_mac: cmd.payload_mac };
-            let sealed_record = self.keyring.seal(&uin_key, cmd.record_nonce, &codec::encode(&record));
-            let sealed_rid = self.keyring.seal(&rid_key, cmd.rid_nonce, &codec::encode(&rid_value));
+            let sealed_rid =
+                self.keyring.seal(&rid_key, derived_nonce(&cmd.seed, nonce::RID), &codec::encode(&rid_value));
             let data = cf(&self.db, CF_DATA)?;
-            wb.put_cf(data, uin_key, &sealed_record);
             wb.put_cf(data, rid_key, &sealed_rid);
-            overlay.data.insert(uin_key.to_vec(), sealed_record);
             overlay.data.insert(rid_key.to_vec(), sealed_rid);
+            self.put_record(bucket, &record, &cmd.seed, true, wb, overlay)?;
             return Ok(CommandResult::Enrolled {
                 uin: candidate.clone(),
                 created: true,
@@ -326,6 +374,413 @@ impl StateMachine {
             });
         }
         Ok(CommandResult::Rejected(Rejection::CandidatesTaken))
+    }
+
+    /// Writes the current record and, when `new_version`, its history entry.
+    fn put_record(
+        &self,
+        bucket: BucketId,
+        record: &IdentityRecord,
+        seed: &[u8; 16],
+        new_version: bool,
+        wb: &mut WriteBatch,
+        overlay: &mut Overlay,
+    ) -> Result<(), StoreError> {
+        let data = cf(&self.db, CF_DATA)?;
+        let uin_hash = self.keyring.index_hash(UIN_DOMAIN, record.uin.as_bytes());
+        let key = keys::data_key(bucket, Table::Identity, &uin_hash);
+        let sealed = self.keyring.seal_versioned(
+            &key,
+            record.version,
+            derived_nonce(seed, nonce::RECORD),
+            &codec::encode(record),
+        );
+        wb.put_cf(data, key, &sealed);
+        overlay.data.insert(key.to_vec(), sealed);
+        if new_version {
+            let hkey = keys::sequence_key(bucket, Table::History, &uin_hash, record.version);
+            let entry = record.history_entry();
+            let sealed =
+                self.keyring.seal(&hkey, derived_nonce(seed, nonce::HISTORY), &codec::encode(&entry));
+            wb.put_cf(data, hkey, &sealed);
+            overlay.data.insert(hkey.to_vec(), sealed);
+        }
+        Ok(())
+    }
+
+    /// Resolves a target to its UIN (None when no identity has it).
+    fn resolve_in(
+        &self,
+        bucket: BucketId,
+        target: &Target,
+        overlay: &Overlay,
+    ) -> Result<Option<String>, StoreError> {
+        let hash = match target {
+            Target::Uin(hash) => {
+                let key = keys::data_key(bucket, Table::Identity, hash);
+                return match self.get_in(&key, overlay)? {
+                    Some(sealed) => Ok(Some(self.open_record(&key, &sealed)?.uin)),
+                    None => Ok(None),
+                };
+            }
+            Target::Vid(hash) => hash,
+        };
+        let key = keys::data_key(bucket, Table::Vid, hash);
+        let Some(sealed) = self.get_in(&key, overlay)? else { return Ok(None) };
+        let index: VidIndex = self
+            .keyring
+            .open(&key, &sealed)
+            .map_err(|e| StoreError::BadSnapshot(format!("VID index value does not open: {e}")))
+            .and_then(|p| {
+                codec::decode(&p).map_err(|source| StoreError::Corrupt { what: "VID index", source })
+            })?;
+        Ok(Some(index.uin))
+    }
+
+    fn open_record(&self, key: &[u8], sealed: &[u8]) -> Result<IdentityRecord, StoreError> {
+        let (version, plain) = self
+            .keyring
+            .open_versioned(key, sealed)
+            .map_err(|e| StoreError::BadSnapshot(format!("identity record does not open: {e}")))?;
+        let record: IdentityRecord = codec::decode(&plain)
+            .map_err(|source| StoreError::Corrupt { what: "identity record", source })?;
+        if record.version != version {
+            return Err(StoreError::BadSnapshot("identity record version does not match its label".into()));
+        }
+        Ok(record)
+    }
+
+    fn apply_identity(
+        &self,
+        cmd: &IdentityCommand,
+        wb: &mut WriteBatch,
+        overlay: &mut Overlay,
+    ) -> Result<CommandResult, StoreError> {
+        let Some(bucket) = BucketId::new(u32::from(cmd.bucket)) else {
+            return Ok(CommandResult::Rejected(Rejection::Malformed("bucket out of range".into())));
+        };
+        if let Some(rejection) = self.ownership(cmd.bucket, overlay)? {
+            return Ok(CommandResult::Rejected(rejection));
+        }
+        let op: IdentityOp = match self.keyring.open(&op_aad(cmd.bucket, &cmd.target), &cmd.sealed) {
+            Ok(plain) => match codec::decode(&plain) {
+                Ok(op) => op,
+                Err(e) => return Ok(CommandResult::Rejected(Rejection::Malformed(e.to_string()))),
+            },
+            Err(e) => return Ok(CommandResult::Rejected(Rejection::Malformed(e.to_string()))),
+        };
+        let now = cmd.now_ms;
+        let uin = self.resolve_in(bucket, &cmd.target, overlay)?;
+        let via_vid = match (&cmd.target, &uin) {
+            (Target::Vid(_), Some(_)) => Some(()),
+            _ => None,
+        };
+        let Some(uin) = uin else {
+            return Ok(match op {
+                IdentityOp::Authenticate(a) => {
+                    let reason = if identity::factors_allowed(&a) {
+                        AuthReason::UnknownId
+                    } else {
+                        AuthReason::FactorNotAllowed
+                    };
+                    CommandResult::Identity(IdentityResult::Auth(AuthOutcome {
+                        authenticated: false,
+                        reasons: vec![reason as i32],
+                        uin: None,
+                        time_ms: now,
+                    }))
+                }
+                _ => CommandResult::Rejected(Rejection::NotFound),
+            });
+        };
+        let key = self.uin_key(bucket, &uin);
+        let Some(sealed) = self.get_in(&key, overlay)? else {
+            return Err(StoreError::BadSnapshot("an index names a missing identity".into()));
+        };
+        let mut rec = self.open_record(&key, &sealed)?;
+        let before = rec.version;
+        // The VID a command came through, in clear, is only known inside the record: match its hash.
+        let vid = match (&cmd.target, via_vid) {
+            (Target::Vid(h), Some(())) => rec
+                .vids
+                .iter()
+                .find(|v| self.keyring.index_hash(VID_DOMAIN, v.vid.as_bytes()) == *h)
+                .map(|v| v.vid.clone()),
+            _ => None,
+        };
+        if matches!(cmd.target, Target::Vid(_)) && vid.is_none() {
+            return Err(StoreError::BadSnapshot("a VID index names an identity without that VID".into()));
+        }
+        let result = match op {
+            IdentityOp::Update { expected_version, demographics, biometrics } => {
+                identity::update(&mut rec, expected_version, &demographics, &biometrics, now)
+                    .map(IdentityResult::Version)
+            }
+            IdentityOp::SetStatus { status, reason } => {
+                identity::set_status(&mut rec, status, &reason, now).map(IdentityResult::Version)
+            }
+            IdentityOp::CreateVid { kind, expires_ms, max_uses, candidates } => {
+                let mut chosen = None;
+                for c in candidates {
+                    let vkey = keys::data_key(
+                        bucket,
+                        Table::Vid,
+                        &self.keyring.index_hash(VID_DOMAIN, c.as_bytes()),
+                    );
+                    if self.get_in(&vkey, overlay)?.is_none() {
+                        chosen = Some((c, vkey));
+                        break;
+                    }
+                }
+                match chosen {
+                    None => Err(Rejection::CandidatesTaken),
+                    Some((c, vkey)) => {
+                        let created = identity::create_vid(&mut rec, c, kind, expires_ms, max_uses, now);
+                        if created.is_ok() {
+                            let value = codec::encode(&VidIndex { uin: rec.uin.clone() });
+                            let sealed =
+                                self.keyring.seal(&vkey, derived_nonce(&cmd.seed, nonce::VID), &value);
+                            wb.put_cf(cf(&self.db, CF_DATA)?, vkey, &sealed);
+                            overlay.data.insert(vkey.to_vec(), sealed);
+                        }
+                        created.map(IdentityResult::Vid)
+                    }
+                }
+            }
+            IdentityOp::RevokeVid => match &vid {
+                Some(v) => identity::revoke_vid(&mut rec, v, now).map(|()| IdentityResult::VidRevoked),
+                None => Err(Rejection::Malformed("revoke needs a VID target".into())),
+            },
+            IdentityOp::LockAuthTypes { lock, unlock } => {
+                identity::lock_auth_types(&mut rec, &lock, &unlock, now).map(IdentityResult::Locks)
+            }
+            IdentityOp::Authenticate(attempt) => {
+                let txn_key = self.txn_key(bucket, &attempt.partner_id, &attempt.transaction_id, &rec.uin);
+                let replayed = self.get_in(&txn_key, overlay)?.is_some();
+                let decision =
+                    identity::authenticate(&mut rec, &attempt, vid.as_deref(), replayed, now, &self.keyring);
+                let data = cf(&self.db, CF_DATA)?;
+                if decision.record_transaction {
+                    let value = codec::encode(&now);
+                    wb.put_cf(data, txn_key, &value);
+                    overlay.data.insert(txn_key.to_vec(), value);
+                }
+                let audit = identity::append_audit(&mut rec, &attempt, &decision, now);
+                let uin_hash = self.keyring.index_hash(UIN_DOMAIN, rec.uin.as_bytes());
+                let akey = keys::sequence_key(bucket, Table::Audit, &uin_hash, audit.seq);
+                let sealed =
+                    self.keyring.seal(&akey, derived_nonce(&cmd.seed, nonce::AUDIT), &codec::encode(&audit));
+                wb.put_cf(data, akey, &sealed);
+                overlay.data.insert(akey.to_vec(), sealed);
+                Ok(IdentityResult::Auth(AuthOutcome {
+                    authenticated: decision.authenticated,
+                    reasons: decision.reasons,
+                    uin: Some(rec.uin.clone()),
+                    time_ms: now,
+                }))
+            }
+        };
+        match result {
+            Ok(result) => {
+                let changed_version = rec.version != before;
+                self.put_record(bucket, &rec, &cmd.seed, changed_version, wb, overlay)?;
+                Ok(CommandResult::Identity(result))
+            }
+            Err(rejection) => Ok(CommandResult::Rejected(rejection)),
+        }
+    }
+
+    fn txn_key(&self, bucket: BucketId, partner: &str, txn: &str, uin: &str) -> [u8; 35] {
+        let mut natural = Vec::with_capacity(partner.len() + txn.len() + uin.len() + 8);
+        natural.extend_from_slice(&(partner.len() as u32).to_be_bytes());
+        natural.extend_from_slice(partner.as_bytes());
+        natural.extend_from_slice(&(txn.len() as u32).to_be_bytes());
+        natural.extend_from_slice(txn.as_bytes());
+        natural.extend_from_slice(uin.as_bytes());
+        keys::data_key(bucket, Table::Txn, &self.keyring.index_hash(TXN_DOMAIN, &natural))
+    }
+
+    fn apply_put_partner(
+        &self,
+        partner: &[u8],
+        wb: &mut WriteBatch,
+        overlay: &mut Overlay,
+    ) -> Result<CommandResult, StoreError> {
+        let Ok(record) = PartnerRecord::decode(partner) else {
+            return Ok(CommandResult::Rejected(Rejection::Malformed("partner".into())));
+        };
+        let Some(id) = record.partner.as_ref().map(|p| p.partner_id.clone()) else {
+            return Ok(CommandResult::Rejected(Rejection::Malformed("partner".into())));
+        };
+        if self.routing_table_in(overlay)?.is_none() {
+            return Ok(CommandResult::Rejected(Rejection::NoCluster));
+        }
+        let mut list = self.partners_in(overlay)?;
+        if list.partners.contains(&record) {
+            return Ok(CommandResult::Control { changed: false, version: list.partners_version });
+        }
+        list.partners.retain(|p| p.partner.as_ref().is_none_or(|p| p.partner_id != id));
+        list.partners.push(record);
+        list.partners.sort_by(|a, b| {
+            let id = |r: &PartnerRecord| r.partner.as_ref().map(|p| p.partner_id.clone()).unwrap_or_default();
+            id(a).cmp(&id(b))
+        });
+        list.partners_version += 1;
+        self.put_control(keys::CONTROL_PARTNERS, &list.encode_to_vec(), wb, overlay)?;
+        Ok(CommandResult::Control { changed: true, version: list.partners_version })
+    }
+
+    fn partners_in(&self, overlay: &Overlay) -> Result<ListPartnersInternalResponse, StoreError> {
+        match self.control_value(keys::CONTROL_PARTNERS, overlay)? {
+            Some(bytes) => ListPartnersInternalResponse::decode(bytes.as_slice())
+                .map_err(|_| StoreError::BadSnapshot("stored partner list does not decode".into())),
+            None => Ok(ListPartnersInternalResponse::default()),
+        }
+    }
+
+    /// The partners held by a control cell, with their credential verifiers.
+    pub fn partners(&self) -> Result<ListPartnersInternalResponse, StoreError> {
+        self.partners_in(&Overlay::default())
+    }
+
+    /// Resolves a UIN or VID target in the applied state to its identity (None when unknown or,
+    /// for a VID, when the VID is not usable at `now_ms`).
+    pub fn lookup(
+        &self,
+        bucket: BucketId,
+        target: &Target,
+        now_ms: u64,
+    ) -> Result<Option<IdentityRecord>, StoreError> {
+        let overlay = Overlay::default();
+        let Some(uin) = self.resolve_in(bucket, target, &overlay)? else { return Ok(None) };
+        let Some(rec) = self.identity_in(bucket, &uin, &overlay)? else { return Ok(None) };
+        if let Target::Vid(h) = target {
+            let usable = rec.vids.iter().any(|v| {
+                self.keyring.index_hash(VID_DOMAIN, v.vid.as_bytes()) == *h && identity::vid_usable(v, now_ms)
+            });
+            if !usable {
+                return Ok(None);
+            }
+        }
+        Ok(Some(rec))
+    }
+
+    /// The target naming an identifier: the keyed hash of a UIN or a VID.
+    pub fn target(&self, is_vid: bool, id: &str) -> Target {
+        if is_vid {
+            Target::Vid(self.keyring.index_hash(VID_DOMAIN, id.as_bytes()))
+        } else {
+            Target::Uin(self.keyring.index_hash(UIN_DOMAIN, id.as_bytes()))
+        }
+    }
+
+    /// Versions `from..` of an identity's history, at most `limit`, and the next version if more.
+    pub fn history(
+        &self,
+        bucket: BucketId,
+        uin: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<(Vec<HistoryEntry>, Option<u64>), StoreError> {
+        let hash = self.keyring.index_hash(UIN_DOMAIN, uin.as_bytes());
+        let start = keys::sequence_key(bucket, Table::History, &hash, from);
+        let end = keys::sequence_key(bucket, Table::History, &hash, u64::MAX);
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(end.to_vec());
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf_opt(
+            cf(&self.db, CF_DATA)?,
+            ro,
+            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            let entry: HistoryEntry = self
+                .keyring
+                .open(&k, &v)
+                .map_err(|e| StoreError::BadSnapshot(format!("history entry does not open: {e}")))
+                .and_then(|p| {
+                    codec::decode(&p).map_err(|source| StoreError::Corrupt { what: "history", source })
+                })?;
+            if out.len() == limit {
+                return Ok((out, Some(entry.version)));
+            }
+            out.push(entry);
+        }
+        Ok((out, None))
+    }
+
+    /// Audit records of an identity, newest first, starting at sequence `before` (exclusive; None =
+    /// from the newest); at most `limit`, and the sequence to continue from if more.
+    pub fn audit_page(
+        &self,
+        bucket: BucketId,
+        uin: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<AuditRecord>, Option<u64>), StoreError> {
+        let hash = self.keyring.index_hash(UIN_DOMAIN, uin.as_bytes());
+        let lower = keys::sequence_key(bucket, Table::Audit, &hash, 0);
+        let upper = keys::sequence_key(bucket, Table::Audit, &hash, before.unwrap_or(u64::MAX));
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_lower_bound(lower.to_vec());
+        ro.set_iterate_upper_bound(upper.to_vec());
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf_opt(cf(&self.db, CF_DATA)?, ro, rocksdb::IteratorMode::End) {
+            let (k, v) = item?;
+            let record = self.open_audit(&k, &v)?;
+            if out.len() == limit {
+                return Ok((out, Some(record.seq + 1)));
+            }
+            out.push(record);
+        }
+        Ok((out, None))
+    }
+
+    fn open_audit(&self, key: &[u8], value: &[u8]) -> Result<AuditRecord, StoreError> {
+        self.keyring
+            .open(key, value)
+            .map_err(|e| StoreError::BadSnapshot(format!("audit record does not open: {e}")))
+            .and_then(|p| {
+                codec::decode(&p).map_err(|source| StoreError::Corrupt { what: "audit record", source })
+            })
+    }
+
+    /// Walks an identity's audit chain: every record must sit at its sequence, link to the hash of
+    /// the one before, and the last must match the head kept in the identity record. A record that
+    /// no longer opens (tampered ciphertext) breaks the chain at its position.
+    pub fn verify_audit_chain(
+        &self,
+        bucket: BucketId,
+        rec: &IdentityRecord,
+    ) -> Result<ChainReport, StoreError> {
+        let hash = self.keyring.index_hash(UIN_DOMAIN, rec.uin.as_bytes());
+        let lower = keys::sequence_key(bucket, Table::Audit, &hash, 0);
+        let upper = keys::sequence_key(bucket, Table::Audit, &hash, u64::MAX);
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(upper.to_vec());
+        let mut prev = [0u8; 32];
+        let mut expected = 1u64;
+        let broken = |at: u64, records: u64| ChainReport { intact: false, records, first_broken: at };
+        for item in self.db.iterator_cf_opt(
+            cf(&self.db, CF_DATA)?,
+            ro,
+            rocksdb::IteratorMode::From(&lower, rocksdb::Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            let Ok(record) = self.open_audit(&k, &v) else { return Ok(broken(expected, expected - 1)) };
+            if record.seq != expected || record.prev != prev {
+                return Ok(broken(expected, expected - 1));
+            }
+            prev = identity::audit_hash(&record);
+            expected += 1;
+        }
+        let records = expected - 1;
+        if records != rec.audit_len || prev != rec.audit_head {
+            // Missing or extra records at the end, or a last record that is not the recorded head.
+            let at = if records == rec.audit_len { records.max(1) } else { records.min(rec.audit_len) + 1 };
+            return Ok(broken(at, records));
+        }
+        Ok(ChainReport { intact: true, records, first_broken: 0 })
     }
 
     /// The data key of a UIN (given as digits) inside `bucket`.
@@ -341,13 +796,7 @@ impl StateMachine {
     ) -> Result<Option<IdentityRecord>, StoreError> {
         let key = self.uin_key(bucket, uin);
         let Some(sealed) = self.get_in(&key, overlay)? else { return Ok(None) };
-        let plain = self
-            .keyring
-            .open(&key, &sealed)
-            .map_err(|e| StoreError::BadSnapshot(format!("identity record does not open: {e}")))?;
-        codec::decode(&plain)
-            .map(Some)
-            .map_err(|source| StoreError::Corrupt { what: "identity record", source })
+        self.open_record(&key, &sealed).map(Some)
     }
 
     /// Reads an identity by UIN from the applied state.

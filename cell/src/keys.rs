@@ -65,6 +65,14 @@ pub enum Table {
     Rid = 1,
     /// UIN -> identity record.
     Identity = 2,
+    /// UIN, version -> that version of the identity (history).
+    History = 3,
+    /// VID -> UIN.
+    Vid = 4,
+    /// UIN, sequence -> audit record (the hash chain).
+    Audit = 5,
+    /// (partner, transaction, identity) -> decision time: the replay index.
+    Txn = 6,
 }
 
 /// A `data` CF key: bucket, table, then a keyed hash of the natural key (never the key itself).
@@ -75,6 +83,18 @@ pub fn data_key(bucket: BucketId, table: Table, hashed: &[u8; 32]) -> [u8; 35] {
     key[3..].copy_from_slice(hashed);
     key
 }
+
+/// A `data` CF key with a big-endian sequence after the hash (history versions, audit records), so
+/// one identity's entries sort in order and form one range.
+pub fn sequence_key(bucket: BucketId, table: Table, hashed: &[u8; 32], seq: u64) -> [u8; 43] {
+    let mut key = [0u8; 43];
+    key[..35].copy_from_slice(&data_key(bucket, table, hashed));
+    key[35..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// The control-cell key of the partner list.
+pub const CONTROL_PARTNERS: &[u8] = &[0xff, 0xff, 0x03];
 
 /// The `[start, end)` range of one bucket in the `data` CF.
 pub fn bucket_range(bucket: BucketId) -> (Vec<u8>, Vec<u8>) {
@@ -100,13 +120,25 @@ mod tests {
     }
 
     #[test]
+    fn sequence_keys_of_one_identity_sort_by_sequence() {
+        let b = BucketId::new(9).unwrap();
+        let h = [7u8; 32];
+        let keys: Vec<_> =
+            [1u64, 2, 255, 256, 70000].iter().map(|&s| sequence_key(b, Table::Audit, &h, s)).collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]));
+        assert!(keys.iter().all(|k| k.starts_with(&data_key(b, Table::Audit, &h))));
+    }
+
+    #[test]
     fn a_bucket_is_one_contiguous_range() {
         for b in [0u16, 1, 255, 256, 16383] {
             let bucket = BucketId::new(u32::from(b)).unwrap();
             let (start, end) = bucket_range(bucket);
-            for table in [Table::Rid, Table::Identity] {
+            for table in [Table::Rid, Table::Identity, Table::History, Table::Vid, Table::Audit, Table::Txn] {
                 for h in [[0u8; 32], [0xff; 32]] {
                     let k = data_key(bucket, table, &h);
+                    assert!(k.as_slice() >= start.as_slice() && k.as_slice() < end.as_slice());
+                    let k = sequence_key(bucket, table, &h, u64::MAX);
                     assert!(k.as_slice() >= start.as_slice() && k.as_slice() < end.as_slice());
                 }
             }

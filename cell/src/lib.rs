@@ -13,6 +13,8 @@ pub mod config;
 pub mod crypto;
 pub mod enroll;
 pub mod fsm;
+pub mod handlers;
+pub mod identity;
 pub mod keys;
 pub mod metrics;
 pub mod peer;

@@ -47,6 +47,8 @@ pub struct CellMetrics {
     pub grpc_requests: IntCounterVec,
     /// gRPC latency by method.
     pub grpc_seconds: HistogramVec,
+    /// Authentication decisions by result (yes/no); never labelled by identity or partner.
+    pub auth_decisions: IntCounterVec,
 }
 
 fn buckets_seconds() -> Vec<f64> {
@@ -137,6 +139,11 @@ impl CellMetrics {
                 &["reason"],
             ),
             rocksdb_size: gauge("nid_rocksdb_size_bytes", "Live SST plus WAL size of the replica's RocksDB."),
+            auth_decisions: counter_vec(
+                "nid_auth_decisions_total",
+                "Authentication decisions signed by this replica, by result.",
+                &["result"],
+            ),
             grpc_requests: counter_vec(
                 "nid_grpc_server_handled_total",
                 "gRPC requests handled, by method and code.",

@@ -139,6 +139,12 @@ pub async fn run(config: CellConfig) -> anyhow::Result<()> {
         scheme,
         book: book.clone(),
         metrics: metrics.clone(),
+        clock: Arc::new(crate::handlers::Clock::default()),
+        auth_policy: crate::command::AuthPolicy {
+            max_failures: config.auth_max_failures,
+            cooldown_ms: config.auth_cooldown_secs.saturating_mul(1000),
+            skew_ms: config.auth_skew_secs.saturating_mul(1000),
+        },
     });
 
     if let Some(addr) = config.metrics_listen {

@@ -4,16 +4,17 @@
 //! Errors never quote identifiers or personal data; bad input gets INVALID_ARGUMENT with BadRequest
 //! field violations; routing problems carry typed hints (not-leader, wrong-owner, retry-later).
 
-use crate::command::{BucketState, Command, CommandResult, IdentityRecord, Rejection};
+use crate::command::{AuthPolicy, BucketState, Command, CommandResult, Rejection};
 use crate::crypto::Keyring;
 use crate::enroll::{self, PrepareError};
 use crate::fsm::StateMachine;
+use crate::handlers::Clock;
 use crate::metrics::CellMetrics;
 use crate::peer::{PeerError, PeerHandle, PeerMsg};
 use crate::transport::{AddressBook, Member};
 use nid_proto::bucket::BucketId;
 use nid_proto::error::{FieldViolations, RoutingHint, invalid_field, status_with_reason};
-use nid_proto::ids::{IdKind, IdScheme};
+use nid_proto::ids::IdScheme;
 use nid_proto::v1::bucket_admin_server::BucketAdmin;
 use nid_proto::v1::cell_request::Operation;
 use nid_proto::v1::cell_response::Result as CellResult;
@@ -24,8 +25,8 @@ use nid_proto::v1::{
     BucketExportChunk, CellInfo, CellRequest, CellResponse, CellState, CellStatus, ChangeMembershipRequest,
     ChangeMembershipResponse, ChecksumBucketRequest, ChecksumBucketResponse, DeleteBucketRequest,
     DeleteBucketResponse, EchoRequest, EchoResponse, EnrollRequest, EnrollResponse, ErrorReason,
-    ExportBucketRequest, GetCellStatusRequest, GetIdentityRequest, GetIdentityResponse, Identity,
-    ImportBucketResponse, ReplicaInfo, ReplicaStatus, ServedBy, SetBucketStateRequest,
+    ExportBucketRequest, GetCellStatusRequest, GetSigningKeysRequest, GetSigningKeysResponse,
+    ImportBucketResponse, PartnerRecord, ReplicaInfo, ReplicaStatus, ServedBy, SetBucketStateRequest,
     SetBucketStateResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use nid_proto::v1::{
@@ -38,7 +39,7 @@ use nid_proto::v1::{
 use prost::Message as _;
 use raft::prelude::{ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 /// How long a write or read may wait for Raft.
@@ -62,10 +63,14 @@ pub struct CellContext {
     pub book: Arc<AddressBook>,
     /// Metrics.
     pub metrics: Arc<CellMetrics>,
+    /// The clock commands are stamped with.
+    pub clock: Arc<Clock>,
+    /// Lockout and skew policy for authentication.
+    pub auth_policy: AuthPolicy,
 }
 
 impl CellContext {
-    fn served_by(&self) -> ServedBy {
+    pub(crate) fn served_by(&self) -> ServedBy {
         ServedBy { cell_id: self.cell_id, node_id: self.node_id, table_version: 0 }
     }
 
@@ -90,7 +95,10 @@ impl CellContext {
         }
     }
 
-    fn rejection_status(&self, r: Rejection) -> Status {
+    pub(crate) fn rejection_status(&self, r: Rejection) -> Status {
+        if let Some(status) = self.identity_rejection(&r) {
+            return status;
+        }
         match r {
             Rejection::WrongOwner { bucket, table_version } => {
                 RoutingHint::WrongOwner { bucket, owner_cell: None, table_version }.into_status()
@@ -114,6 +122,9 @@ impl CellContext {
             }
             Rejection::ClusterExists => Status::already_exists("the cluster exists with another config"),
             Rejection::NoCluster => Status::failed_precondition("the cluster has not been initialized"),
+            Rejection::NotFound | Rejection::VersionMismatch { .. } | Rejection::NotAllowed(_) => {
+                Status::internal("unmapped rejection")
+            }
         }
     }
 
@@ -127,7 +138,7 @@ impl CellContext {
         }
         // Candidates can collide with existing UINs (rarely): prepare fresh ones and retry.
         for _ in 0..3 {
-            let cmd = match enroll::prepare(&req, &self.keyring, &self.scheme, now_ms()) {
+            let cmd = match enroll::prepare(&req, &self.keyring, &self.scheme, self.clock.now_ms()) {
                 Ok(cmd) => cmd,
                 Err(PrepareError::Invalid(v)) => return Err(violations_status(v)),
                 Err(PrepareError::Random) => return Err(Status::internal("random source failed")),
@@ -148,16 +159,14 @@ impl CellContext {
                 }
                 CommandResult::Rejected(Rejection::CandidatesTaken) => continue,
                 CommandResult::Rejected(r) => return Err(self.rejection_status(r)),
-                CommandResult::BucketsSet | CommandResult::Control { .. } => {
-                    return Err(Status::internal("unexpected result"));
-                }
+                _ => return Err(Status::internal("unexpected result")),
             }
         }
         Err(Status::unavailable("uin candidates kept colliding; retry"))
     }
 
     /// A linearizable read barrier followed by the ownership check for `bucket`.
-    async fn read_fence(&self, bucket: BucketId) -> Result<(), Status> {
+    pub(crate) async fn read_fence(&self, bucket: BucketId) -> Result<(), Status> {
         self.peer.read_barrier(RAFT_TIMEOUT).await.map_err(|e| self.peer_status(e))?;
         let rec = self.fsm.bucket_record(bucket.get()).map_err(|_| Status::internal("storage error"))?;
         match rec.state {
@@ -171,62 +180,14 @@ impl CellContext {
             })),
         }
     }
-
-    async fn get_identity(&self, req: GetIdentityRequest) -> Result<GetIdentityResponse, Status> {
-        let id = self.scheme.parse(&req.id).map_err(|e| {
-            status_with_reason(
-                Code::InvalidArgument,
-                format!("id: {e}"),
-                ErrorReason::InvalidIdentifier,
-                &[("field", "id".to_owned())],
-            )
-        })?;
-        if id.kind() == IdKind::Vid {
-            return Err(Status::unimplemented("lookup by VID arrives with the identity domain"));
-        }
-        self.read_fence(id.bucket()).await?;
-        let record = self
-            .fsm
-            .get_identity(id.bucket(), &req.id)
-            .map_err(|_| Status::internal("storage error"))?
-            .ok_or_else(|| Status::not_found("no identity with this id"))?;
-        Ok(GetIdentityResponse { identity: Some(identity_view(record)?), served_by: Some(self.served_by()) })
-    }
 }
 
-fn violations_status(v: FieldViolations) -> Status {
+/// The status of a set of field violations.
+pub(crate) fn violations_status(v: FieldViolations) -> Status {
     match v.into_result() {
         Err(status) => status,
         Ok(()) => Status::invalid_argument("invalid request"),
     }
-}
-
-/// Unix milliseconds now (the leader's clock; carried in the command).
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-fn timestamp(ms: u64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: (ms / 1000) as i64, nanos: ((ms % 1000) * 1_000_000) as i32 }
-}
-
-fn identity_view(r: IdentityRecord) -> Result<Identity, Status> {
-    let req = EnrollRequest::decode(r.request.as_slice())
-        .map_err(|_| Status::internal("stored record unreadable"))?;
-    Ok(Identity {
-        uin: r.uin,
-        rid: req.rid,
-        status: r.status,
-        version: r.version,
-        created_at: Some(timestamp(r.created_ms)),
-        updated_at: Some(timestamp(r.updated_ms)),
-        demographics: req.demographics,
-        biometrics: req.biometrics,
-        vids: Vec::new(),
-        auth_locks: Vec::new(),
-        has_pin: r.pin_verifier.is_some(),
-        has_totp: r.totp_secret.is_some(),
-    })
 }
 
 /// Runs `f`, recording its method, gRPC code and latency in the replica's metrics.
@@ -255,7 +216,7 @@ impl Cell for CellService {
         let ctx = &self.0;
         let req = request.into_inner();
         let route_bucket = req.route.as_ref().map(|r| r.bucket);
-        let op = req.operation.ok_or_else(|| invalid_field("operation", "is required"))?;
+        let op = req.operation.clone().ok_or_else(|| invalid_field("operation", "is required"))?;
         let (method, fut): (
             &'static str,
             std::pin::Pin<Box<dyn Future<Output = Result<CellResult, Status>> + Send + '_>>,
@@ -267,13 +228,44 @@ impl Cell for CellService {
                 "GetIdentity",
                 Box::pin(async move { ctx.get_identity(r).await.map(CellResult::GetIdentity) }),
             ),
-            _ => (
-                "Other",
-                Box::pin(async {
-                    Err(Status::unimplemented(
-                        "this operation arrives with the identity-domain work (issue #5)",
-                    ))
-                }),
+            Operation::UpdateIdentity(r) => (
+                "UpdateIdentity",
+                Box::pin(async move { ctx.update_identity(r).await.map(CellResult::UpdateIdentity) }),
+            ),
+            Operation::SetStatus(r) => {
+                ("SetStatus", Box::pin(async move { ctx.set_status(r).await.map(CellResult::SetStatus) }))
+            }
+            Operation::GetHistory(r) => {
+                ("GetHistory", Box::pin(async move { ctx.get_history(r).await.map(CellResult::GetHistory) }))
+            }
+            Operation::CreateVid(r) => {
+                ("CreateVid", Box::pin(async move { ctx.create_vid(r).await.map(CellResult::CreateVid) }))
+            }
+            Operation::RevokeVid(r) => {
+                ("RevokeVid", Box::pin(async move { ctx.revoke_vid(r).await.map(CellResult::RevokeVid) }))
+            }
+            Operation::LockAuthTypes(r) => (
+                "LockAuthTypes",
+                Box::pin(async move { ctx.lock_auth_types(r).await.map(CellResult::LockAuthTypes) }),
+            ),
+            Operation::Authenticate(r) => {
+                let route = req.route.clone();
+                (
+                    "Authenticate",
+                    Box::pin(async move {
+                        ctx.authenticate(r, route.as_ref(), ctx.auth_policy)
+                            .await
+                            .map(CellResult::Authenticate)
+                    }),
+                )
+            }
+            Operation::GetAuthHistory(r) => (
+                "GetAuthHistory",
+                Box::pin(async move { ctx.get_auth_history(r).await.map(CellResult::GetAuthHistory) }),
+            ),
+            Operation::VerifyAuditChain(r) => (
+                "VerifyAuditChain",
+                Box::pin(async move { ctx.verify_audit_chain(r).await.map(CellResult::VerifyAuditChain) }),
             ),
         };
         observed(&ctx.metrics, method, async move {
@@ -285,6 +277,13 @@ impl Cell for CellService {
 
     async fn echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoResponse>, Status> {
         Ok(Response::new(EchoResponse { payload: request.into_inner().payload }))
+    }
+
+    async fn get_signing_keys(
+        &self,
+        _request: Request<GetSigningKeysRequest>,
+    ) -> Result<Response<GetSigningKeysResponse>, Status> {
+        Ok(Response::new(self.0.signing_keys()))
     }
 
     async fn get_cell_status(
@@ -482,9 +481,7 @@ impl BucketAdmin for BucketAdminService {
                     applied_index: ctx.peer.shared.applied.load(std::sync::atomic::Ordering::Relaxed),
                 }),
                 CommandResult::Rejected(r) => Err(ctx.rejection_status(r)),
-                CommandResult::Enrolled { .. } | CommandResult::Control { .. } => {
-                    Err(Status::internal("unexpected result"))
-                }
+                _ => Err(Status::internal("unexpected result")),
             }
         })
         .await
@@ -556,6 +553,12 @@ impl ControlService {
             _ => Err(Status::internal("unexpected result")),
         }
     }
+}
+
+/// A partner id: 1..=64 characters of [a-z0-9-].
+pub fn valid_partner_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// Checks a routing table's shape: one owner and epoch per bucket, owners among its cells.
@@ -731,16 +734,49 @@ impl Control for ControlService {
 
     async fn put_partner(
         &self,
-        _request: Request<PutPartnerRequest>,
+        request: Request<PutPartnerRequest>,
     ) -> Result<Response<PutPartnerResponse>, Status> {
-        Err(Status::unimplemented("partners arrive with the identity domain"))
+        let req = request.into_inner();
+        observed(&self.0.metrics, "PutPartner", async {
+            let partner = req.partner.ok_or_else(|| invalid_field("partner", "is required"))?;
+            let mut v = FieldViolations::new();
+            if !valid_partner_id(&partner.partner_id) {
+                v.add("partner.partner_id", "must be 1..=64 characters of a-z, 0-9 and '-'");
+            }
+            if partner.name.chars().count() > 128 {
+                v.add("partner.name", "at most 128 characters");
+            }
+            if partner
+                .allowed_auth_types
+                .iter()
+                .any(|t| !["demographic", "pin", "totp"].contains(&t.as_str()))
+            {
+                v.add("partner.allowed_auth_types", "each must be demographic, pin or totp");
+            }
+            if req.secret_digest.len() != 32 {
+                v.add("secret_digest", "must be 32 bytes");
+            }
+            if !v.is_empty() {
+                return Err(violations_status(v));
+            }
+            let record = PartnerRecord { partner: Some(partner), secret_digest: req.secret_digest };
+            let cmd = Command::ControlPutPartner { partner: record.encode_to_vec() };
+            let (_, version) = self.propose_control(cmd).await?;
+            Ok(PutPartnerResponse { partners_version: version })
+        })
+        .await
     }
 
     async fn list_partners_internal(
         &self,
         _request: Request<ListPartnersInternalRequest>,
     ) -> Result<Response<ListPartnersInternalResponse>, Status> {
-        Err(Status::unimplemented("partners arrive with the identity domain"))
+        let ctx = &self.0;
+        observed(&ctx.metrics, "ListPartnersInternal", async {
+            ctx.peer.read_barrier(RAFT_TIMEOUT).await.map_err(|e| ctx.peer_status(e))?;
+            ctx.fsm.partners().map_err(|_| Status::internal("storage error"))
+        })
+        .await
     }
 }
 

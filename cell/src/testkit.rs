@@ -2,16 +2,21 @@
 //! Raft loops on their own threads) wired through an in-memory transport whose filters drop,
 //! delay, partition or isolate traffic, plus `must_*` helpers that wait for a condition or fail.
 
-use crate::command::{BucketState, Command, CommandResult};
+use crate::command::{AuthPolicy, BucketState, Command, CommandResult};
 use crate::crypto::Keyring;
 use crate::enroll;
 use crate::fsm::StateMachine;
+use crate::handlers::Clock;
 use crate::metrics::CellMetrics;
 use crate::peer::{self, PeerConfig, PeerError, PeerHandle, PeerMsg, PeerStatus, Transport};
+use crate::service::CellContext;
 use crate::storage::{PeerStorage, open_db};
 use crate::transport::AddressBook;
 use nid_proto::ids::IdScheme;
 use nid_proto::v1::EnrollRequest;
+use nid_proto::v1::cell_request::Operation;
+use nid_proto::v1::cell_response::Result as CellResult;
+use nid_proto::v1::{CellRequest, RouteHeader};
 use raft::prelude::{Message, MessageType};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -143,6 +148,10 @@ pub struct Cluster {
     keyring: Arc<Keyring>,
     scheme: IdScheme,
     initial: Vec<u64>,
+    /// The clock every replica's service stamps commands with; tests move it forward.
+    pub clock: Arc<Clock>,
+    /// Authentication policy of the services.
+    pub auth_policy: AuthPolicy,
 }
 
 /// How long must_* helpers wait.
@@ -169,6 +178,8 @@ impl Cluster {
             keyring: Arc::new(Keyring::dev()),
             scheme: IdScheme::dev(),
             initial: (1..=n).collect(),
+            clock: Arc::new(Clock::default()),
+            auth_policy: AuthPolicy::default(),
         }
     }
 
@@ -246,11 +257,68 @@ impl Cluster {
         self.running.get(&id).map(|r| r.metrics.clone()).unwrap_or_else(|| panic!("node {id} not running"))
     }
 
+    /// The raw DB of running replica `id` (tests that tamper with stored bytes).
+    pub fn db(&self, id: u64) -> Arc<rocksdb::DB> {
+        self.running.get(&id).map(|r| r.db.clone()).unwrap_or_else(|| panic!("node {id} not running"))
+    }
+
     /// A state machine over replica `id`'s DB for reading its applied state.
     pub fn fsm(&self, id: u64) -> StateMachine {
         let db =
             self.running.get(&id).map(|r| r.db.clone()).unwrap_or_else(|| panic!("node {id} not running"));
         StateMachine::new(db, self.keyring.clone())
+    }
+
+    /// The gRPC service context of running replica `id` (what `nid-cell` serves, minus the network).
+    pub fn context(&self, id: u64) -> Arc<CellContext> {
+        let r = self.running.get(&id).unwrap_or_else(|| panic!("node {id} not running"));
+        Arc::new(CellContext {
+            cell_id: 1,
+            node_id: id,
+            peer: r.handle.clone(),
+            fsm: StateMachine::new(r.db.clone(), self.keyring.clone()),
+            keyring: self.keyring.clone(),
+            scheme: self.scheme.clone(),
+            book: Arc::new(AddressBook::default()),
+            metrics: r.metrics.clone(),
+            clock: self.clock.clone(),
+            auth_policy: self.auth_policy,
+        })
+    }
+
+    /// Executes `operation` through the `Cell` service of the current leader (as the router would,
+    /// with `partner` authenticated for `allowed` auth types), retrying leader changes.
+    pub async fn execute(
+        &self,
+        operation: Operation,
+        partner: Option<(&str, &[i32])>,
+    ) -> Result<CellResult, tonic::Status> {
+        use crate::service::CellService;
+        use nid_proto::v1::cell_server::Cell as _;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let leader = tokio::task::block_in_place(|| self.must_leader());
+            let service = CellService(self.context(leader));
+            let request = CellRequest {
+                route: partner.map(|(id, allowed)| RouteHeader {
+                    bucket: 0,
+                    table_version: 1,
+                    partner_id: id.to_owned(),
+                    partner_allowed: allowed.to_vec(),
+                }),
+                operation: Some(operation.clone()),
+            };
+            match service.execute(tonic::Request::new(request)).await {
+                Ok(r) => return r.into_inner().result.ok_or_else(|| tonic::Status::internal("empty result")),
+                Err(e)
+                    if nid_proto::error::RoutingHint::from_status(&e).is_some()
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Ids of running replicas.

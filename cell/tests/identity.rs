@@ -1,0 +1,571 @@
+//! The identity domain through the `Cell` service of a real 3-replica in-process cell (real Raft,
+//! real RocksDB): enrolment idempotency under concurrency, versioned updates and history, status,
+//! VIDs, locks, authentication (order of checks, replay, TOTP reuse, lockout with a moved clock,
+//! signatures, partner tokens), the audit chain and its tamper detection, and field-named errors.
+
+use nid_cell::identity::totp_code;
+use nid_cell::testkit::{Cluster, sample_request};
+use nid_proto::error::{FieldViolations, reason_of};
+use nid_proto::v1::cell_request::Operation;
+use nid_proto::v1::cell_response::Result as CellResult;
+use nid_proto::v1::*;
+use prost::Message as _;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tonic::Code;
+
+const ALL: &[i32] = &[1, 2, 3];
+
+async fn cell() -> Cluster {
+    let mut c = Cluster::new(3);
+    c.start();
+    c.must_own_all_buckets().await;
+    c
+}
+
+/// The partner's idea of now (the cell's clock may have been moved forward by a test).
+fn now(c: &Cluster) -> prost_types::Timestamp {
+    let _ = c;
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+    prost_types::Timestamp { seconds: (ms / 1000) as i64, nanos: 0 }
+}
+
+fn shifted(c: &Cluster, by: Duration) -> prost_types::Timestamp {
+    let mut t = now(c);
+    t.seconds += by.as_secs() as i64;
+    t
+}
+
+async fn enroll(c: &Cluster, req: EnrollRequest) -> EnrollResponse {
+    match c.execute(Operation::Enroll(req), None).await.expect("enrol") {
+        CellResult::Enroll(r) => r,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn enroll_full(c: &Cluster, rid: &str) -> (String, Vec<u8>) {
+    let mut req = sample_request(rid);
+    req.pin = "2468".into();
+    req.provision_totp = true;
+    let r = enroll(c, req).await;
+    (r.uin, r.totp_secret)
+}
+
+fn auth_request(id: &str, txn: &str, time: prost_types::Timestamp, factors: AuthFactors) -> Operation {
+    Operation::Authenticate(AuthenticateRequest {
+        id: id.into(),
+        transaction_id: txn.into(),
+        request_time: Some(time),
+        factors: Some(factors),
+    })
+}
+
+fn pin(p: &str) -> AuthFactors {
+    AuthFactors { pin: p.into(), ..Default::default() }
+}
+
+async fn authenticate(c: &Cluster, partner: &str, op: Operation) -> AuthenticateResponse {
+    match c.execute(op, Some((partner, ALL))).await.expect("authenticate") {
+        CellResult::Authenticate(r) => r,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn reasons(r: &AuthenticateResponse) -> Vec<AuthReason> {
+    r.decision.as_ref().unwrap().reasons.iter().map(|&x| AuthReason::try_from(x).unwrap()).collect()
+}
+
+fn fields(status: &tonic::Status) -> Vec<String> {
+    FieldViolations::from_status(status).violations().iter().map(|(f, _)| f.clone()).collect()
+}
+
+async fn get(c: &Cluster, id: &str) -> Result<Identity, tonic::Status> {
+    match c.execute(Operation::GetIdentity(GetIdentityRequest { id: id.into() }), None).await? {
+        CellResult::GetIdentity(r) => Ok(r.identity.unwrap()),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rid_retried_ten_times_concurrently_yields_one_uin() {
+    let c = cell().await;
+    let mut req = sample_request("RID-CONCURRENT");
+    req.provision_totp = true;
+    let results = futures_join_all((0..10).map(|_| enroll(&c, req.clone()))).await;
+    let uins: std::collections::HashSet<_> = results.iter().map(|r| r.uin.clone()).collect();
+    assert_eq!(uins.len(), 1, "one RID, one UIN");
+    assert_eq!(results.iter().filter(|r| r.created).count(), 1, "exactly one call created it");
+    assert!(results.iter().all(|r| r.totp_secret == results[0].totp_secret), "every retry gets the secret");
+    let mut other = req.clone();
+    other.demographics.as_mut().unwrap().full_name = "Someone Else".into();
+    let err = c.execute(Operation::Enroll(other), None).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert_eq!(reason_of(&err).as_deref(), Some("RID_CONFLICT"));
+}
+
+/// Runs the futures concurrently on this task and collects their outputs in order.
+async fn futures_join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut pinned: Vec<_> = futures.map(Box::pin).collect();
+    let mut done: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in pinned.iter_mut().enumerate() {
+            if done[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => done[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+    })
+    .await;
+    done.into_iter().map(|d| d.unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_need_the_current_version_and_every_version_is_kept() {
+    let c = cell().await;
+    let uin = enroll(&c, sample_request("RID-UPD")).await.uin;
+    let update = |expected: u64, name: &str| {
+        let mut d = sample_request("x").demographics.unwrap();
+        d.full_name = name.into();
+        Operation::UpdateIdentity(UpdateIdentityRequest {
+            uin: uin.clone(),
+            expected_version: expected,
+            demographics: Some(d),
+            biometrics: vec![],
+        })
+    };
+    match c.execute(update(1, "Asha Renamed"), None).await.unwrap() {
+        CellResult::UpdateIdentity(r) => assert_eq!(r.version, 2),
+        other => panic!("{other:?}"),
+    }
+    let stale = c.execute(update(1, "Lost Update"), None).await.unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted);
+    assert_eq!(reason_of(&stale).as_deref(), Some("VERSION_MISMATCH"));
+    assert!(stale.message().contains("current version is 2"));
+    let current = get(&c, &uin).await.unwrap();
+    assert_eq!(current.version, 2);
+    assert_eq!(current.demographics.unwrap().full_name, "Asha Renamed");
+
+    let set = Operation::SetStatus(SetStatusRequest {
+        uin: uin.clone(),
+        status: IdentityStatus::Blocked as i32,
+        reason: "court order".into(),
+    });
+    match c.execute(set, None).await.unwrap() {
+        CellResult::SetStatus(r) => assert_eq!(r.version, 3),
+        other => panic!("{other:?}"),
+    }
+    let history = |from: u64, limit: u32| {
+        Operation::GetHistory(GetHistoryRequest { uin: uin.clone(), from_version: from, limit })
+    };
+    let CellResult::GetHistory(page) = c.execute(history(0, 2), None).await.unwrap() else { panic!() };
+    let names: Vec<_> =
+        page.versions.iter().map(|v| v.demographics.as_ref().unwrap().full_name.clone()).collect();
+    assert_eq!(names, vec!["Asha Example", "Asha Renamed"]);
+    assert_eq!(page.next_version, 3);
+    let CellResult::GetHistory(rest) = c.execute(history(3, 2), None).await.unwrap() else { panic!() };
+    assert_eq!(rest.versions.len(), 1);
+    assert_eq!(rest.versions[0].status, IdentityStatus::Blocked as i32);
+    assert_eq!(rest.next_version, 0);
+
+    // DEACTIVATED is final.
+    for (status, ok) in [(IdentityStatus::Deactivated, true), (IdentityStatus::Activated, false)] {
+        let op = Operation::SetStatus(SetStatusRequest {
+            uin: uin.clone(),
+            status: status as i32,
+            reason: "r".into(),
+        });
+        let r = c.execute(op, None).await;
+        assert_eq!(r.is_ok(), ok, "{status:?}: {r:?}");
+        if let Err(e) = r {
+            assert_eq!(e.code(), Code::FailedPrecondition);
+        }
+    }
+    let e = c.execute(update(4, "After Death"), None).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vids_resolve_while_usable_and_one_perpetual_is_active() {
+    let c = cell().await;
+    let uin = enroll(&c, sample_request("RID-VID")).await.uin;
+    let create = |kind: VidKind, expires: Option<prost_types::Timestamp>, max_uses: u32| {
+        Operation::CreateVid(CreateVidRequest {
+            uin: uin.clone(),
+            kind: kind as i32,
+            expires_at: expires,
+            max_uses,
+        })
+    };
+    let CellResult::CreateVid(first) = c.execute(create(VidKind::Perpetual, None, 0), None).await.unwrap()
+    else {
+        panic!()
+    };
+    let first = first.vid.unwrap().vid;
+    assert_eq!(first.len(), 16);
+    assert_eq!(get(&c, &first).await.unwrap().uin, uin, "a VID reads its identity");
+    let CellResult::CreateVid(second) = c.execute(create(VidKind::Perpetual, None, 0), None).await.unwrap()
+    else {
+        panic!()
+    };
+    let second = second.vid.unwrap().vid;
+    assert_eq!(get(&c, &first).await.unwrap_err().code(), Code::NotFound, "replaced perpetual VID stops");
+    assert_eq!(get(&c, &second).await.unwrap().uin, uin);
+    c.execute(Operation::RevokeVid(RevokeVidRequest { vid: second.clone() }), None).await.unwrap();
+    assert_eq!(get(&c, &second).await.unwrap_err().code(), Code::NotFound, "revoked VID stops at once");
+    let vids = get(&c, &uin).await.unwrap().vids;
+    assert_eq!(vids.len(), 2);
+    assert!(vids.iter().all(|v| v.revoked));
+
+    // A temporary VID with one use: the first authentication spends it.
+    let one_use = create(VidKind::Temporary, Some(shifted(&c, Duration::from_secs(3600))), 1);
+    let CellResult::CreateVid(temp) = c.execute(one_use, None).await.unwrap() else { panic!() };
+    let temp = temp.vid.unwrap();
+    assert_eq!(temp.uses_left, 1);
+    let demo = AuthFactors {
+        demographic: Some(DemographicFactor { full_name: "Asha Example".into(), ..Default::default() }),
+        ..Default::default()
+    };
+    let yes = authenticate(&c, "bank-a", auth_request(&temp.vid, "T-1", now(&c), demo.clone())).await;
+    assert!(yes.decision.as_ref().unwrap().authenticated, "{:?}", reasons(&yes));
+    let no = authenticate(&c, "bank-a", auth_request(&temp.vid, "T-2", now(&c), demo)).await;
+    assert_eq!(reasons(&no), vec![AuthReason::VidUnusable]);
+
+    let too_far = create(VidKind::Temporary, Some(shifted(&c, Duration::from_secs(31 * 86400))), 0);
+    assert_eq!(fields(&c.execute(too_far, None).await.unwrap_err()), vec!["expires_at"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_checks_status_locks_replay_skew_and_factors() {
+    let c = cell().await;
+    let (uin, totp_secret) = enroll_full(&c, "RID-AUTH").await;
+    let t = now(&c);
+
+    let yes = authenticate(&c, "bank-a", auth_request(&uin, "A-1", t, pin("2468"))).await;
+    assert!(yes.decision.as_ref().unwrap().authenticated);
+    let replay = authenticate(&c, "bank-a", auth_request(&uin, "A-1", t, pin("2468"))).await;
+    assert_eq!(reasons(&replay), vec![AuthReason::ReplayedTransaction]);
+    let other_partner = authenticate(&c, "bank-b", auth_request(&uin, "A-1", t, pin("2468"))).await;
+    assert!(other_partner.decision.as_ref().unwrap().authenticated, "transaction ids are per partner");
+
+    let expired = authenticate(
+        &c,
+        "bank-a",
+        auth_request(&uin, "A-2", shifted(&c, Duration::from_secs(600)), pin("2468")),
+    )
+    .await;
+    assert_eq!(reasons(&expired), vec![AuthReason::RequestExpired]);
+
+    // TOTP: a fresh code is accepted once, never twice.
+    let step = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() / 30;
+    let code = format!("{:06}", totp_code(&totp_secret, step));
+    let totp = AuthFactors { totp: code.clone(), ..Default::default() };
+    let ok = authenticate(&c, "bank-a", auth_request(&uin, "A-3", now(&c), totp.clone())).await;
+    assert!(ok.decision.as_ref().unwrap().authenticated, "{:?}", reasons(&ok));
+    let reused = authenticate(&c, "bank-a", auth_request(&uin, "A-4", now(&c), totp)).await;
+    assert_eq!(reasons(&reused), vec![AuthReason::TotpMismatch]);
+
+    // Demographics: EXACT vs NORMALIZED, and several bad factors reported together.
+    let demo = |name: &str, mode: MatchMode| AuthFactors {
+        demographic: Some(DemographicFactor {
+            full_name: name.into(),
+            date_of_birth: "1988-07-14".into(),
+            match_mode: mode as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let exact = authenticate(
+        &c,
+        "bank-a",
+        auth_request(&uin, "A-5", now(&c), demo(" ASHA  example", MatchMode::Exact)),
+    )
+    .await;
+    assert_eq!(reasons(&exact), vec![AuthReason::DemographicMismatch]);
+    let normalized = authenticate(
+        &c,
+        "bank-a",
+        auth_request(&uin, "A-6", now(&c), demo(" ASHA  example", MatchMode::Normalized)),
+    )
+    .await;
+    assert!(normalized.decision.as_ref().unwrap().authenticated);
+    let mut both = demo("Nobody", MatchMode::Exact);
+    both.pin = "1111".into();
+    let two = authenticate(&c, "bank-a", auth_request(&uin, "A-7", now(&c), both)).await;
+    assert_eq!(reasons(&two), vec![AuthReason::DemographicMismatch, AuthReason::PinMismatch]);
+
+    // A partner may only use its granted factors.
+    let limited = match c
+        .execute(auth_request(&uin, "A-8", now(&c), pin("2468")), Some(("kiosk", &[1])))
+        .await
+        .unwrap()
+    {
+        CellResult::Authenticate(r) => r,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(reasons(&limited), vec![AuthReason::FactorNotAllowed]);
+
+    // Locked auth type, then unlocked.
+    let lock = Operation::LockAuthTypes(LockAuthTypesRequest {
+        id: uin.clone(),
+        lock: vec![AuthLock { auth_type: AuthType::Pin as i32, until: None }],
+        unlock: vec![],
+    });
+    c.execute(lock, None).await.unwrap();
+    let locked = authenticate(&c, "bank-a", auth_request(&uin, "A-9", now(&c), pin("2468"))).await;
+    assert_eq!(reasons(&locked), vec![AuthReason::AuthTypeLocked]);
+    let unlock =
+        Operation::LockAuthTypes(LockAuthTypesRequest { id: uin.clone(), lock: vec![], unlock: vec![2] });
+    let CellResult::LockAuthTypes(l) = c.execute(unlock, None).await.unwrap() else { panic!() };
+    assert!(l.locks.is_empty());
+
+    // Blocked identities cannot authenticate; unknown ids get a signed no.
+    let block = Operation::SetStatus(SetStatusRequest {
+        uin: uin.clone(),
+        status: IdentityStatus::Blocked as i32,
+        reason: "investigation".into(),
+    });
+    c.execute(block, None).await.unwrap();
+    let blocked = authenticate(&c, "bank-a", auth_request(&uin, "A-10", now(&c), pin("2468"))).await;
+    assert_eq!(reasons(&blocked), vec![AuthReason::IdentityBlocked]);
+    let gone =
+        authenticate(&c, "bank-a", auth_request(&uin_not_enrolled(&c).await, "A-11", now(&c), pin("2468")))
+            .await;
+    assert_eq!(reasons(&gone), vec![AuthReason::UnknownId]);
+}
+
+async fn uin_not_enrolled(c: &Cluster) -> String {
+    let scheme = nid_proto::ids::IdScheme::dev();
+    let bucket = nid_proto::bucket::BucketId::new(4242).unwrap();
+    let mut n = 7u64;
+    let uin = scheme
+        .generate(nid_proto::ids::IdKind::Uin, bucket, &mut || {
+            n = n.wrapping_mul(6364136223846793005).wrapping_add(1);
+            Ok(n)
+        })
+        .unwrap()
+        .to_digits();
+    assert_eq!(get(c, &uin).await.unwrap_err().code(), Code::NotFound);
+    uin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_failures_lock_auth_until_the_cooldown_passes() {
+    let mut c = Cluster::new(3);
+    c.auth_policy.max_failures = 3;
+    c.auth_policy.cooldown_ms = 10 * 60 * 1000;
+    c.start();
+    c.must_own_all_buckets().await;
+    let (uin, _) = enroll_full(&c, "RID-LOCKOUT").await;
+    for i in 0..3 {
+        let r = authenticate(&c, "bank-a", auth_request(&uin, &format!("L-{i}"), now(&c), pin("0000"))).await;
+        assert_eq!(reasons(&r), vec![AuthReason::PinMismatch]);
+    }
+    let locked = authenticate(&c, "bank-a", auth_request(&uin, "L-ok", now(&c), pin("2468"))).await;
+    assert_eq!(reasons(&locked), vec![AuthReason::TooManyFailures], "the right PIN is refused while locked");
+    c.clock.advance(9 * 60 * 1000);
+    let still = authenticate(
+        &c,
+        "bank-a",
+        auth_request(&uin, "L-ok2", shifted(&c, Duration::from_secs(540)), pin("2468")),
+    )
+    .await;
+    assert_eq!(reasons(&still), vec![AuthReason::TooManyFailures]);
+    c.clock.advance(2 * 60 * 1000);
+    let released = authenticate(
+        &c,
+        "bank-a",
+        auth_request(&uin, "L-ok3", shifted(&c, Duration::from_secs(660)), pin("2468")),
+    )
+    .await;
+    assert!(released.decision.as_ref().unwrap().authenticated, "{:?}", reasons(&released));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_are_signed_tokens_are_per_partner_and_the_audit_chain_detects_tampering() {
+    use ring::signature::{ED25519, UnparsedPublicKey};
+    let c = cell().await;
+    let (uin, _) = enroll_full(&c, "RID-SIGN").await;
+    let a1 = authenticate(&c, "bank-a", auth_request(&uin, "S-1", now(&c), pin("2468"))).await;
+    let a2 = authenticate(&c, "bank-a", auth_request(&uin, "S-2", now(&c), pin("2468"))).await;
+    let b1 = authenticate(&c, "bank-b", auth_request(&uin, "S-1", now(&c), pin("2468"))).await;
+    let no = authenticate(&c, "bank-a", auth_request(&uin, "S-3", now(&c), pin("9999"))).await;
+
+    // Signature: verifies with the published key, fails after one byte changes.
+    let keys = c.context(1).signing_keys();
+    let key = keys.keys.iter().find(|k| k.key_id == a1.key_id).expect("published key");
+    let public = UnparsedPublicKey::new(&ED25519, key.public_key.clone());
+    for r in [&a1, &a2, &b1, &no] {
+        public.verify(&r.signed_decision, &r.signature).expect("signature verifies");
+        let decoded = AuthDecision::decode(r.signed_decision.as_slice()).unwrap();
+        assert_eq!(Some(&decoded), r.decision.as_ref(), "the signed bytes are the decision");
+        let mut changed = r.signed_decision.clone();
+        changed[3] ^= 1;
+        assert!(public.verify(&changed, &r.signature).is_err());
+    }
+    let token = |r: &AuthenticateResponse| r.decision.as_ref().unwrap().partner_token.clone();
+    assert_eq!(token(&a1), token(&a2), "stable per partner");
+    assert_ne!(token(&a1), token(&b1), "two partners get unrelated tokens");
+    assert!(!token(&a1).contains(&uin));
+    assert_eq!(token(&no), "", "a no carries no token");
+
+    // History: newest first, paged.
+    let hist = |page_token: String| {
+        Operation::GetAuthHistory(GetAuthHistoryRequest { id: uin.clone(), page_token, limit: 3 })
+    };
+    let CellResult::GetAuthHistory(p1) = c.execute(hist(String::new()), None).await.unwrap() else {
+        panic!()
+    };
+    let txns: Vec<_> =
+        p1.records.iter().map(|r| (r.partner_id.as_str(), r.transaction_id.as_str())).collect();
+    assert_eq!(txns, vec![("bank-a", "S-3"), ("bank-b", "S-1"), ("bank-a", "S-2")]);
+    assert!(!p1.records[0].authenticated);
+    let CellResult::GetAuthHistory(p2) = c.execute(hist(p1.next_page_token.clone()), None).await.unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(p2.records.len(), 1);
+    assert_eq!(p2.next_page_token, "");
+
+    let verify = || Operation::VerifyAuditChain(VerifyAuditChainRequest { uin: uin.clone() });
+    let CellResult::VerifyAuditChain(ok) = c.execute(verify(), None).await.unwrap() else { panic!() };
+    assert_eq!((ok.intact, ok.records, ok.first_broken), (true, 4, 0));
+
+    // Tamper: flip one byte of the 2nd audit record as stored on every replica.
+    for id in c.running_ids() {
+        let db = c.db(id);
+        let data = db.cf_handle("data").unwrap();
+        let audit: Vec<_> = db
+            .iterator_cf(data, rocksdb::IteratorMode::Start)
+            .map(|kv| kv.unwrap())
+            .filter(|(k, _)| k.len() == 43 && k[2] == 5)
+            .collect();
+        assert_eq!(audit.len(), 4);
+        let (key, value) = &audit[1];
+        let mut bad = value.to_vec();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        db.put_cf(data, key, bad).unwrap();
+    }
+    let CellResult::VerifyAuditChain(broken) = c.execute(verify(), None).await.unwrap() else { panic!() };
+    assert_eq!((broken.intact, broken.first_broken), (false, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_malformed_request_gets_invalid_argument_naming_the_field() {
+    let c = cell().await;
+    let uin = enroll(&c, sample_request("RID-BAD")).await.uin;
+    let cases: Vec<(Operation, Vec<&str>)> = vec![
+        (Operation::GetIdentity(GetIdentityRequest { id: "12345".into() }), vec![]),
+        (
+            Operation::UpdateIdentity(UpdateIdentityRequest {
+                uin: uin.clone(),
+                expected_version: 0,
+                demographics: Some(Demographics {
+                    full_name: String::new(),
+                    date_of_birth: "2001-02-29".into(),
+                    gender: 9,
+                    phone: "555".into(),
+                    email: "no-at-sign".into(),
+                    ..Default::default()
+                }),
+                biometrics: vec![BiometricReference {
+                    modality: 0,
+                    template_digest: vec![1; 3],
+                    ..Default::default()
+                }],
+            }),
+            vec![
+                "expected_version",
+                "demographics.full_name",
+                "demographics.date_of_birth",
+                "demographics.gender",
+                "demographics.phone",
+                "demographics.email",
+                "biometrics[0].modality",
+                "biometrics[0].template_digest",
+            ],
+        ),
+        (
+            Operation::SetStatus(SetStatusRequest { uin: uin.clone(), status: 0, reason: String::new() }),
+            vec!["status", "reason"],
+        ),
+        (
+            Operation::CreateVid(CreateVidRequest {
+                uin: uin.clone(),
+                kind: 0,
+                expires_at: None,
+                max_uses: 0,
+            }),
+            vec!["kind"],
+        ),
+        (
+            Operation::CreateVid(CreateVidRequest {
+                uin: uin.clone(),
+                kind: VidKind::Temporary as i32,
+                expires_at: None,
+                max_uses: 101,
+            }),
+            vec!["expires_at", "max_uses"],
+        ),
+        (Operation::RevokeVid(RevokeVidRequest { vid: uin.clone() }), vec![]),
+        (
+            Operation::LockAuthTypes(LockAuthTypesRequest {
+                id: uin.clone(),
+                lock: vec![AuthLock {
+                    auth_type: 7,
+                    until: Some(prost_types::Timestamp { seconds: 5, nanos: 0 }),
+                }],
+                unlock: vec![0],
+            }),
+            vec!["lock[0].auth_type", "lock[0].until", "unlock[0]"],
+        ),
+        (
+            Operation::GetHistory(GetHistoryRequest { uin: uin.clone(), from_version: 0, limit: 501 }),
+            vec!["limit"],
+        ),
+        (
+            Operation::GetAuthHistory(GetAuthHistoryRequest {
+                id: uin.clone(),
+                page_token: "zz".into(),
+                limit: 0,
+            }),
+            vec!["page_token"],
+        ),
+    ];
+    for (op, want) in cases {
+        let err = c.execute(op.clone(), None).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{op:?}");
+        if want.is_empty() {
+            assert_eq!(reason_of(&err).as_deref(), Some("INVALID_IDENTIFIER"), "{op:?}");
+        } else {
+            assert_eq!(fields(&err), want, "{op:?}");
+        }
+        assert!(!err.message().contains(&uin), "errors never quote identifiers");
+    }
+    let bad_auth = Operation::Authenticate(AuthenticateRequest {
+        id: uin.clone(),
+        transaction_id: "has space".into(),
+        request_time: None,
+        factors: Some(AuthFactors {
+            demographic: Some(DemographicFactor { date_of_birth: "1999-13-01".into(), ..Default::default() }),
+            pin: "12".into(),
+            totp: "abcdef".into(),
+        }),
+    });
+    let err = c.execute(bad_auth, Some(("bank-a", ALL))).await.unwrap_err();
+    assert_eq!(
+        fields(&err),
+        vec![
+            "transaction_id",
+            "request_time",
+            "factors.demographic.date_of_birth",
+            "factors.pin",
+            "factors.totp"
+        ]
+    );
+    let no_partner = c.execute(auth_request(&uin, "X", now(&c), pin("2468")), None).await.unwrap_err();
+    assert_eq!(no_partner.code(), Code::Unauthenticated);
+}
