@@ -175,6 +175,63 @@ fn spawn(
     Ok(())
 }
 
+/// The dev cluster's secrets, created once under `DIR/secrets` (mode 0600): the cluster keyring
+/// (cells), the partner-credential key and the admin token (router).
+pub struct Secrets {
+    /// Keyring file.
+    pub keyring: PathBuf,
+    /// Partner-credential key file.
+    pub partner_key: PathBuf,
+    /// Admin token file.
+    pub admin_token: PathBuf,
+    /// The dev partner's API key file.
+    pub dev_partner_key: PathBuf,
+}
+
+fn random_hex32() -> anyhow::Result<String> {
+    let mut out = String::with_capacity(64);
+    for _ in 0..4 {
+        let word =
+            nid_proto::ids::system_random_u64().map_err(|e| anyhow::anyhow!("random source: {e:?}"))?;
+        out.push_str(&hex::encode(word.to_be_bytes()));
+    }
+    Ok(out)
+}
+
+fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// Paths of the dev secrets under `dir`, creating the missing ones.
+pub fn secrets(dir: &Path) -> anyhow::Result<Secrets> {
+    let root = dir.join("secrets");
+    std::fs::create_dir_all(&root)?;
+    let s = Secrets {
+        keyring: root.join("keyring"),
+        partner_key: root.join("partner.key"),
+        admin_token: root.join("admin.token"),
+        dev_partner_key: root.join("dev-partner.apikey"),
+    };
+    if !s.keyring.exists() {
+        write_secret(&s.keyring, &format!("1:{}\n", random_hex32()?))?;
+    }
+    for path in [&s.partner_key, &s.admin_token] {
+        if !path.exists() {
+            write_secret(path, &format!("{}\n", random_hex32()?))?;
+        }
+    }
+    Ok(s)
+}
+
 fn cell_args(dir: &Path, cell: &CellEntry, p: &ProcessInfo, role: &str, seed: &str) -> Vec<String> {
     let peers = cell
         .replicas
@@ -201,11 +258,13 @@ fn cell_args(dir: &Path, cell: &CellEntry, p: &ProcessInfo, role: &str, seed: &s
         role.into(),
         "--id-scheme-seed".into(),
         seed.into(),
+        "--keyring-file".into(),
+        dir.join("secrets").join("keyring").display().to_string(),
         "--insecure".into(),
     ]
 }
 
-async fn channel(address: &str) -> anyhow::Result<tonic::transport::Channel> {
+pub(crate) async fn channel(address: &str) -> anyhow::Result<tonic::transport::Channel> {
     Ok(tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
         .connect_timeout(Duration::from_millis(500))
         .timeout(Duration::from_secs(10))
@@ -356,6 +415,7 @@ pub async fn up(cells: u64, replicas: u64, dir: &Path) -> anyhow::Result<()> {
         }
         Err(_) => plan(cells)?,
     };
+    let secrets = secrets(dir)?;
     let cell_bin = sibling_binary("nid-cell")?;
     let router_bin = sibling_binary("nid-router")?;
     let mut running = Running { children: Vec::new() };
@@ -385,12 +445,20 @@ pub async fn up(cells: u64, replicas: u64, dir: &Path) -> anyhow::Result<()> {
         control_addrs,
         "--zone".into(),
         cluster.router.zone.clone(),
+        "--partner-key-file".into(),
+        secrets.partner_key.display().to_string(),
+        "--admin-token-file".into(),
+        secrets.admin_token.display().to_string(),
         "--insecure".into(),
     ];
     let mut router = cluster.router.clone();
     spawn(&mut running, dir, &mut router, &router_bin, router_args)?;
     cluster.router = router;
     wait_router(&cluster, deadline).await?;
+    if !secrets.dev_partner_key.exists() {
+        let key = add_dev_partner(&cluster, &secrets).await?;
+        write_secret(&secrets.dev_partner_key, &format!("{key}\n"))?;
+    }
     let tmp = dir.join("cluster.json.tmp");
     std::fs::write(&tmp, serde_json::to_string_pretty(&cluster)?)?;
     std::fs::rename(&tmp, &file)?;
@@ -401,6 +469,24 @@ pub async fn up(cells: u64, replicas: u64, dir: &Path) -> anyhow::Result<()> {
     eprintln!("nidctl: stopping the cluster");
     running.stop();
     Ok(())
+}
+
+async fn add_dev_partner(cluster: &ClusterFile, secrets: &Secrets) -> anyhow::Result<String> {
+    let token = crate::partner::admin_token(None, Some(&secrets.admin_token))?;
+    let mut client = nid_proto::v1::admin_client::AdminClient::new(channel(&cluster.router.address).await?);
+    let request = nid_proto::v1::AddPartnerRequest {
+        partner_id: cluster.dev_partner.partner_id.clone(),
+        name: "Development partner (all factors)".into(),
+        allowed: ["demographic", "pin", "totp"]
+            .iter()
+            .map(|t| nid_proto::v1::AuthTypeGrant { auth_type: (*t).into() })
+            .collect(),
+    };
+    let response = client
+        .add_partner(crate::partner::with_bearer(request, &token)?)
+        .await
+        .map_err(|e| anyhow::anyhow!("register the dev partner: {}", e.message()))?;
+    Ok(response.into_inner().api_key)
 }
 
 /// The router address from `--router` or the dev cluster file.

@@ -6,6 +6,7 @@ mod config;
 mod dev;
 mod id;
 mod identity;
+mod partner;
 mod status;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -66,16 +67,50 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Register, list and revoke partners (relying parties); needs the admin credential.
+    Partner {
+        #[command(subcommand)]
+        command: partner::PartnerCommand,
+        #[command(flatten)]
+        admin: partner::AdminArgs,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Authenticate a person as a partner: prints YES with the partner token, or NO with reasons.
+    Auth {
+        #[command(flatten)]
+        args: partner::AuthArgs,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Audit-trail tools; need the admin credential.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+        #[command(flatten)]
+        admin: partner::AdminArgs,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check an identity's audit hash chain; exit 3 when it is broken.
+    Verify {
+        /// The UIN.
+        uin: String,
+    },
 }
 
 /// Where the router is.
 #[derive(Debug, clap::Args)]
 struct Target {
     /// Router address host:port (default: the dev cluster's, from DIR/cluster.json).
-    #[arg(long)]
+    #[arg(long, global = true)]
     router: Option<String>,
     /// Dev cluster directory holding cluster.json.
-    #[arg(long, default_value = ".nid/dev")]
+    #[arg(long, default_value = ".nid/dev", global = true)]
     dev_dir: PathBuf,
 }
 
@@ -116,6 +151,15 @@ fn main() -> ExitCode {
         Command::Get { id, target } => {
             block_on(identity::get(id, target.router.as_deref(), &target.dev_dir, cli.output))
         }
+        Command::Partner { command, admin, target } => {
+            block_on(partner::partner(command, &admin, target.router.as_deref(), &target.dev_dir, cli.output))
+        }
+        Command::Auth { args, target } => {
+            block_on(partner::auth(args, target.router.as_deref(), &target.dev_dir, cli.output))
+        }
+        Command::Audit { command: AuditCommand::Verify { uin }, admin, target } => block_on(
+            partner::audit_verify(uin, &admin, target.router.as_deref(), &target.dev_dir, cli.output),
+        ),
     };
     match result {
         Ok(code) => code,

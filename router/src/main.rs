@@ -4,11 +4,13 @@
 
 mod admin;
 mod metrics;
+mod partners;
 mod routing;
 mod service;
 
 use clap::Parser;
 use nid_proto::v1::admin_server::AdminServer;
+use nid_proto::v1::authentication_server::AuthenticationServer;
 use nid_proto::v1::enrollment_server::EnrollmentServer;
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -38,6 +40,14 @@ struct Flags {
     /// hold a stale table on purpose).
     #[arg(long)]
     no_watch: bool,
+    /// File with the partner-credential key (64+ hex characters): API-key secrets are stored in the
+    /// control cell only as HMAC-SHA256 under it. Without it a development key is used (loudly).
+    #[arg(long)]
+    partner_key_file: Option<std::path::PathBuf>,
+    /// File with the admin token (64+ hex characters) that partner management and audit
+    /// verification require; without it those calls are refused.
+    #[arg(long)]
+    admin_token_file: Option<std::path::PathBuf>,
     /// Serve plaintext gRPC (required until mTLS lands; development only).
     #[arg(long)]
     insecure: bool,
@@ -74,6 +84,21 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::RouterMetrics::new()?);
     let router = Arc::new(routing::Router::new(flags.control.clone(), metrics.clone()));
     router.spawn_refresher(Duration::from_millis(flags.refresh_ms.max(50)), !flags.no_watch);
+    let partner_key = match &flags.partner_key_file {
+        Some(path) => partners::read_secret_file(path)?,
+        None => {
+            tracing::warn!(
+                "no --partner-key-file: using the DEVELOPMENT partner-credential key (never in production)"
+            );
+            b"nid dev partner-credential key; never in production".to_vec()
+        }
+    };
+    let admin_token = match &flags.admin_token_file {
+        Some(path) => Some(hex::encode(partners::read_secret_file(path)?).into_bytes()),
+        None => None,
+    };
+    let partners = Arc::new(partners::Partners::new(&partner_key));
+    partners.spawn_refresher(router.clone());
     if let Some(addr) = flags.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let m = metrics.clone();
@@ -93,7 +118,12 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         .add_service(health_service)
         .add_service(reflection)
         .add_service(EnrollmentServer::new(service::EnrollmentService(router.clone())))
-        .add_service(AdminServer::new(admin::AdminService(router.clone())))
+        .add_service(AuthenticationServer::new(service::AuthenticationService {
+            router: router.clone(),
+            partners: partners.clone(),
+            keys: tokio::sync::RwLock::default(),
+        }))
+        .add_service(AdminServer::new(admin::AdminService { router: router.clone(), partners, admin_token }))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
             nid_support::shutdown_signal().await;
             tracing::info!("router stopping");

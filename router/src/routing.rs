@@ -3,6 +3,7 @@
 //! and the forwarding loop that follows not-leader and wrong-owner hints within the deadline.
 
 use crate::metrics::RouterMetrics;
+use crate::partners::Authenticated;
 use nid_proto::error::RoutingHint;
 use nid_proto::ids::{IdScheme, IdSchemeSeed};
 use nid_proto::v1::cell_client::CellClient;
@@ -213,6 +214,47 @@ impl Router {
         }
     }
 
+    /// Calls the control cell's leader, following not-leader hints across the configured replicas.
+    pub async fn control_call<T, F, Fut>(&self, mut f: F) -> Result<T, Status>
+    where
+        F: FnMut(ControlClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let mut last = Status::unavailable("no control-cell address configured");
+        let mut candidates: Vec<String> = self.control.clone();
+        let mut tried = 0;
+        while let Some(address) = candidates.first().cloned() {
+            candidates.remove(0);
+            tried += 1;
+            if tried > 6 {
+                break;
+            }
+            match f(ControlClient::new(self.channel(&address)?)).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(e) => {
+                    match RoutingHint::from_status(&e) {
+                        Some(RoutingHint::NotLeader { leader: Some((_, leader)), .. }) => {
+                            candidates.insert(0, leader)
+                        }
+                        Some(RoutingHint::NotLeader { .. }) => {}
+                        _ if matches!(e.code(), Code::Unavailable | Code::Unknown) => {}
+                        _ => return Err(e),
+                    }
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Replica addresses of every cell, for calls any cell can answer.
+    pub fn any_replicas(&self) -> Vec<String> {
+        let table = self.table();
+        let mut out: Vec<String> = table.replicas.values().flatten().cloned().collect();
+        out.sort();
+        out
+    }
+
     /// Forwards one operation on `bucket` to the owning cell's leader, retrying on routing hints and
     /// transient failures until `deadline`.
     pub async fn forward(
@@ -220,6 +262,17 @@ impl Router {
         bucket: u16,
         operation: Operation,
         deadline: Instant,
+    ) -> Result<CellResult, Status> {
+        self.forward_as(bucket, operation, deadline, None).await
+    }
+
+    /// [`Router::forward`] on behalf of an authenticated partner.
+    pub async fn forward_as(
+        &self,
+        bucket: u16,
+        operation: Operation,
+        deadline: Instant,
+        partner: Option<&Authenticated>,
     ) -> Result<CellResult, Status> {
         let mut attempt = 0usize;
         loop {
@@ -246,8 +299,8 @@ impl Router {
                 route: Some(RouteHeader {
                     bucket: u32::from(bucket),
                     table_version: table.version,
-                    partner_id: String::new(),
-                    partner_allowed: Vec::new(),
+                    partner_id: partner.map(|p| p.partner_id.clone()).unwrap_or_default(),
+                    partner_allowed: partner.map(|p| p.allowed.clone()).unwrap_or_default(),
                 }),
                 operation: Some(operation.clone()),
             };

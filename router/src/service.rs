@@ -2,9 +2,12 @@
 //! bucket from the request alone, then forwarding to the owning cell. Errors keep the cell's
 //! status (codes, reasons, field violations) so clients see one error model.
 
+use crate::partners::{Authenticated, Partners};
 use crate::routing::Router;
 use nid_proto::bucket::{KeyDomain, bucket_of_key};
 use nid_proto::error::{invalid_field, status_with_reason};
+use nid_proto::v1::authentication_server::Authentication;
+use nid_proto::v1::cell_client::CellClient;
 use nid_proto::v1::cell_request::Operation;
 use nid_proto::v1::cell_response::Result as CellResult;
 use nid_proto::v1::enrollment_server::Enrollment;
@@ -65,20 +68,6 @@ async fn observed<T>(
     .await
 }
 
-impl EnrollmentService {
-    fn identifier_bucket(&self, field: &str, id: &str) -> Result<u16, Status> {
-        let scheme = self.0.scheme()?;
-        scheme.parse(id).map(|i| i.bucket().get()).map_err(|e| {
-            status_with_reason(
-                Code::InvalidArgument,
-                format!("{field}: {e}"),
-                ErrorReason::InvalidIdentifier,
-                &[("field", field.to_owned())],
-            )
-        })
-    }
-}
-
 fn unexpected() -> Status {
     Status::internal("the cell answered with another operation's result")
 }
@@ -111,7 +100,7 @@ impl Enrollment for EnrollmentService {
         let deadline = deadline_of(&request);
         let req = request.into_inner();
         observed(&self.0, "GetIdentity", async {
-            let bucket = self.identifier_bucket("id", &req.id)?;
+            let bucket = identifier_bucket(&self.0, "id", &req.id)?;
             match self.0.forward(bucket, Operation::GetIdentity(req), deadline).await? {
                 CellResult::GetIdentity(r) => Ok(r),
                 _ => Err(unexpected()),
@@ -122,49 +111,215 @@ impl Enrollment for EnrollmentService {
 
     async fn update_identity(
         &self,
-        _request: Request<UpdateIdentityRequest>,
+        request: Request<UpdateIdentityRequest>,
     ) -> Result<Response<UpdateIdentityResponse>, Status> {
-        Err(not_yet())
+        let deadline = deadline_of(&request);
+        let req = request.into_inner();
+        let id = req.uin.clone();
+        by_id(&self.0, "UpdateIdentity", "uin", &id, Operation::UpdateIdentity(req), deadline, None, |r| {
+            match r {
+                CellResult::UpdateIdentity(r) => Some(r),
+                _ => None,
+            }
+        })
+        .await
     }
 
     async fn set_status(
         &self,
-        _request: Request<SetStatusRequest>,
+        request: Request<SetStatusRequest>,
     ) -> Result<Response<SetStatusResponse>, Status> {
-        Err(not_yet())
+        let deadline = deadline_of(&request);
+        let req = request.into_inner();
+        let id = req.uin.clone();
+        by_id(&self.0, "SetStatus", "uin", &id, Operation::SetStatus(req), deadline, None, |r| match r {
+            CellResult::SetStatus(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     async fn get_history(
         &self,
-        _request: Request<GetHistoryRequest>,
+        request: Request<GetHistoryRequest>,
     ) -> Result<Response<GetHistoryResponse>, Status> {
-        Err(not_yet())
+        let deadline = deadline_of(&request);
+        let req = request.into_inner();
+        let id = req.uin.clone();
+        by_id(&self.0, "GetHistory", "uin", &id, Operation::GetHistory(req), deadline, None, |r| match r {
+            CellResult::GetHistory(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     async fn create_vid(
         &self,
-        _request: Request<CreateVidRequest>,
+        request: Request<CreateVidRequest>,
     ) -> Result<Response<CreateVidResponse>, Status> {
-        Err(not_yet())
+        let deadline = deadline_of(&request);
+        let req = request.into_inner();
+        let id = req.uin.clone();
+        by_id(&self.0, "CreateVid", "uin", &id, Operation::CreateVid(req), deadline, None, |r| match r {
+            CellResult::CreateVid(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     async fn revoke_vid(
         &self,
-        _request: Request<RevokeVidRequest>,
+        request: Request<RevokeVidRequest>,
     ) -> Result<Response<RevokeVidResponse>, Status> {
-        Err(not_yet())
+        let deadline = deadline_of(&request);
+        let req = request.into_inner();
+        let id = req.vid.clone();
+        by_id(&self.0, "RevokeVid", "vid", &id, Operation::RevokeVid(req), deadline, None, |r| match r {
+            CellResult::RevokeVid(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     async fn lock_auth_types(
         &self,
-        _request: Request<LockAuthTypesRequest>,
+        request: Request<LockAuthTypesRequest>,
     ) -> Result<Response<LockAuthTypesResponse>, Status> {
-        Err(not_yet())
+        let deadline = deadline_of(&request);
+        let req = request.into_inner();
+        let id = req.id.clone();
+        by_id(&self.0, "LockAuthTypes", "id", &id, Operation::LockAuthTypes(req), deadline, None, |r| match r
+        {
+            CellResult::LockAuthTypes(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 }
 
-fn not_yet() -> Status {
-    Status::unimplemented("this operation arrives with the identity domain (issue #5)")
+/// Validates `id` (check digit, scheme), routes by its bucket and unwraps the matching result.
+#[allow(clippy::too_many_arguments)]
+pub async fn by_id<T>(
+    router: &Router,
+    method: &'static str,
+    field: &str,
+    id: &str,
+    operation: Operation,
+    deadline: Instant,
+    partner: Option<&Authenticated>,
+    extract: impl FnOnce(CellResult) -> Option<T>,
+) -> Result<Response<T>, Status> {
+    observed(router, method, async {
+        let bucket = identifier_bucket(router, field, id)?;
+        let result = router.forward_as(bucket, operation, deadline, partner).await?;
+        extract(result).ok_or_else(unexpected)
+    })
+    .await
+}
+
+fn identifier_bucket(router: &Router, field: &str, id: &str) -> Result<u16, Status> {
+    let scheme = router.scheme()?;
+    scheme.parse(id).map(|i| i.bucket().get()).map_err(|e| {
+        status_with_reason(
+            Code::InvalidArgument,
+            format!("{field}: {e}"),
+            ErrorReason::InvalidIdentifier,
+            &[("field", field.to_owned())],
+        )
+    })
+}
+
+/// The public `Authentication` service: partners authenticate with their API key; decisions are
+/// made, audited and signed by the owning cell.
+pub struct AuthenticationService {
+    /// Routing.
+    pub router: Arc<Router>,
+    /// Partner credentials.
+    pub partners: Arc<Partners>,
+    /// Signing keys fetched from a cell, cached.
+    pub keys: tokio::sync::RwLock<Option<(Instant, GetSigningKeysResponse)>>,
+}
+
+#[tonic::async_trait]
+impl Authentication for AuthenticationService {
+    async fn authenticate(
+        &self,
+        request: Request<AuthenticateRequest>,
+    ) -> Result<Response<AuthenticateResponse>, Status> {
+        let deadline = deadline_of(&request);
+        let partner = self.partners.authenticate(&self.router, request.metadata()).await;
+        let req = request.into_inner();
+        let id = req.id.clone();
+        let partner = match partner {
+            Ok(p) => p,
+            Err(e) => return observed(&self.router, "Authenticate", async { Err(e) }).await,
+        };
+        by_id(
+            &self.router,
+            "Authenticate",
+            "id",
+            &id,
+            Operation::Authenticate(req),
+            deadline,
+            Some(&partner),
+            |r| match r {
+                CellResult::Authenticate(r) => Some(r),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    async fn get_signing_keys(
+        &self,
+        _request: Request<GetSigningKeysRequest>,
+    ) -> Result<Response<GetSigningKeysResponse>, Status> {
+        observed(&self.router, "GetSigningKeys", async {
+            if let Some((at, keys)) = self.keys.read().await.as_ref()
+                && at.elapsed() < Duration::from_secs(60)
+            {
+                return Ok(keys.clone());
+            }
+            let mut last = Status::unavailable("no cell is reachable");
+            for address in self.router.any_replicas() {
+                let mut req = Request::new(GetSigningKeysRequest {});
+                req.set_timeout(Duration::from_secs(1));
+                match CellClient::new(self.router.channel(&address)?).get_signing_keys(req).await {
+                    Ok(r) => {
+                        let keys = r.into_inner();
+                        *self.keys.write().await = Some((Instant::now(), keys.clone()));
+                        return Ok(keys);
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        })
+        .await
+    }
+
+    async fn get_auth_history(
+        &self,
+        request: Request<GetAuthHistoryRequest>,
+    ) -> Result<Response<GetAuthHistoryResponse>, Status> {
+        let deadline = deadline_of(&request);
+        let req = request.into_inner();
+        let id = req.id.clone();
+        by_id(
+            &self.router,
+            "GetAuthHistory",
+            "id",
+            &id,
+            Operation::GetAuthHistory(req),
+            deadline,
+            None,
+            |r| match r {
+                CellResult::GetAuthHistory(r) => Some(r),
+                _ => None,
+            },
+        )
+        .await
+    }
 }
 
 #[cfg(test)]
