@@ -7,8 +7,9 @@ use nid_proto::v1::bucket_admin_client::BucketAdminClient;
 use nid_proto::v1::cell_request::Operation;
 use nid_proto::v1::cell_response::Result as CellResult;
 use nid_proto::v1::{
-    BucketState, CellRequest, Demographics, EnrollRequest, GetCellStatusRequest, GetIdentityRequest,
-    SetBucketStateRequest,
+    AuthFactors, AuthenticateRequest, BucketState, CellRequest, CreateVidRequest, DemographicFactor,
+    Demographics, EnrollRequest, GetCellStatusRequest, GetIdentityRequest, RouteHeader,
+    SetBucketStateRequest, UpdateIdentityRequest, VidKind,
 };
 use nid_tests::{ProcessCell, binary, enroll_request};
 use std::collections::HashMap;
@@ -345,6 +346,56 @@ async fn no_plaintext_identifier_or_personal_data_reaches_disk_or_logs() {
             })),
         };
         let (uin, _) = uin_of(execute(&cell, request, WAIT).await.unwrap());
+        if i % 3 == 0 {
+            // The rest of the lifecycle writes personal data too: an update, a VID, authentications
+            // (whose factors ride in the Raft log), their audit records.
+            let renamed = format!("Xochiquetzal Qwertyuiop{i:02}");
+            let update = Operation::UpdateIdentity(UpdateIdentityRequest {
+                uin: uin.clone(),
+                expected_version: 1,
+                demographics: Some(Demographics {
+                    full_name: renamed.clone(),
+                    date_of_birth: "1931-12-25".into(),
+                    ..Default::default()
+                }),
+                biometrics: vec![],
+            });
+            execute(&cell, CellRequest { route: None, operation: Some(update) }, WAIT).await.unwrap();
+            let vid = Operation::CreateVid(CreateVidRequest {
+                uin: uin.clone(),
+                kind: VidKind::Perpetual as i32,
+                expires_at: None,
+                max_uses: 0,
+            });
+            match execute(&cell, CellRequest { route: None, operation: Some(vid) }, WAIT).await.unwrap() {
+                CellResult::CreateVid(v) => needles.push(v.vid.unwrap().vid.into_bytes()),
+                other => panic!("{other:?}"),
+            }
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+            let auth = Operation::Authenticate(AuthenticateRequest {
+                id: uin.clone(),
+                transaction_id: format!("TXN-{i}"),
+                request_time: Some(prost_types::Timestamp { seconds: now.as_secs() as i64, nanos: 0 }),
+                factors: Some(AuthFactors {
+                    demographic: Some(DemographicFactor { full_name: renamed.clone(), ..Default::default() }),
+                    pin: "97531".into(),
+                    totp: String::new(),
+                }),
+            });
+            let route = RouteHeader {
+                partner_id: "bank-a".into(),
+                partner_allowed: vec![1, 2, 3],
+                ..Default::default()
+            };
+            match execute(&cell, CellRequest { route: Some(route), operation: Some(auth) }, WAIT)
+                .await
+                .unwrap()
+            {
+                CellResult::Authenticate(a) => assert!(a.decision.unwrap().authenticated),
+                other => panic!("{other:?}"),
+            }
+            needles.push(renamed.into_bytes());
+        }
         needles.push(uin.into_bytes());
         needles.push(name.into_bytes());
         needles.push(rid.into_bytes());
