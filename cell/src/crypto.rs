@@ -15,11 +15,18 @@ use ring::signature::{Ed25519KeyPair, KeyPair as _};
 /// the same ciphertext.
 pub type SealNonce = [u8; NONCE_LEN];
 
-/// Keys derived from the cell's master secret.
+/// Keys derived from the cluster's master secrets. A keyring holds one or more generations, each a
+/// key id and a master secret. The newest generation (highest id) seals new values and signs
+/// decisions; every generation opens what it sealed and its public signing key stays published, so
+/// rotation is "add a generation, restart the replicas one by one". The index, PIN and partner-token
+/// keys name stored keys and verifiers, so they come from the OLDEST generation and do not change
+/// with rotation (replacing them means re-indexing the data: an offline procedure, see
+/// ARCHITECTURE.md).
 pub struct Keyring {
     key_id: u32,
     index: hmac::Key,
     data: LessSafeKey,
+    older: Vec<(u32, LessSafeKey, Ed25519KeyPair, String)>,
     pin: hmac::Key,
     token: hmac::Key,
     signing: Ed25519KeyPair,
@@ -29,6 +36,68 @@ pub struct Keyring {
 impl std::fmt::Debug for Keyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Keyring").field("key_id", &self.key_id).finish_non_exhaustive()
+    }
+}
+
+/// Where master secrets come from. The file source is for development and for deployments that
+/// mount secrets; a KMS/HSM implementation returns the same pairs after unwrapping them (envelope
+/// encryption), so nothing else changes.
+pub trait KeySource {
+    /// The generations as (key id, master secret of at least 32 bytes).
+    fn load(&self) -> Result<Vec<(u32, Vec<u8>)>, String>;
+}
+
+/// A keyring file: one generation per line, `<key_id>:<hex secret>`; `#` starts a comment.
+pub struct FileKeySource(pub std::path::PathBuf);
+
+impl KeySource for FileKeySource {
+    fn load(&self) -> Result<Vec<(u32, Vec<u8>)>, String> {
+        let path = &self.0;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("read keyring {}: {e}", path.display()))?;
+        let mut out = Vec::new();
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            let (id, secret) =
+                line.split_once(':').ok_or("each keyring line must read <key_id>:<hex secret>")?;
+            let id: u32 = id.parse().map_err(|_| "keyring key id is not a number".to_string())?;
+            let secret = hex_decode(secret).ok_or("keyring secret is not hex")?;
+            out.push((id, secret));
+        }
+        Ok(out)
+    }
+}
+
+struct Generation {
+    id: u32,
+    root: hmac::Key,
+}
+
+impl Generation {
+    fn new(id: u32, master: &[u8]) -> Result<Generation, String> {
+        if master.len() < 32 {
+            return Err(format!("master secret {id} has {} bytes; at least 32 are required", master.len()));
+        }
+        Ok(Generation { id, root: hmac::Key::new(hmac::HMAC_SHA256, master) })
+    }
+
+    fn derive(&self, label: &[u8]) -> hmac::Tag {
+        hmac::sign(&self.root, label)
+    }
+
+    fn data(&self) -> Result<LessSafeKey, String> {
+        let bytes = self.derive(b"nid/v1/keyring/data");
+        Ok(LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, bytes.as_ref()).map_err(|_| "derive data key".to_string())?,
+        ))
+    }
+
+    fn signing(&self) -> Result<(Ed25519KeyPair, String), String> {
+        let seed = self.derive(b"nid/v1/keyring/signing");
+        let pair = Ed25519KeyPair::from_seed_unchecked(&seed.as_ref()[..32])
+            .map_err(|_| "derive signing key".to_string())?;
+        let fingerprint = ring::digest::digest(&ring::digest::SHA256, pair.public_key().as_ref());
+        let id = format!("ed25519-{}-{}", self.id, hex::encode(&fingerprint.as_ref()[..4]));
+        Ok((pair, id))
     }
 }
 
@@ -47,26 +116,43 @@ pub enum SealError {
 }
 
 impl Keyring {
-    /// Derives the keyring from a master secret of at least 32 bytes.
+    /// A keyring of one generation.
     pub fn from_master(key_id: u32, master: &[u8]) -> Result<Keyring, String> {
-        if master.len() < 32 {
-            return Err(format!("master secret has {} bytes; at least 32 are required", master.len()));
+        Keyring::from_generations(&[(key_id, master.to_vec())])
+    }
+
+    /// A keyring of several generations (any order; ids must be distinct).
+    pub fn from_generations(masters: &[(u32, Vec<u8>)]) -> Result<Keyring, String> {
+        let mut generations =
+            masters.iter().map(|(id, m)| Generation::new(*id, m)).collect::<Result<Vec<_>, _>>()?;
+        generations.sort_by_key(|g| g.id);
+        if generations.windows(2).any(|w| w[0].id == w[1].id) {
+            return Err("keyring key ids must be distinct".into());
         }
-        let root = hmac::Key::new(hmac::HMAC_SHA256, master);
-        let derive = |label: &[u8]| hmac::sign(&root, label);
-        let index = hmac::Key::new(hmac::HMAC_SHA256, derive(b"nid/v1/keyring/index").as_ref());
-        let data_bytes = derive(b"nid/v1/keyring/data");
-        let data = LessSafeKey::new(
-            UnboundKey::new(&AES_256_GCM, data_bytes.as_ref()).map_err(|_| "derive data key".to_string())?,
-        );
-        let pin = hmac::Key::new(hmac::HMAC_SHA256, derive(b"nid/v1/keyring/pin").as_ref());
-        let token = hmac::Key::new(hmac::HMAC_SHA256, derive(b"nid/v1/keyring/partner-token").as_ref());
-        let seed = derive(b"nid/v1/keyring/signing");
-        let signing = Ed25519KeyPair::from_seed_unchecked(&seed.as_ref()[..32])
-            .map_err(|_| "derive signing key".to_string())?;
-        let fingerprint = ring::digest::digest(&ring::digest::SHA256, signing.public_key().as_ref());
-        let signing_key_id = format!("ed25519-{key_id}-{}", hex::encode(&fingerprint.as_ref()[..4]));
-        Ok(Keyring { key_id, index, data, pin, token, signing, signing_key_id })
+        let (oldest, current) = match (generations.first(), generations.last()) {
+            (Some(o), Some(c)) => (o, c),
+            _ => return Err("the keyring holds no key".into()),
+        };
+        let index = hmac::Key::new(hmac::HMAC_SHA256, oldest.derive(b"nid/v1/keyring/index").as_ref());
+        let pin = hmac::Key::new(hmac::HMAC_SHA256, oldest.derive(b"nid/v1/keyring/pin").as_ref());
+        let token =
+            hmac::Key::new(hmac::HMAC_SHA256, oldest.derive(b"nid/v1/keyring/partner-token").as_ref());
+        let (signing, signing_key_id) = current.signing()?;
+        let mut older = Vec::new();
+        for g in &generations[..generations.len() - 1] {
+            let (pair, id) = g.signing()?;
+            older.push((g.id, g.data()?, pair, id));
+        }
+        Ok(Keyring {
+            key_id: current.id,
+            index,
+            data: current.data()?,
+            older,
+            pin,
+            token,
+            signing,
+            signing_key_id,
+        })
     }
 
     /// The development keyring. Never for production: its secret is in the source.
@@ -76,16 +162,28 @@ impl Keyring {
             .unwrap_or_else(|_| unreachable!("a SHA-256 digest is 32 bytes"))
     }
 
-    /// Loads a keyring file: `key_id` (decimal) and the master secret (hex, 64+ chars), as
-    /// `<key_id>:<hex>` on one line.
+    /// Loads a keyring from a source (a file, or a KMS hook).
+    pub fn load(source: &dyn KeySource) -> Result<Keyring, String> {
+        Keyring::from_generations(&source.load()?)
+    }
+
+    /// Loads a keyring file (see [`FileKeySource`]).
     pub fn from_file(path: &std::path::Path) -> Result<Keyring, String> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("read keyring {}: {e}", path.display()))?;
-        let (id, secret) =
-            text.trim().split_once(':').ok_or("keyring file must read <key_id>:<hex secret>")?;
-        let id: u32 = id.parse().map_err(|_| "keyring key id is not a number".to_string())?;
-        let secret = hex_decode(secret).ok_or("keyring secret is not hex")?;
-        Keyring::from_master(id, &secret)
+        Keyring::load(&FileKeySource(path.to_path_buf()))
+    }
+
+    /// The id of the generation that seals new values.
+    pub fn key_id(&self) -> u32 {
+        self.key_id
+    }
+
+    /// Every published signing key: (key id, raw public key), current first.
+    pub fn signing_public_keys(&self) -> Vec<(String, Vec<u8>)> {
+        let mut out = vec![(self.signing_key_id.clone(), self.signing_public_key())];
+        for (_, _, pair, id) in self.older.iter().rev() {
+            out.push((id.clone(), pair.public_key().as_ref().to_vec()));
+        }
+        out
     }
 
     /// HMAC-SHA256 of `(domain, natural key)` under the index key.
@@ -175,14 +273,15 @@ impl Keyring {
         }
         let (id, rest) = sealed.split_at(4);
         let id = u32::from_be_bytes([id[0], id[1], id[2], id[3]]);
-        if id != self.key_id {
-            return Err(SealError::UnknownKey(id));
-        }
+        let key = if id == self.key_id {
+            &self.data
+        } else {
+            &self.older.iter().find(|g| g.0 == id).ok_or(SealError::UnknownKey(id))?.1
+        };
         let (nonce, body) = rest.split_at(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| SealError::Truncated)?;
         let mut body = body.to_vec();
-        let plain =
-            self.data.open_in_place(nonce, Aad::from(aad), &mut body).map_err(|_| SealError::Tampered)?;
+        let plain = key.open_in_place(nonce, Aad::from(aad), &mut body).map_err(|_| SealError::Tampered)?;
         Ok(plain.to_vec())
     }
 }
@@ -268,11 +367,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("k");
         std::fs::write(&p, format!("3:{}\n", "ab".repeat(32))).unwrap();
-        assert_eq!(Keyring::from_file(&p).unwrap().key_id, 3);
+        assert_eq!(Keyring::from_file(&p).unwrap().key_id(), 3);
         std::fs::write(&p, "3:zz").unwrap();
         assert!(Keyring::from_file(&p).is_err());
         std::fs::write(&p, "nothing").unwrap();
         assert!(Keyring::from_file(&p).is_err());
+        std::fs::write(&p, format!("# two generations\n1:{}\n1:{}\n", "ab".repeat(32), "cd".repeat(32)))
+            .unwrap();
+        assert!(Keyring::from_file(&p).is_err(), "duplicate ids");
+    }
+
+    #[test]
+    fn rotation_keeps_old_values_readable_and_indexes_stable() {
+        let g1 = (1u32, vec![1u8; 32]);
+        let g2 = (2u32, vec![2u8; 32]);
+        let old = Keyring::from_generations(std::slice::from_ref(&g1)).unwrap();
+        let rotated = Keyring::from_generations(&[g2, g1]).unwrap();
+        let sealed_old = old.seal(b"k", random_nonce().unwrap(), b"v1");
+        assert_eq!(rotated.open(b"k", &sealed_old).unwrap(), b"v1", "old generation still opens");
+        let sealed_new = rotated.seal(b"k", random_nonce().unwrap(), b"v2");
+        assert_eq!(&sealed_new[..4], &2u32.to_be_bytes(), "the newest generation seals");
+        assert_eq!(old.open(b"k", &sealed_new), Err(SealError::UnknownKey(2)));
+        assert_eq!(old.index_hash(b"uin", b"1"), rotated.index_hash(b"uin", b"1"), "index keys stay");
+        assert_eq!(old.pin_mac(&[0; 16], "1234"), rotated.pin_mac(&[0; 16], "1234"));
+        assert_eq!(old.partner_token("p", "1"), rotated.partner_token("p", "1"));
+        let published: Vec<String> = rotated.signing_public_keys().into_iter().map(|(id, _)| id).collect();
+        assert_eq!(published.len(), 2);
+        assert_eq!(published[0], rotated.signing_key_id());
+        assert_eq!(published[1], old.signing_key_id(), "the retired key stays published");
     }
 
     #[test]

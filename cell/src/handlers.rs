@@ -545,12 +545,17 @@ impl CellContext {
     /// The published decision-signing keys.
     pub fn signing_keys(&self) -> GetSigningKeysResponse {
         GetSigningKeysResponse {
-            keys: vec![SigningKey {
-                key_id: self.keyring.signing_key_id().to_owned(),
-                public_key: self.keyring.signing_public_key(),
-                not_before: None,
-                not_after: None,
-            }],
+            keys: self
+                .keyring
+                .signing_public_keys()
+                .into_iter()
+                .map(|(key_id, public_key)| SigningKey {
+                    key_id,
+                    public_key,
+                    not_before: None,
+                    not_after: None,
+                })
+                .collect(),
         }
     }
 
