@@ -201,7 +201,7 @@ pub async fn run(config: CellConfig) -> anyhow::Result<()> {
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(nid_support::incoming(listener), async {
                 let _ = stop_rx.await;
             }),
     );

@@ -5,8 +5,11 @@
 use crate::people::{Person, person};
 use crate::report::Recorder;
 use nid_proto::error::reason_of;
+use nid_proto::v1::authentication_client::AuthenticationClient;
 use nid_proto::v1::enrollment_client::EnrollmentClient;
-use nid_proto::v1::{Demographics, EnrollRequest, GetIdentityRequest};
+use nid_proto::v1::{
+    AuthFactors, AuthenticateRequest, DemographicFactor, Demographics, EnrollRequest, GetIdentityRequest,
+};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -39,6 +42,32 @@ pub enum Scenario {
         /// The UINs to read.
         uins: Arc<Vec<String>>,
     },
+    /// Authenticate populated people with a demographic factor (name and date of birth, exact) as
+    /// a partner; every request has a fresh transaction id. A "no" counts as an error.
+    Auth {
+        /// The populated people.
+        people: Arc<Vec<Person>>,
+        /// `authorization` header value: `Bearer <partner API key>`.
+        bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+        /// Distinguishes this run's transaction ids from earlier runs'.
+        run: u64,
+    },
+}
+
+/// The clients of one connection to the router.
+#[derive(Clone)]
+pub struct Clients {
+    /// Enrollment.
+    pub enroll: EnrollmentClient<Channel>,
+    /// Authentication.
+    pub auth: AuthenticationClient<Channel>,
+}
+
+impl Clients {
+    /// Both clients over one channel.
+    pub fn new(channel: Channel) -> Clients {
+        Clients { enroll: EnrollmentClient::new(channel.clone()), auth: AuthenticationClient::new(channel) }
+    }
 }
 
 /// How much load.
@@ -74,7 +103,8 @@ fn error_kind(status: &tonic::Status) -> String {
 }
 
 /// Sends one request of the scenario; `k` picks the item.
-pub async fn one(client: &mut EnrollmentClient<Channel>, scenario: &Scenario, k: u64) -> Result<(), String> {
+pub async fn one(clients: &mut Clients, scenario: &Scenario, k: u64) -> Result<(), String> {
+    let client = &mut clients.enroll;
     let enroll =
         |seed: u64, next: &AtomicU64| enroll_request(&person(seed, next.fetch_add(1, Ordering::Relaxed)));
     let result = match scenario {
@@ -89,6 +119,32 @@ pub async fn one(client: &mut EnrollmentClient<Channel>, scenario: &Scenario, k:
                 client.get_identity(GetIdentityRequest { id }).await.map(|_| ())
             } else {
                 client.enroll(enroll(*seed, next)).await.map(|_| ())
+            }
+        }
+        Scenario::Auth { people, bearer, run } => {
+            let p = &people[(k % people.len() as u64) as usize];
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let mut request = tonic::Request::new(AuthenticateRequest {
+                id: p.uin.clone(),
+                transaction_id: format!("lt-{run:x}-{k}"),
+                request_time: Some(prost_types::Timestamp { seconds: now.as_secs() as i64, nanos: 0 }),
+                factors: Some(AuthFactors {
+                    demographic: Some(DemographicFactor {
+                        full_name: p.name.clone(),
+                        date_of_birth: p.dob.clone(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            });
+            request.metadata_mut().insert("authorization", bearer.clone());
+            match clients.auth.authenticate(request).await {
+                Ok(r) if r.get_ref().decision.as_ref().is_some_and(|d| d.authenticated) => Ok(()),
+                Ok(r) => {
+                    let reasons = r.into_inner().decision.map(|d| d.reasons).unwrap_or_default();
+                    return Err(format!("auth no {reasons:?}"));
+                }
+                Err(e) => Err(e),
             }
         }
     };
@@ -108,7 +164,7 @@ struct Done {
 
 /// Runs the load for `warmup + duration`, measuring only after the warmup.
 pub async fn run(
-    clients: Vec<EnrollmentClient<Channel>>,
+    clients: Vec<Clients>,
     scenario: Scenario,
     load: Load,
     warmup: Duration,

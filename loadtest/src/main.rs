@@ -26,6 +26,7 @@ enum ScenarioArg {
     Enroll,
     Get,
     Mixed,
+    Auth,
 }
 
 #[derive(Debug, Subcommand)]
@@ -71,7 +72,10 @@ enum Command {
         /// Unmeasured seconds first.
         #[arg(long, default_value_t = 2)]
         warmup: u64,
-        /// People file from `populate` (needed by get and mixed).
+        /// Partner API key for the auth scenario.
+        #[arg(long, env = "NID_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// People file from `populate` (needed by get, mixed and auth).
         #[arg(long, default_value = "people.jsonl")]
         people: PathBuf,
         /// Seed for fresh enrolments (use another seed than the populated one).
@@ -89,10 +93,7 @@ enum Command {
     },
 }
 
-async fn clients(
-    target: &str,
-    n: usize,
-) -> anyhow::Result<Vec<nid_proto::v1::enrollment_client::EnrollmentClient<tonic::transport::Channel>>> {
+async fn clients(target: &str, n: usize) -> anyhow::Result<Vec<driver::Clients>> {
     let mut out = Vec::new();
     for _ in 0..n.max(1) {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))?
@@ -101,7 +102,7 @@ async fn clients(
             .connect()
             .await
             .with_context(|| format!("connect to {target}"))?;
-        out.push(nid_proto::v1::enrollment_client::EnrollmentClient::new(channel));
+        out.push(driver::Clients::new(channel));
     }
     Ok(out)
 }
@@ -117,7 +118,7 @@ async fn populate(
     let next = Arc::new(AtomicU64::new(0));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     for w in 0..concurrency.max(1) {
-        let (mut client, next, tx) = (clients[w % clients.len()].clone(), next.clone(), tx.clone());
+        let (mut client, next, tx) = (clients[w % clients.len()].enroll.clone(), next.clone(), tx.clone());
         tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -170,6 +171,17 @@ async fn populate(
     Ok(())
 }
 
+fn load_people(path: &PathBuf) -> anyhow::Result<Arc<Vec<people::Person>>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("open {} (run populate first)", path.display()))?;
+    let mut out = Vec::new();
+    for line in std::io::BufReader::new(file).lines() {
+        out.push(serde_json::from_str(&line?)?);
+    }
+    anyhow::ensure!(!out.is_empty(), "{} holds no people", path.display());
+    Ok(Arc::new(out))
+}
+
 fn load_uins(path: &PathBuf) -> anyhow::Result<Arc<Vec<String>>> {
     let file =
         std::fs::File::open(path).with_context(|| format!("open {} (run populate first)", path.display()))?;
@@ -197,6 +209,7 @@ async fn main() -> anyhow::Result<()> {
             duration,
             warmup,
             people,
+            api_key,
             seed,
             max_in_flight,
             connections,
@@ -209,6 +222,14 @@ async fn main() -> anyhow::Result<()> {
                 ScenarioArg::Get => ("get", driver::Scenario::Get { uins: load_uins(&people)? }),
                 ScenarioArg::Mixed => {
                     ("mixed", driver::Scenario::Mixed { get_percent, seed, next, uins: load_uins(&people)? })
+                }
+                ScenarioArg::Auth => {
+                    let key = api_key.context("--scenario auth needs --api-key (or NID_API_KEY)")?;
+                    let bearer =
+                        format!("Bearer {}", key.trim()).parse().context("the API key is not ASCII")?;
+                    let run =
+                        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
+                    ("auth", driver::Scenario::Auth { people: load_people(&people)?, bearer, run })
                 }
             };
             let (mode, load, amount) = match (rate, concurrency) {

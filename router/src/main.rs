@@ -124,7 +124,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
             keys: tokio::sync::RwLock::default(),
         }))
         .add_service(AdminServer::new(admin::AdminService { router: router.clone(), partners, admin_token }))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(nid_support::incoming(listener), async {
             nid_support::shutdown_signal().await;
             tracing::info!("router stopping");
         })

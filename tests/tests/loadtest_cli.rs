@@ -1,5 +1,6 @@
 //! `nid-loadtest` against a real one-cell dev cluster: populate, then an open-loop read run whose
-//! JSON report accounts for every scheduled request, and a closed-loop enrolment run.
+//! JSON report accounts for every scheduled request, a closed-loop enrolment run, and a closed-loop
+//! authentication run as the dev partner.
 
 use nid_tests::{DevCluster, binary};
 use std::process::Command;
@@ -72,6 +73,28 @@ fn populate_then_open_and_closed_loop_runs_report_honestly() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("enroll (closed loop, load 8)") && text.contains(" 0 failed"), "{text}");
+
+    // Authentication as the dev partner: every populated person says yes to their own name and
+    // date of birth (a "no" would count as failed).
+    let key = std::fs::read_to_string(cluster.dir.path().join("secrets/dev-partner.apikey")).unwrap();
+    let out = Command::new(binary("nid-loadtest"))
+        .args(["run", "--target", &router, "--scenario", "auth", "--concurrency", "4", "--duration", "1"])
+        .args(["--warmup", "0", "--api-key", key.trim()])
+        .arg("--people")
+        .arg(&people)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("auth (closed loop, load 4)") && text.contains(" 0 failed"), "{text}");
+    let without_key = Command::new(binary("nid-loadtest"))
+        .args(["run", "--target", &router, "--scenario", "auth", "--concurrency", "1", "--duration", "1"])
+        .env_remove("NID_API_KEY")
+        .arg("--people")
+        .arg(&people)
+        .output()
+        .unwrap();
+    assert!(!without_key.status.success(), "the auth scenario needs a key");
 
     assert!(cluster.stop(), "nidctl dev up stops cleanly");
 }
