@@ -51,8 +51,9 @@ pub struct Flags {
     /// The cluster's id-scheme seed (64 hex characters); defaults to the development seed.
     #[arg(long, env = "NID_ID_SCHEME_SEED", hide_env_values = true)]
     pub id_scheme_seed: Option<String>,
-    /// Keyring file (`<key_id>:<hex secret>`); defaults to the development keyring.
-    #[arg(long)]
+    /// Keyring file (`<key_id>:<hex secret>` per line, one line per key generation); defaults to
+    /// the development keyring.
+    #[arg(long, alias = "keyring")]
     pub keyring_file: Option<PathBuf>,
     /// Raft tick in milliseconds.
     #[arg(long)]
