@@ -257,6 +257,11 @@ impl Cluster {
         self.running.get(&id).map(|r| r.metrics.clone()).unwrap_or_else(|| panic!("node {id} not running"))
     }
 
+    /// The directory holding every replica's data (RocksDB files, snapshots).
+    pub fn data_root(&self) -> &std::path::Path {
+        self._root.path()
+    }
+
     /// The raw DB of running replica `id` (tests that tamper with stored bytes).
     pub fn db(&self, id: u64) -> Arc<rocksdb::DB> {
         self.running.get(&id).map(|r| r.db.clone()).unwrap_or_else(|| panic!("node {id} not running"))

@@ -1,7 +1,8 @@
 //! The identity domain through the `Cell` service of a real 3-replica in-process cell (real Raft,
 //! real RocksDB): enrolment idempotency under concurrency, versioned updates and history, status,
 //! VIDs, locks, authentication (order of checks, replay, TOTP reuse, lockout with a moved clock,
-//! signatures, partner tokens), the audit chain and its tamper detection, and field-named errors.
+//! signatures, partner tokens), the audit chain and its tamper detection, field-named errors, and
+//! no plaintext in any file after a flush and a full compaction.
 
 use nid_cell::identity::totp_code;
 use nid_cell::testkit::{Cluster, sample_request};
@@ -568,4 +569,68 @@ async fn every_malformed_request_gets_invalid_argument_naming_the_field() {
     );
     let no_partner = c.execute(auth_request(&uin, "X", now(&c), pin("2468")), None).await.unwrap_err();
     assert_eq!(no_partner.code(), Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_flush_and_compaction_no_file_holds_a_name_identifier_or_secret() {
+    let c = cell().await;
+    let mut needles: Vec<Vec<u8>> = Vec::new();
+    for i in 0..20 {
+        let name = format!("Tlalocan Vwxyzabcdef{i:02}");
+        let rid = format!("RID-COMPACT-{i:03}");
+        let mut req = sample_request(&rid);
+        req.demographics.as_mut().unwrap().full_name = name.clone();
+        req.demographics.as_mut().unwrap().email = "tlaloc@example.net".into();
+        req.pin = "86420".into();
+        let uin = enroll(&c, req).await.uin;
+        let op = Operation::CreateVid(CreateVidRequest {
+            uin: uin.clone(),
+            kind: VidKind::Perpetual as i32,
+            expires_at: None,
+            max_uses: 0,
+        });
+        let CellResult::CreateVid(v) = c.execute(op, None).await.unwrap() else { panic!() };
+        let demo = AuthFactors {
+            demographic: Some(DemographicFactor { full_name: name.clone(), ..Default::default() }),
+            pin: "86420".into(),
+            ..Default::default()
+        };
+        let r = authenticate(&c, "bank-a", auth_request(&uin, &format!("P-{i}"), now(&c), demo)).await;
+        assert!(r.decision.unwrap().authenticated);
+        needles.extend([
+            name.into_bytes(),
+            rid.into_bytes(),
+            uin.into_bytes(),
+            v.vid.unwrap().vid.into_bytes(),
+        ]);
+    }
+    needles.extend([b"tlaloc@example.net".to_vec(), b"86420".to_vec(), b"1988-07-14".to_vec()]);
+    for id in c.running_ids() {
+        let db = c.db(id);
+        for name in ["raft", "meta", "data"] {
+            let cf = db.cf_handle(name).unwrap();
+            db.flush_cf(cf).unwrap();
+            db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        }
+    }
+    let mut hits = Vec::new();
+    let mut files = 0;
+    let mut stack = vec![c.data_root().to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                files += 1;
+                for n in &needles {
+                    if bytes.windows(n.len()).any(|w| w == n.as_slice()) {
+                        hits.push(format!("{} holds {:?}", path.display(), String::from_utf8_lossy(n)));
+                    }
+                }
+            }
+        }
+    }
+    assert!(files > 10, "the scan reads the replicas' files");
+    assert!(hits.is_empty(), "plaintext at rest:\n{}", hits.join("\n"));
 }
