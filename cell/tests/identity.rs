@@ -634,3 +634,61 @@ async fn after_flush_and_compaction_no_file_holds_a_name_identifier_or_secret() 
     assert!(files > 10, "the scan reads the replicas' files");
     assert!(hits.is_empty(), "plaintext at rest:\n{}", hits.join("\n"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_see_every_acknowledged_change_across_a_leader_change() {
+    let mut c = cell().await;
+    let (uin, _) = enroll_full(&c, "RID-LINEAR").await;
+    let bad = |txn: &str| {
+        let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        auth_request(&uin, txn, prost_types::Timestamp { seconds: t as i64, nanos: 0 }, pin("0000"))
+    };
+    for i in 0..4 {
+        authenticate(&c, "bank-a", bad(&format!("F-{i}"))).await;
+    }
+    let lock = Operation::LockAuthTypes(LockAuthTypesRequest {
+        id: uin.clone(),
+        lock: vec![AuthLock { auth_type: AuthType::Demographic as i32, until: None }],
+        unlock: vec![],
+    });
+    c.execute(lock, None).await.unwrap();
+    let old = tokio::task::block_in_place(|| c.must_leader());
+    c.stop_node(old);
+    // The new leader knows the lock, the failure count (one more failure locks) and the seen
+    // transaction ids: nothing acknowledged by the old leader is lost or stale.
+    let demo = AuthFactors {
+        demographic: Some(DemographicFactor { full_name: "Asha Example".into(), ..Default::default() }),
+        ..Default::default()
+    };
+    let locked = authenticate(&c, "bank-a", auth_request(&uin, "N-1", now(&c), demo)).await;
+    assert_eq!(reasons(&locked), vec![AuthReason::AuthTypeLocked]);
+    let replay = authenticate(&c, "bank-a", bad("F-0")).await;
+    assert_eq!(reasons(&replay), vec![AuthReason::ReplayedTransaction]);
+    authenticate(&c, "bank-a", bad("F-4")).await;
+    let lockout = authenticate(&c, "bank-a", auth_request(&uin, "N-2", now(&c), pin("2468"))).await;
+    assert_eq!(reasons(&lockout), vec![AuthReason::TooManyFailures], "the fifth failure counted");
+    let CellResult::GetAuthHistory(h) = c
+        .execute(
+            Operation::GetAuthHistory(GetAuthHistoryRequest {
+                id: uin.clone(),
+                page_token: String::new(),
+                limit: 0,
+            }),
+            None,
+        )
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(h.records.len(), 8, "every decision, on both leaders, is in the trail");
+    let CellResult::VerifyAuditChain(v) = c
+        .execute(Operation::VerifyAuditChain(VerifyAuditChainRequest { uin: uin.clone() }), None)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert!(v.intact);
+    c.run_node(old);
+}
