@@ -36,6 +36,8 @@ pub enum Command {
     ControlPutPartner {
         /// Protobuf `nid.v1.PartnerRecord` (the credential only as a keyed hash).
         partner: Vec<u8>,
+        /// Refuse if the partner id exists.
+        create_only: bool,
     },
     /// Control cell: the one decision point of a bucket move: owner `from` -> `to` if the bucket's
     /// epoch is still `expected_epoch` (compare-and-swap); epoch and table version grow by one.
@@ -66,7 +68,7 @@ impl Command {
         match self {
             Command::Enroll(e) => e.sealed.len() + 128,
             Command::Identity(c) => c.sealed.len() + 96,
-            Command::ControlPutPartner { partner } => partner.len() + 16,
+            Command::ControlPutPartner { partner, .. } => partner.len() + 16,
             Command::ControlInit { config, table } => config.len() + table.len() + 16,
             Command::ControlRegisterCell { cell } => cell.len() + 16,
             Command::ControlCommitMove { .. } => 64,
@@ -476,6 +478,8 @@ pub enum Rejection {
     MoveConflict,
     /// The cluster already exists with another config.
     ClusterExists,
+    /// A partner with this id exists (and the command only creates).
+    PartnerExists,
     /// The cluster has not been initialized.
     NoCluster,
     /// A routing-table version older than the one recorded.

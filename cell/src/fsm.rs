@@ -154,7 +154,9 @@ impl StateMachine {
         match command {
             Command::Enroll(cmd) => self.apply_enroll(cmd, wb, overlay),
             Command::Identity(cmd) => self.apply_identity(cmd, wb, overlay),
-            Command::ControlPutPartner { partner } => self.apply_put_partner(partner, wb, overlay),
+            Command::ControlPutPartner { partner, create_only } => {
+                self.apply_put_partner(partner, *create_only, wb, overlay)
+            }
             Command::ControlInit { config, table } => self.apply_control_init(config, table, wb, overlay),
             Command::ControlRegisterCell { cell } => self.apply_register_cell(cell, wb, overlay),
             Command::ControlCommitMove { bucket, from, to, expected_epoch } => {
@@ -603,6 +605,7 @@ impl StateMachine {
     fn apply_put_partner(
         &self,
         partner: &[u8],
+        create_only: bool,
         wb: &mut WriteBatch,
         overlay: &mut Overlay,
     ) -> Result<CommandResult, StoreError> {
@@ -616,6 +619,10 @@ impl StateMachine {
             return Ok(CommandResult::Rejected(Rejection::NoCluster));
         }
         let mut list = self.partners_in(overlay)?;
+        let exists = list.partners.iter().any(|p| p.partner.as_ref().is_some_and(|p| p.partner_id == id));
+        if create_only && exists {
+            return Ok(CommandResult::Rejected(Rejection::PartnerExists));
+        }
         if list.partners.contains(&record) {
             return Ok(CommandResult::Control { changed: false, version: list.partners_version });
         }

@@ -121,6 +121,7 @@ impl CellContext {
                 Status::aborted("the bucket's owner or epoch changed; read the table and retry")
             }
             Rejection::ClusterExists => Status::already_exists("the cluster exists with another config"),
+            Rejection::PartnerExists => Status::already_exists("a partner with this id exists"),
             Rejection::NoCluster => Status::failed_precondition("the cluster has not been initialized"),
             Rejection::NotFound | Rejection::VersionMismatch { .. } | Rejection::NotAllowed(_) => {
                 Status::internal("unmapped rejection")
@@ -760,7 +761,8 @@ impl Control for ControlService {
                 return Err(violations_status(v));
             }
             let record = PartnerRecord { partner: Some(partner), secret_digest: req.secret_digest };
-            let cmd = Command::ControlPutPartner { partner: record.encode_to_vec() };
+            let cmd =
+                Command::ControlPutPartner { partner: record.encode_to_vec(), create_only: req.create_only };
             let (_, version) = self.propose_control(cmd).await?;
             Ok(PutPartnerResponse { partners_version: version })
         })

@@ -692,3 +692,45 @@ async fn decisions_see_every_acknowledged_change_across_a_leader_change() {
     assert!(v.intact);
     c.run_node(old);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_cell_creates_a_partner_once_and_stores_only_its_verifier() {
+    use nid_cell::command::{Command, CommandResult, Rejection};
+    let mut c = Cluster::new(3);
+    c.start();
+    let init = Command::ControlInit {
+        config: vec![1],
+        table: RoutingTable { version: 1, ..Default::default() }.encode_to_vec(),
+    };
+    assert!(matches!(c.must_propose(init).await, CommandResult::Control { changed: true, .. }));
+    let record = |name: &str, revoked: bool| PartnerRecord {
+        partner: Some(Partner {
+            partner_id: "bank-a".into(),
+            name: name.into(),
+            revoked,
+            ..Default::default()
+        }),
+        secret_digest: vec![7; 32],
+    };
+    let put = |r: PartnerRecord, create_only: bool| Command::ControlPutPartner {
+        partner: r.encode_to_vec(),
+        create_only,
+    };
+    assert_eq!(
+        c.must_propose(put(record("A", false), true)).await,
+        CommandResult::Control { changed: true, version: 1 }
+    );
+    assert_eq!(
+        c.must_propose(put(record("Impostor", false), true)).await,
+        CommandResult::Rejected(Rejection::PartnerExists),
+        "two concurrent adds cannot overwrite each other"
+    );
+    assert_eq!(
+        c.must_propose(put(record("A", true), false)).await,
+        CommandResult::Control { changed: true, version: 2 }
+    );
+    let leader = tokio::task::block_in_place(|| c.must_leader());
+    let list = c.fsm(leader).partners().unwrap();
+    assert_eq!(list.partners_version, 2);
+    assert_eq!(list.partners, vec![record("A", true)]);
+}

@@ -193,6 +193,7 @@ impl Admin for AdminService {
         let put = PutPartnerRequest {
             partner: Some(partner.clone()),
             secret_digest: self.partners.digest(&secret),
+            create_only: true,
         };
         self.router
             .control_call(|mut c| {
@@ -233,7 +234,11 @@ impl Admin for AdminService {
             .ok_or_else(|| Status::not_found("no partner with this id"))?;
         let mut partner = record.partner.unwrap_or_default();
         partner.revoked = true;
-        let put = PutPartnerRequest { partner: Some(partner), secret_digest: record.secret_digest };
+        let put = PutPartnerRequest {
+            partner: Some(partner),
+            secret_digest: record.secret_digest,
+            create_only: false,
+        };
         self.router
             .control_call(|mut c| {
                 let put = put.clone();

@@ -103,6 +103,8 @@ async fn partners_authenticate_through_the_router_and_decisions_verify() {
     let (code, kiosk_key) = nidctl(dir, &["partner", "add", "kiosk-1", "--allow", "demographic"]);
     assert_eq!(code, 0);
     assert!(kiosk_key.starts_with("kiosk-1."));
+    let (code, _) = nidctl(dir, &["partner", "add", "kiosk-1", "--allow", "pin"]);
+    assert_eq!(code, 1, "an existing partner id is refused, not overwritten");
     let no =
         auth.authenticate(bearer(request(&uin, "K-1", pin("8642")), &kiosk_key)).await.unwrap().into_inner();
     assert_eq!(no.decision.unwrap().reasons, vec![AuthReason::FactorNotAllowed as i32]);
