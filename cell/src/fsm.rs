@@ -410,18 +410,18 @@ impl StateMachine {
         Ok(())
     }
 
-    /// Resolves a target to its UIN (None when no identity has it).
-    fn resolve_in(
+    /// Loads the identity a target names (None when no identity has it), opening the record once.
+    fn load_in(
         &self,
         bucket: BucketId,
         target: &Target,
         overlay: &Overlay,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<IdentityRecord>, StoreError> {
         let hash = match target {
             Target::Uin(hash) => {
                 let key = keys::data_key(bucket, Table::Identity, hash);
                 return match self.get_in(&key, overlay)? {
-                    Some(sealed) => Ok(Some(self.open_record(&key, &sealed)?.uin)),
+                    Some(sealed) => Ok(Some(self.open_record(&key, &sealed)?)),
                     None => Ok(None),
                 };
             }
@@ -436,7 +436,10 @@ impl StateMachine {
             .and_then(|p| {
                 codec::decode(&p).map_err(|source| StoreError::Corrupt { what: "VID index", source })
             })?;
-        Ok(Some(index.uin))
+        match self.identity_in(bucket, &index.uin, overlay)? {
+            Some(rec) => Ok(Some(rec)),
+            None => Err(StoreError::BadSnapshot("a VID index names a missing identity".into())),
+        }
     }
 
     fn open_record(&self, key: &[u8], sealed: &[u8]) -> Result<IdentityRecord, StoreError> {
@@ -472,12 +475,7 @@ impl StateMachine {
             Err(e) => return Ok(CommandResult::Rejected(Rejection::Malformed(e.to_string()))),
         };
         let now = cmd.now_ms;
-        let uin = self.resolve_in(bucket, &cmd.target, overlay)?;
-        let via_vid = match (&cmd.target, &uin) {
-            (Target::Vid(_), Some(_)) => Some(()),
-            _ => None,
-        };
-        let Some(uin) = uin else {
+        let Some(mut rec) = self.load_in(bucket, &cmd.target, overlay)? else {
             return Ok(match op {
                 IdentityOp::Authenticate(a) => {
                     let reason = if identity::factors_allowed(&a) {
@@ -495,11 +493,7 @@ impl StateMachine {
                 _ => CommandResult::Rejected(Rejection::NotFound),
             });
         };
-        let key = self.uin_key(bucket, &uin);
-        let Some(sealed) = self.get_in(&key, overlay)? else {
-            return Err(StoreError::BadSnapshot("an index names a missing identity".into()));
-        };
-        let mut rec = self.open_record(&key, &sealed)?;
+        let via_vid = matches!(cmd.target, Target::Vid(_)).then_some(());
         let before = rec.version;
         // The VID a command came through, in clear, is only known inside the record: match its hash.
         let vid = match (&cmd.target, via_vid) {
@@ -658,9 +652,7 @@ impl StateMachine {
         target: &Target,
         now_ms: u64,
     ) -> Result<Option<IdentityRecord>, StoreError> {
-        let overlay = Overlay::default();
-        let Some(uin) = self.resolve_in(bucket, target, &overlay)? else { return Ok(None) };
-        let Some(rec) = self.identity_in(bucket, &uin, &overlay)? else { return Ok(None) };
+        let Some(rec) = self.load_in(bucket, target, &Overlay::default())? else { return Ok(None) };
         if let Target::Vid(h) = target {
             let usable = rec.vids.iter().any(|v| {
                 self.keyring.index_hash(VID_DOMAIN, v.vid.as_bytes()) == *h && identity::vid_usable(v, now_ms)
