@@ -43,7 +43,9 @@ pub enum Scenario {
         uins: Arc<Vec<String>>,
     },
     /// Authenticate populated people with a demographic factor (name and date of birth, exact) as
-    /// a partner; every request has a fresh transaction id. A "no" counts as an error.
+    /// a partner; every request has a fresh transaction id. `wrong_percent` of the requests carry a
+    /// wrong date of birth and must come back "no" (DEMOGRAPHIC_MISMATCH); any other outcome, a
+    /// "no" for right factors or a "yes" for wrong ones, counts as an error.
     Auth {
         /// The populated people.
         people: Arc<Vec<Person>>,
@@ -51,6 +53,8 @@ pub enum Scenario {
         bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
         /// Distinguishes this run's transaction ids from earlier runs'.
         run: u64,
+        /// Share of requests with wrong factors, 0..=100.
+        wrong_percent: u64,
     },
 }
 
@@ -102,27 +106,46 @@ fn error_kind(status: &tonic::Status) -> String {
     }
 }
 
+/// What a successful request was, for the yes/no counts of the auth scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not an authentication.
+    Done,
+    /// An expected yes.
+    Yes,
+    /// An expected no.
+    No,
+}
+
 /// Sends one request of the scenario; `k` picks the item.
-pub async fn one(clients: &mut Clients, scenario: &Scenario, k: u64) -> Result<(), String> {
+pub async fn one(clients: &mut Clients, scenario: &Scenario, k: u64) -> Result<Outcome, String> {
     let client = &mut clients.enroll;
     let enroll =
         |seed: u64, next: &AtomicU64| enroll_request(&person(seed, next.fetch_add(1, Ordering::Relaxed)));
     let result = match scenario {
-        Scenario::Enroll { seed, next } => client.enroll(enroll(*seed, next)).await.map(|_| ()),
+        Scenario::Enroll { seed, next } => client.enroll(enroll(*seed, next)).await.map(|_| Outcome::Done),
         Scenario::Get { uins } => {
             let id = uins[(k % uins.len() as u64) as usize].clone();
-            client.get_identity(GetIdentityRequest { id }).await.map(|_| ())
+            client.get_identity(GetIdentityRequest { id }).await.map(|_| Outcome::Done)
         }
         Scenario::Mixed { get_percent, seed, next, uins } => {
             if k.wrapping_mul(0x9E37_79B9_7F4A_7C15) % 100 < *get_percent {
                 let id = uins[(k % uins.len() as u64) as usize].clone();
-                client.get_identity(GetIdentityRequest { id }).await.map(|_| ())
+                client.get_identity(GetIdentityRequest { id }).await.map(|_| Outcome::Done)
             } else {
-                client.enroll(enroll(*seed, next)).await.map(|_| ())
+                client.enroll(enroll(*seed, next)).await.map(|_| Outcome::Done)
             }
         }
-        Scenario::Auth { people, bearer, run } => {
+        Scenario::Auth { people, bearer, run, wrong_percent } => {
             let p = &people[(k % people.len() as u64) as usize];
+            let wrong = k.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17) % 100 < *wrong_percent;
+            // A real date that is not the person's: the same day one year later.
+            let dob = if wrong {
+                let year: u32 = p.dob.get(..4).and_then(|y| y.parse().ok()).unwrap_or(1970);
+                format!("{}{}", year + 1, p.dob.get(4..).unwrap_or("-01-01")).replace("-02-29", "-02-28")
+            } else {
+                p.dob.clone()
+            };
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
             let mut request = tonic::Request::new(AuthenticateRequest {
                 id: p.uin.clone(),
@@ -131,18 +154,23 @@ pub async fn one(clients: &mut Clients, scenario: &Scenario, k: u64) -> Result<(
                 factors: Some(AuthFactors {
                     demographic: Some(DemographicFactor {
                         full_name: p.name.clone(),
-                        date_of_birth: p.dob.clone(),
+                        date_of_birth: dob,
                         ..Default::default()
                     }),
                     ..Default::default()
                 }),
             });
             request.metadata_mut().insert("authorization", bearer.clone());
+            let mismatch = vec![nid_proto::v1::AuthReason::DemographicMismatch as i32];
             match clients.auth.authenticate(request).await {
-                Ok(r) if r.get_ref().decision.as_ref().is_some_and(|d| d.authenticated) => Ok(()),
                 Ok(r) => {
-                    let reasons = r.into_inner().decision.map(|d| d.reasons).unwrap_or_default();
-                    return Err(format!("auth no {reasons:?}"));
+                    let d = r.into_inner().decision.unwrap_or_default();
+                    return match (wrong, d.authenticated) {
+                        (false, true) => Ok(Outcome::Yes),
+                        (true, false) if d.reasons == mismatch => Ok(Outcome::No),
+                        (true, true) => Err("auth yes for wrong factors".into()),
+                        (_, false) => Err(format!("auth no {:?}", d.reasons)),
+                    };
                 }
                 Err(e) => Err(e),
             }
@@ -159,7 +187,7 @@ pub fn intended(start: Instant, i: u64, rate: u64) -> Instant {
 struct Done {
     intended: Instant,
     finished: Instant,
-    result: Result<(), String>,
+    result: Result<Outcome, String>,
 }
 
 /// Runs the load for `warmup + duration`, measuring only after the warmup.
@@ -238,7 +266,10 @@ pub async fn run(
             }
             let second = d.intended.duration_since(measure_from).as_secs() as usize;
             let latency = d.finished.duration_since(d.intended).as_micros() as u64;
-            recorder.complete(second, d.result.map(|()| latency));
+            if let Ok(outcome) = &d.result {
+                recorder.auth(*outcome);
+            }
+            recorder.complete(second, d.result.map(|_| latency));
         }
     };
     // The producer and its request tasks hold the only senders: the channel closes when all finish.

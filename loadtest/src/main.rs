@@ -72,6 +72,9 @@ enum Command {
         /// Unmeasured seconds first.
         #[arg(long, default_value_t = 2)]
         warmup: u64,
+        /// Share of authentications sent with a wrong date of birth (they must come back "no").
+        #[arg(long, default_value_t = 0)]
+        wrong_percent: u64,
         /// Partner API key for the auth scenario.
         #[arg(long, env = "NID_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
@@ -210,6 +213,7 @@ async fn main() -> anyhow::Result<()> {
             warmup,
             people,
             api_key,
+            wrong_percent,
             seed,
             max_in_flight,
             connections,
@@ -229,7 +233,11 @@ async fn main() -> anyhow::Result<()> {
                         format!("Bearer {}", key.trim()).parse().context("the API key is not ASCII")?;
                     let run =
                         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
-                    ("auth", driver::Scenario::Auth { people: load_people(&people)?, bearer, run })
+                    anyhow::ensure!(wrong_percent <= 100, "--wrong-percent must be 0..=100");
+                    (
+                        "auth",
+                        driver::Scenario::Auth { people: load_people(&people)?, bearer, run, wrong_percent },
+                    )
                 }
             };
             let (mode, load, amount) = match (rate, concurrency) {

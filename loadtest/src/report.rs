@@ -15,6 +15,10 @@ pub struct Recorder {
     pub errors: BTreeMap<String, u64>,
     /// Requests the open-loop driver could not send because too many were in flight.
     pub dropped: u64,
+    /// Measured authentications answered yes as expected.
+    pub auth_yes: u64,
+    /// Measured authentications answered no as expected.
+    pub auth_no: u64,
 }
 
 impl Recorder {
@@ -25,7 +29,18 @@ impl Recorder {
             per_second: Vec::new(),
             errors: BTreeMap::new(),
             dropped: 0,
+            auth_yes: 0,
+            auth_no: 0,
         })
+    }
+
+    /// Counts an authentication's expected answer.
+    pub fn auth(&mut self, outcome: crate::driver::Outcome) {
+        match outcome {
+            crate::driver::Outcome::Yes => self.auth_yes += 1,
+            crate::driver::Outcome::No => self.auth_no += 1,
+            crate::driver::Outcome::Done => {}
+        }
     }
 
     /// Records one completion `second` seconds into the measurement.
@@ -68,6 +83,10 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     /// Sends skipped because the in-flight bound was reached (open loop only).
     pub dropped: u64,
+    /// Authentications answered yes as expected (right factors).
+    pub auth_yes: u64,
+    /// Authentications answered no as expected (wrong factors).
+    pub auth_no: u64,
 }
 
 impl Report {
@@ -93,6 +112,8 @@ impl Report {
             per_second: r.per_second.clone(),
             errors: r.errors.clone(),
             dropped: r.dropped,
+            auth_yes: r.auth_yes,
+            auth_no: r.auth_no,
         }
     }
 
@@ -119,6 +140,9 @@ impl Report {
         }
         if self.dropped > 0 {
             out.push_str(&format!("not sent (in-flight bound reached): {}\n", self.dropped));
+        }
+        if self.auth_yes + self.auth_no > 0 {
+            out.push_str(&format!("auth: {} yes, {} no (as expected)\n", self.auth_yes, self.auth_no));
         }
         out
     }

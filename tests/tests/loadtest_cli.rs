@@ -74,12 +74,12 @@ fn populate_then_open_and_closed_loop_runs_report_honestly() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("enroll (closed loop, load 8)") && text.contains(" 0 failed"), "{text}");
 
-    // Authentication as the dev partner: every populated person says yes to their own name and
-    // date of birth (a "no" would count as failed).
+    // Authentication as the dev partner: right factors must get a yes and the quarter sent with a
+    // wrong date of birth a no; any other answer counts as failed.
     let key = std::fs::read_to_string(cluster.dir.path().join("secrets/dev-partner.apikey")).unwrap();
     let out = Command::new(binary("nid-loadtest"))
         .args(["run", "--target", &router, "--scenario", "auth", "--concurrency", "4", "--duration", "1"])
-        .args(["--warmup", "0", "--api-key", key.trim()])
+        .args(["--warmup", "0", "--wrong-percent", "25", "--api-key", key.trim()])
         .arg("--people")
         .arg(&people)
         .output()
@@ -87,6 +87,10 @@ fn populate_then_open_and_closed_loop_runs_report_honestly() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("auth (closed loop, load 4)") && text.contains(" 0 failed"), "{text}");
+    let counts = text.lines().find(|l| l.starts_with("auth: ")).expect("yes/no counts");
+    let numbers: Vec<u64> =
+        counts.split_whitespace().filter_map(|w| w.trim_end_matches(',').parse().ok()).collect();
+    assert!(numbers.len() == 2 && numbers[0] > numbers[1] && numbers[1] > 0, "{counts}");
     let without_key = Command::new(binary("nid-loadtest"))
         .args(["run", "--target", &router, "--scenario", "auth", "--concurrency", "1", "--duration", "1"])
         .env_remove("NID_API_KEY")
