@@ -1,16 +1,17 @@
 //! `nidctl dev up` end to end: a control cell, two data cells and a router as real processes.
 //! Enrolments through the router spread over both cells and stay readable; the router survives a
-//! SIGKILL and restart; with every control-cell replica dead the router keeps serving from its
-//! cached table; SIGTERM to nidctl stops every process.
+//! SIGKILL and restart; with every control-cell replica dead the router keeps serving (enrol, read,
+//! authenticate) from its cached table and partner list; SIGTERM to nidctl stops every process.
 
 use nid_proto::bucket::{KeyDomain, bucket_of_key};
+use nid_proto::v1::authentication_client::AuthenticationClient;
 use nid_proto::v1::bucket_admin_client::BucketAdminClient;
 use nid_proto::v1::cell_client::CellClient;
 use nid_proto::v1::control_client::ControlClient;
 use nid_proto::v1::enrollment_client::EnrollmentClient;
 use nid_proto::v1::{
-    BucketState, CommitBucketMoveRequest, GetCellStatusRequest, GetIdentityRequest, GetRoutingTableRequest,
-    SetBucketStateRequest,
+    AuthFactors, AuthenticateRequest, BucketState, CommitBucketMoveRequest, DemographicFactor,
+    GetCellStatusRequest, GetIdentityRequest, GetRoutingTableRequest, SetBucketStateRequest,
 };
 use nid_tests::{DevCluster, binary, enroll_request, http_get};
 use std::collections::HashMap;
@@ -137,6 +138,8 @@ async fn a_dev_cluster_routes_balances_and_survives_router_and_control_loss() {
             "--no-watch",
         ])
         .args(["--metrics-listen", &router_metrics])
+        .arg("--partner-key-file")
+        .arg(dev.dir.path().join("secrets/partner.key"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -281,6 +284,24 @@ async fn a_dev_cluster_routes_balances_and_survives_router_and_control_loss() {
     let mut c = client(&router).await;
     assert!(c.get_identity(GetIdentityRequest { id: uin }).await.is_ok());
     assert!(c.get_identity(GetIdentityRequest { id: enrolled["DEV-7"].clone() }).await.is_ok());
+    // Authentication too: the router checks partner keys against its cached partner list.
+    let key = std::fs::read_to_string(dev.dir.path().join("secrets/dev-partner.apikey")).unwrap();
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{router}")).unwrap().connect().await.unwrap();
+    let mut auth = AuthenticationClient::new(channel);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let mut request = tonic::Request::new(AuthenticateRequest {
+        id: enrolled["DEV-7"].clone(),
+        transaction_id: "NO-CONTROL-1".into(),
+        request_time: Some(prost_types::Timestamp { seconds: now.as_secs() as i64, nanos: 0 }),
+        factors: Some(AuthFactors {
+            demographic: Some(DemographicFactor { full_name: "Dev Cluster".into(), ..Default::default() }),
+            ..Default::default()
+        }),
+    });
+    request.metadata_mut().insert("authorization", format!("Bearer {}", key.trim()).parse().unwrap());
+    let decision = auth.authenticate(request).await.expect("auth without the control cell").into_inner();
+    assert!(decision.decision.unwrap().authenticated);
 
     let _ = new_router.kill();
     let _ = new_router.wait();
