@@ -304,18 +304,31 @@ impl StateMachine {
         })
     }
 
+    /// The fence of every client command: the bucket must exist and be owned here.
+    fn owned_bucket(
+        &self,
+        bucket: u16,
+        overlay: &Overlay,
+    ) -> Result<Result<BucketId, Rejection>, StoreError> {
+        let Some(id) = BucketId::new(u32::from(bucket)) else {
+            return Ok(Err(Rejection::Malformed("bucket out of range".into())));
+        };
+        Ok(match self.ownership(bucket, overlay)? {
+            Some(rejection) => Err(rejection),
+            None => Ok(id),
+        })
+    }
+
     fn apply_enroll(
         &self,
         cmd: &EnrollCommand,
         wb: &mut WriteBatch,
         overlay: &mut Overlay,
     ) -> Result<CommandResult, StoreError> {
-        let Some(bucket) = BucketId::new(u32::from(cmd.bucket)) else {
-            return Ok(CommandResult::Rejected(Rejection::Malformed("bucket out of range".into())));
+        let bucket = match self.owned_bucket(cmd.bucket, overlay)? {
+            Ok(bucket) => bucket,
+            Err(rejection) => return Ok(CommandResult::Rejected(rejection)),
         };
-        if let Some(rejection) = self.ownership(cmd.bucket, overlay)? {
-            return Ok(CommandResult::Rejected(rejection));
-        }
         let rid_key = keys::data_key(bucket, Table::Rid, &cmd.rid_hash);
         if let Some(sealed) = self.get_in(&rid_key, overlay)? {
             let existing: RidRecord = match self.keyring.open(&rid_key, &sealed).map(|p| codec::decode(&p)) {
@@ -461,12 +474,10 @@ impl StateMachine {
         wb: &mut WriteBatch,
         overlay: &mut Overlay,
     ) -> Result<CommandResult, StoreError> {
-        let Some(bucket) = BucketId::new(u32::from(cmd.bucket)) else {
-            return Ok(CommandResult::Rejected(Rejection::Malformed("bucket out of range".into())));
+        let bucket = match self.owned_bucket(cmd.bucket, overlay)? {
+            Ok(bucket) => bucket,
+            Err(rejection) => return Ok(CommandResult::Rejected(rejection)),
         };
-        if let Some(rejection) = self.ownership(cmd.bucket, overlay)? {
-            return Ok(CommandResult::Rejected(rejection));
-        }
         let op: IdentityOp = match self.keyring.open(&op_aad(cmd.bucket, &cmd.target), &cmd.sealed) {
             Ok(plain) => match codec::decode(&plain) {
                 Ok(op) => op,

@@ -110,7 +110,8 @@ fn storage_error<E>(_: E) -> Status {
     Status::internal("storage error")
 }
 
-fn not_found() -> Status {
+/// NOT_FOUND for an identifier no usable identity has.
+pub(crate) fn not_found() -> Status {
     Status::not_found("no identity with this id")
 }
 
@@ -145,6 +146,16 @@ impl CellContext {
         target: Target,
         op: &IdentityOp,
     ) -> Result<IdentityResult, Status> {
+        self.propose_identity_or_rejection(bucket, target, op).await?.map_err(|r| self.rejection_status(r))
+    }
+
+    /// Like [`CellContext::propose_identity`], but hands a rejection back unmapped.
+    async fn propose_identity_or_rejection(
+        &self,
+        bucket: BucketId,
+        target: Target,
+        op: &IdentityOp,
+    ) -> Result<Result<IdentityResult, Rejection>, Status> {
         let seed = crypto::random_bytes::<16>().map_err(|_| Status::internal("random source failed"))?;
         let nonce = crypto::random_nonce().map_err(|_| Status::internal("random source failed"))?;
         let sealed = self.keyring.seal(&op_aad(bucket.get(), &target), nonce, &crate::codec::encode(op));
@@ -155,8 +166,8 @@ impl CellContext {
             .await
             .map_err(|e| self.peer_status(e))?
         {
-            CommandResult::Identity(r) => Ok(r),
-            CommandResult::Rejected(r) => Err(self.rejection_status(r)),
+            CommandResult::Identity(r) => Ok(Ok(r)),
+            CommandResult::Rejected(r) => Ok(Err(r)),
             _ => Err(Status::internal("unexpected result")),
         }
     }
@@ -297,11 +308,11 @@ impl CellContext {
                 candidates.push(vid.to_digits());
             }
             let op = IdentityOp::CreateVid { kind: req.kind, expires_ms, max_uses, candidates };
-            match self.propose_identity(id.bucket(), target, &op).await {
+            match self.propose_identity_or_rejection(id.bucket(), target, &op).await? {
                 Ok(IdentityResult::Vid(vid)) => return Ok(CreateVidResponse { vid: Some(vid_view(&vid)) }),
                 Ok(_) => return Err(Status::internal("unexpected result")),
-                Err(e) if e.code() == Code::Unavailable && e.message().contains("candidates") => continue,
-                Err(e) => return Err(e),
+                Err(Rejection::CandidatesTaken) => continue,
+                Err(r) => return Err(self.rejection_status(r)),
             }
         }
         Err(Status::unavailable("vid candidates kept colliding; retry"))
@@ -557,20 +568,5 @@ impl CellContext {
                 })
                 .collect(),
         }
-    }
-
-    /// Maps a rejection of an identity command (also used by enrolment).
-    pub fn identity_rejection(&self, r: &Rejection) -> Option<Status> {
-        Some(match r {
-            Rejection::NotFound => not_found(),
-            Rejection::VersionMismatch { current } => status_with_reason(
-                Code::Aborted,
-                format!("expected_version is stale; the current version is {current}"),
-                ErrorReason::VersionMismatch,
-                &[("current_version", current.to_string())],
-            ),
-            Rejection::NotAllowed(m) => Status::failed_precondition(*m),
-            _ => return None,
-        })
     }
 }

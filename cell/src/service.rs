@@ -96,9 +96,6 @@ impl CellContext {
     }
 
     pub(crate) fn rejection_status(&self, r: Rejection) -> Status {
-        if let Some(status) = self.identity_rejection(&r) {
-            return status;
-        }
         match r {
             Rejection::WrongOwner { bucket, table_version } => {
                 RoutingHint::WrongOwner { bucket, owner_cell: None, table_version }.into_status()
@@ -123,9 +120,14 @@ impl CellContext {
             Rejection::ClusterExists => Status::already_exists("the cluster exists with another config"),
             Rejection::PartnerExists => Status::already_exists("a partner with this id exists"),
             Rejection::NoCluster => Status::failed_precondition("the cluster has not been initialized"),
-            Rejection::NotFound | Rejection::VersionMismatch { .. } | Rejection::NotAllowed(_) => {
-                Status::internal("unmapped rejection")
-            }
+            Rejection::NotFound => crate::handlers::not_found(),
+            Rejection::VersionMismatch { current } => status_with_reason(
+                Code::Aborted,
+                format!("expected_version is stale; the current version is {current}"),
+                ErrorReason::VersionMismatch,
+                &[("current_version", current.to_string())],
+            ),
+            Rejection::NotAllowed(m) => Status::failed_precondition(m),
         }
     }
 

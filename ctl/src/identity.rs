@@ -30,7 +30,8 @@ pub struct EnrollArgs {
     pub pin: Option<String>,
 }
 
-fn describe(status: &tonic::Status) -> String {
+/// A one-line description of a failed call: the code and message, or the bad fields.
+pub fn describe(status: &tonic::Status) -> String {
     let violations = FieldViolations::from_status(status);
     if violations.is_empty() {
         format!("{:?}: {}", status.code(), status.message())

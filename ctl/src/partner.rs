@@ -3,7 +3,7 @@
 
 use crate::Output;
 use crate::dev;
-use nid_proto::error::FieldViolations;
+use crate::identity::describe;
 use nid_proto::v1::admin_client::AdminClient;
 use nid_proto::v1::authentication_client::AuthenticationClient;
 use nid_proto::v1::{
@@ -97,20 +97,17 @@ pub fn with_bearer<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<
     Ok(request)
 }
 
-fn describe(status: &tonic::Status) -> String {
-    let violations = FieldViolations::from_status(status);
-    if violations.is_empty() {
-        format!("{:?}: {}", status.code(), status.message())
-    } else {
-        let parts: Vec<String> = violations.violations().iter().map(|(f, d)| format!("{f} {d}")).collect();
-        format!("invalid argument: {}", parts.join("; "))
-    }
-}
-
-fn token_for(admin: &AdminArgs, dir: &Path) -> anyhow::Result<String> {
+/// The router's Admin client and the admin token (flag, environment, or the dev cluster's file).
+async fn admin_client(
+    admin: &AdminArgs,
+    router: Option<&str>,
+    dir: &Path,
+) -> anyhow::Result<(AdminClient<tonic::transport::Channel>, String)> {
     let default = dir.join("secrets").join("admin.token");
     let file = admin.admin_token_file.clone().or_else(|| default.exists().then_some(default));
-    admin_token(admin.admin_token.as_deref(), file.as_deref())
+    let token = admin_token(admin.admin_token.as_deref(), file.as_deref())?;
+    let address = dev::router_address(router, dir)?;
+    Ok((AdminClient::new(dev::channel(&address).await?), token))
 }
 
 /// `nidctl partner ...`.
@@ -121,9 +118,7 @@ pub async fn partner(
     dir: &Path,
     output: Output,
 ) -> anyhow::Result<ExitCode> {
-    let token = token_for(admin, dir)?;
-    let address = dev::router_address(router, dir)?;
-    let mut client = AdminClient::new(dev::channel(&address).await?);
+    let (mut client, token) = admin_client(admin, router, dir).await?;
     let result = match command {
         PartnerCommand::Add { id, name, allow } => {
             let request = AddPartnerRequest {
@@ -184,9 +179,7 @@ pub async fn audit_verify(
     dir: &Path,
     output: Output,
 ) -> anyhow::Result<ExitCode> {
-    let token = token_for(admin, dir)?;
-    let address = dev::router_address(router, dir)?;
-    let mut client = AdminClient::new(dev::channel(&address).await?);
+    let (mut client, token) = admin_client(admin, router, dir).await?;
     match client.verify_audit_chain(with_bearer(VerifyAuditChainRequest { uin }, &token)?).await {
         Ok(r) => {
             let r = r.into_inner();

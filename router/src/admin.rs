@@ -29,6 +29,18 @@ fn admin_required(message: &str) -> Status {
 }
 
 impl AdminService {
+    /// Stores a partner in the control cell, then refreshes this router's cached list.
+    async fn put_partner(&self, put: PutPartnerRequest) -> Result<(), Status> {
+        self.router
+            .control_call(|mut c| {
+                let put = put.clone();
+                async move { c.put_partner(put).await }
+            })
+            .await?;
+        let _ = self.partners.refresh(&self.router).await;
+        Ok(())
+    }
+
     /// Checks `authorization: Bearer <admin token>` in constant time.
     fn require_admin(&self, metadata: &MetadataMap) -> Result<(), Status> {
         let Some(token) = &self.admin_token else {
@@ -195,13 +207,7 @@ impl Admin for AdminService {
             secret_digest: self.partners.digest(&secret),
             create_only: true,
         };
-        self.router
-            .control_call(|mut c| {
-                let put = put.clone();
-                async move { c.put_partner(put).await }
-            })
-            .await?;
-        let _ = self.partners.refresh(&self.router).await;
+        self.put_partner(put).await?;
         tracing::info!(partner = %partner.partner_id, "partner added");
         Ok(Response::new(AddPartnerResponse {
             api_key: format!("{}.{secret}", partner.partner_id),
@@ -239,13 +245,7 @@ impl Admin for AdminService {
             secret_digest: record.secret_digest,
             create_only: false,
         };
-        self.router
-            .control_call(|mut c| {
-                let put = put.clone();
-                async move { c.put_partner(put).await }
-            })
-            .await?;
-        let _ = self.partners.refresh(&self.router).await;
+        self.put_partner(put).await?;
         tracing::info!(partner = %id, "partner revoked");
         Ok(Response::new(RevokePartnerResponse {}))
     }

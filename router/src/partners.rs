@@ -77,7 +77,7 @@ impl Partners {
             *last = Some(Instant::now());
         }
         let list = router
-            .control_call(
+            .control_read(
                 |mut c| async move { c.list_partners_internal(ListPartnersInternalRequest {}).await },
             )
             .await?;

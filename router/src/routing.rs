@@ -101,45 +101,26 @@ impl Router {
     /// Fetches the config and table from the control cell (following its leader). Keeps the cached
     /// table on failure; never goes back to a lower version.
     pub async fn refresh(&self) -> Result<u64, Status> {
-        let mut last = Status::unavailable("no control-cell address configured");
-        let mut candidates: Vec<String> = self.control.clone();
-        let mut tried = 0;
-        while let Some(address) = candidates.first().cloned() {
-            candidates.remove(0);
-            tried += 1;
-            if tried > 6 {
-                break;
-            }
-            let mut client = ControlClient::new(self.channel(&address)?).max_decoding_message_size(16 << 20);
-            let loaded = async {
-                if self.scheme.read().map(|s| s.is_none()).unwrap_or(true) {
-                    let config: ClusterConfig =
-                        client.get_cluster_config(GetClusterConfigRequest {}).await?.into_inner();
-                    let seed: [u8; 32] = config
-                        .id_scheme_seed
-                        .as_slice()
-                        .try_into()
-                        .map_err(|_| Status::internal("cluster config has a bad id-scheme seed"))?;
-                    if let Ok(mut s) = self.scheme.write() {
-                        *s = Some(Arc::new(IdScheme::new(&IdSchemeSeed::from_bytes(seed))));
-                    }
-                }
-                client.get_routing_table(GetRoutingTableRequest {}).await.map(|r| r.into_inner())
-            }
-            .await;
-            match loaded {
-                Ok(raw) => return Ok(self.install(raw)),
-                Err(e) => {
-                    if let Some(RoutingHint::NotLeader { leader: Some((_, leader)), .. }) =
-                        RoutingHint::from_status(&e)
-                    {
-                        candidates.insert(0, leader);
-                    }
-                    last = e;
-                }
+        if self.scheme.read().map(|s| s.is_none()).unwrap_or(true) {
+            let config: ClusterConfig = self
+                .control_read(|mut c| async move { c.get_cluster_config(GetClusterConfigRequest {}).await })
+                .await?;
+            let seed: [u8; 32] = config
+                .id_scheme_seed
+                .as_slice()
+                .try_into()
+                .map_err(|_| Status::internal("cluster config has a bad id-scheme seed"))?;
+            if let Ok(mut s) = self.scheme.write() {
+                *s = Some(Arc::new(IdScheme::new(&IdSchemeSeed::from_bytes(seed))));
             }
         }
-        Err(last)
+        let raw = self
+            .control_read(|c| {
+                let mut c = c.max_decoding_message_size(16 << 20);
+                async move { c.get_routing_table(GetRoutingTableRequest {}).await }
+            })
+            .await?;
+        Ok(self.install(raw))
     }
 
     fn install(&self, raw: RoutingTable) -> u64 {
@@ -214,8 +195,27 @@ impl Router {
         }
     }
 
-    /// Calls the control cell's leader, following not-leader hints across the configured replicas.
-    pub async fn control_call<T, F, Fut>(&self, mut f: F) -> Result<T, Status>
+    /// Writes through the control cell's leader, following not-leader hints across the configured
+    /// replicas; any other answer (a timeout included: the write may have applied) is final.
+    pub async fn control_call<T, F, Fut>(&self, f: F) -> Result<T, Status>
+    where
+        F: FnMut(ControlClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.control_loop(f, false).await
+    }
+
+    /// Reads from the control cell's leader; like [`Router::control_call`], but any failure moves
+    /// on to the next replica.
+    pub async fn control_read<T, F, Fut>(&self, f: F) -> Result<T, Status>
+    where
+        F: FnMut(ControlClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.control_loop(f, true).await
+    }
+
+    async fn control_loop<T, F, Fut>(&self, mut f: F, read: bool) -> Result<T, Status>
     where
         F: FnMut(ControlClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
@@ -237,7 +237,7 @@ impl Router {
                             candidates.insert(0, leader)
                         }
                         Some(RoutingHint::NotLeader { .. }) => {}
-                        _ if matches!(e.code(), Code::Unavailable | Code::Unknown) => {}
+                        _ if read || matches!(e.code(), Code::Unavailable | Code::Unknown) => {}
                         _ => return Err(e),
                     }
                     last = e;

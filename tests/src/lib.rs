@@ -344,3 +344,21 @@ where
     let rate = latencies_us.len() as f64 / started.elapsed().as_secs_f64();
     ClosedLoop { rate, latencies_us, errors: errors.load(Ordering::Relaxed) }
 }
+
+/// A channel to a router at `address` (15 s per-call timeout), retrying the connection for up to
+/// 30 s while the router starts or restarts.
+pub async fn connect(address: &str) -> Channel {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(ch) = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .expect("router address")
+            .timeout(Duration::from_secs(15))
+            .connect()
+            .await
+        {
+            return ch;
+        }
+        assert!(Instant::now() < deadline, "router {address} unreachable");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -14,23 +14,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tonic::Code;
-use tonic::transport::Channel;
-
-async fn channel(address: &str) -> Channel {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(ch) = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-            .unwrap()
-            .timeout(Duration::from_secs(15))
-            .connect()
-            .await
-        {
-            return ch;
-        }
-        assert!(Instant::now() < deadline, "router {address} unreachable");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 fn bearer<T>(message: T, key: &str) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
@@ -63,7 +46,7 @@ async fn partners_authenticate_through_the_router_and_decisions_verify() {
     let cluster = DevCluster::start(1);
     let dir = cluster.dir.path();
     let router = cluster.router();
-    let ch = channel(&router).await;
+    let ch = nid_tests::connect(&router).await;
     let mut enrol = EnrollmentClient::new(ch.clone());
     let mut auth = AuthenticationClient::new(ch.clone());
     let mut admin = AdminClient::new(ch.clone());
@@ -158,7 +141,7 @@ async fn partners_authenticate_through_the_router_and_decisions_verify() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_enrollment_rpc_reaches_the_owning_cell_through_the_router() {
     let cluster = DevCluster::start(2);
-    let mut c = EnrollmentClient::new(channel(&cluster.router()).await);
+    let mut c = EnrollmentClient::new(nid_tests::connect(&cluster.router()).await);
     let uin = c.enroll(enroll_request("RID-ROUTER-LIFE", "Router Life")).await.unwrap().into_inner().uin;
     let mut d = enroll_request("x", "Router Life Renamed").demographics.unwrap();
     d.phone = "+15550009999".into();

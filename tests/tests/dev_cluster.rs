@@ -19,19 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 async fn client(address: &str) -> EnrollmentClient<tonic::transport::Channel> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(ch) = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-            .unwrap()
-            .timeout(Duration::from_secs(15))
-            .connect()
-            .await
-        {
-            return EnrollmentClient::new(ch);
-        }
-        assert!(Instant::now() < deadline, "router {address} unreachable");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    EnrollmentClient::new(nid_tests::connect(address).await)
 }
 
 /// Enrols, retrying transport errors (a restarting router) for a while.
