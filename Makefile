@@ -9,9 +9,10 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/nid/target
 CARGO ?= cargo
 DEV_DIR ?= $(CURDIR)/.nid/dev
 
-# Debian packages the build needs: bindgen (RocksDB) needs libclang; our protos and raft-proto
-# need protoc 3.x.
-DEBIAN_PACKAGES := clang libclang-dev protobuf-compiler
+# Debian packages the build and tests need: bindgen (RocksDB) needs libclang; our protos and
+# raft-proto need protoc 3.x; the load-test harness's comparison peer is etcd 3.4 (etcd-server,
+# with etcdctl from etcd-client).
+DEBIAN_PACKAGES := clang libclang-dev protobuf-compiler etcd-server etcd-client
 
 .PHONY: all deps build test run fmt lint ci clean-dev help bench-cell bench-router
 
@@ -29,6 +30,8 @@ deps:
 	@missing=""; \
 	command -v protoc >/dev/null 2>&1 || missing="$$missing protobuf-compiler"; \
 	command -v clang >/dev/null 2>&1 || missing="$$missing clang"; \
+	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
+	command -v etcdctl >/dev/null 2>&1 || missing="$$missing etcd-client"; \
 	ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/*/libclang*.so* >/dev/null 2>&1 || missing="$$missing libclang-dev"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/nid/v1/enrollment.proto",
         "proto/nid/v1/authentication.proto",
         "proto/nid/v1/admin.proto",
+        "proto/nid/v1/diagnostics.proto",
         "proto/nid/v1/control.proto",
         "proto/nid/v1/cell.proto",
     ];

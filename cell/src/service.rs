@@ -279,7 +279,11 @@ impl Cell for CellService {
     }
 
     async fn echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoResponse>, Status> {
-        Ok(Response::new(EchoResponse { payload: request.into_inner().payload }))
+        let payload = request.into_inner().payload;
+        if payload.len() > 64 << 10 {
+            return Err(invalid_field("payload", "must be at most 64 KiB"));
+        }
+        Ok(Response::new(EchoResponse { payload }))
     }
 
     async fn get_signing_keys(

@@ -6,9 +6,11 @@ use crate::people::{Person, person};
 use crate::report::Recorder;
 use nid_proto::error::reason_of;
 use nid_proto::v1::authentication_client::AuthenticationClient;
+use nid_proto::v1::diagnostics_client::DiagnosticsClient;
 use nid_proto::v1::enrollment_client::EnrollmentClient;
 use nid_proto::v1::{
-    AuthFactors, AuthenticateRequest, DemographicFactor, Demographics, EnrollRequest, GetIdentityRequest,
+    AuthFactors, AuthenticateRequest, DemographicFactor, Demographics, EchoRequest, EnrollRequest,
+    GetIdentityRequest,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -19,7 +21,8 @@ use tonic::transport::Channel;
 /// What each request does.
 #[derive(Clone)]
 pub enum Scenario {
-    /// Enrol fresh synthetic people (seeded; indexes from a shared counter).
+    /// Enrol fresh synthetic people (seeded; indexes from a shared counter). Against etcd: put the
+    /// same encoded enrolment request under a key of its RID.
     Enroll {
         /// Population seed.
         seed: u64,
@@ -29,17 +32,6 @@ pub enum Scenario {
     /// Read populated identities by UIN.
     Get {
         /// The UINs.
-        uins: Arc<Vec<String>>,
-    },
-    /// `get_percent` reads, the rest enrolments.
-    Mixed {
-        /// Share of reads, 0..=100.
-        get_percent: u64,
-        /// Population seed for enrolments.
-        seed: u64,
-        /// Next person index.
-        next: Arc<AtomicU64>,
-        /// The UINs to read.
         uins: Arc<Vec<String>>,
     },
     /// Authenticate populated people with a demographic factor (name and date of birth, exact) as
@@ -56,6 +48,57 @@ pub enum Scenario {
         /// Share of requests with wrong factors, 0..=100.
         wrong_percent: u64,
     },
+    /// The no-op path: Diagnostics.Echo through the router to the leader of the bucket's cell,
+    /// without Raft or disk. Buckets go round so every cell answers its share.
+    Echo {
+        /// The payload (sized like an enrolment request).
+        payload: Arc<Vec<u8>>,
+    },
+    /// A weighted mix of the other scenarios (`--mix auth=90,get=5,enroll=5`).
+    Mixed {
+        /// (cumulative weight, scenario), ascending; the last weight is the total.
+        parts: Arc<Vec<(u64, Scenario)>>,
+    },
+}
+
+impl Scenario {
+    /// The scenario request `k` runs: a mix picks a part by a hash of `k`, so the shares hold in
+    /// every stretch of the run.
+    pub fn pick(&self, k: u64) -> &Scenario {
+        match self {
+            Scenario::Mixed { parts } => {
+                let total = parts.last().map(|(w, _)| *w).unwrap_or(1).max(1);
+                let x = k.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29) % total;
+                parts.iter().find(|(w, _)| x < *w).map(|(_, s)| s).unwrap_or(self)
+            }
+            other => other,
+        }
+    }
+}
+
+/// Parses `--mix name=weight,...` (names: enroll, get, auth; weights are relative).
+pub fn parse_mix(spec: &str) -> Result<Vec<(String, u64)>, String> {
+    let mut out: Vec<(String, u64)> = Vec::new();
+    for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
+        let (name, weight) =
+            part.split_once('=').ok_or_else(|| format!("--mix: '{part}' is not name=weight"))?;
+        let name = name.trim();
+        if !["enroll", "get", "auth"].contains(&name) {
+            return Err(format!("--mix: unknown scenario '{name}' (enroll, get, auth)"));
+        }
+        let weight: u64 =
+            weight.trim().parse().map_err(|_| format!("--mix: weight of '{name}' is not a number"))?;
+        if out.iter().any(|(n, _)| n == name) {
+            return Err(format!("--mix: '{name}' given twice"));
+        }
+        if weight > 0 {
+            out.push((name.to_owned(), weight));
+        }
+    }
+    if out.is_empty() {
+        return Err("--mix: no scenario with a weight above 0".into());
+    }
+    Ok(out)
 }
 
 /// The clients of one connection to the router.
@@ -65,13 +108,28 @@ pub struct Clients {
     pub enroll: EnrollmentClient<Channel>,
     /// Authentication.
     pub auth: AuthenticationClient<Channel>,
+    /// Diagnostics (echo).
+    pub diagnostics: DiagnosticsClient<Channel>,
 }
 
 impl Clients {
-    /// Both clients over one channel.
+    /// Every client over one channel.
     pub fn new(channel: Channel) -> Clients {
-        Clients { enroll: EnrollmentClient::new(channel.clone()), auth: AuthenticationClient::new(channel) }
+        Clients {
+            enroll: EnrollmentClient::new(channel.clone()),
+            auth: AuthenticationClient::new(channel.clone()),
+            diagnostics: DiagnosticsClient::new(channel),
+        }
     }
+}
+
+/// One connection of the harness: to a nid router, or to an etcd cluster (the comparison peer).
+#[derive(Clone)]
+pub enum Conn {
+    /// A nid router.
+    Nid(Clients),
+    /// etcd's KV API.
+    Etcd(etcd_client::KvClient),
 }
 
 /// How much load.
@@ -106,6 +164,14 @@ fn error_kind(status: &tonic::Status) -> String {
     }
 }
 
+fn etcd_error_kind(e: &etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => format!("etcd {:?}", s.code()),
+        etcd_client::Error::TransportError(_) => "etcd transport".into(),
+        _ => "etcd other".into(),
+    }
+}
+
 /// What a successful request was, for the yes/no counts of the auth scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -118,24 +184,42 @@ pub enum Outcome {
 }
 
 /// Sends one request of the scenario; `k` picks the item.
-pub async fn one(clients: &mut Clients, scenario: &Scenario, k: u64) -> Result<Outcome, String> {
+pub async fn one(conn: &mut Conn, scenario: &Scenario, k: u64) -> Result<Outcome, String> {
+    let scenario = scenario.pick(k);
+    let clients = match conn {
+        Conn::Nid(c) => c,
+        Conn::Etcd(kv) => {
+            let Scenario::Enroll { seed, next } = scenario else {
+                return Err("etcd runs only the enroll scenario".into());
+            };
+            let request = enroll_request(&person(*seed, next.fetch_add(1, Ordering::Relaxed)));
+            let key = format!("/nid-loadtest/{}", request.rid);
+            return kv
+                .put(key, prost::Message::encode_to_vec(&request), None)
+                .await
+                .map(|_| Outcome::Done)
+                .map_err(|e| etcd_error_kind(&e));
+        }
+    };
     let client = &mut clients.enroll;
-    let enroll =
-        |seed: u64, next: &AtomicU64| enroll_request(&person(seed, next.fetch_add(1, Ordering::Relaxed)));
     let result = match scenario {
-        Scenario::Enroll { seed, next } => client.enroll(enroll(*seed, next)).await.map(|_| Outcome::Done),
+        Scenario::Enroll { seed, next } => client
+            .enroll(enroll_request(&person(*seed, next.fetch_add(1, Ordering::Relaxed))))
+            .await
+            .map(|_| Outcome::Done),
         Scenario::Get { uins } => {
             let id = uins[(k % uins.len() as u64) as usize].clone();
             client.get_identity(GetIdentityRequest { id }).await.map(|_| Outcome::Done)
         }
-        Scenario::Mixed { get_percent, seed, next, uins } => {
-            if k.wrapping_mul(0x9E37_79B9_7F4A_7C15) % 100 < *get_percent {
-                let id = uins[(k % uins.len() as u64) as usize].clone();
-                client.get_identity(GetIdentityRequest { id }).await.map(|_| Outcome::Done)
-            } else {
-                client.enroll(enroll(*seed, next)).await.map(|_| Outcome::Done)
+        Scenario::Echo { payload } => {
+            let request = EchoRequest { payload: payload.to_vec(), bucket: (k % 16384) as u32 };
+            match clients.diagnostics.echo(request).await {
+                Ok(r) if r.get_ref().payload.len() == payload.len() => Ok(Outcome::Done),
+                Ok(_) => return Err("echo returned another payload".into()),
+                Err(e) => Err(e),
             }
         }
+        Scenario::Mixed { .. } => return Err("a mix inside a mix".into()),
         Scenario::Auth { people, bearer, run, wrong_percent } => {
             let p = &people[(k % people.len() as u64) as usize];
             let wrong = k.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17) % 100 < *wrong_percent;
@@ -192,7 +276,7 @@ struct Done {
 
 /// Runs the load for `warmup + duration`, measuring only after the warmup.
 pub async fn run(
-    clients: Vec<Clients>,
+    clients: Vec<Conn>,
     scenario: Scenario,
     load: Load,
     warmup: Duration,

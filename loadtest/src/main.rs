@@ -4,6 +4,7 @@
 
 mod driver;
 mod people;
+mod plot;
 mod report;
 
 use anyhow::Context as _;
@@ -27,6 +28,7 @@ enum ScenarioArg {
     Get,
     Mixed,
     Auth,
+    Echo,
 }
 
 #[derive(Debug, Subcommand)]
@@ -51,15 +53,16 @@ enum Command {
     },
     /// Drive a scenario and report.
     Run {
-        /// Router address host:port.
+        /// Router address host:port, or `etcd://host:port,host:port,...` to run the enroll scenario
+        /// as puts of the same encoded enrolment requests against etcd (the comparison peer).
         #[arg(long)]
         target: String,
-        /// What to send.
+        /// What to send. echo is the no-op path (router -> cell leader, no Raft, no disk).
         #[arg(long, value_enum)]
         scenario: ScenarioArg,
-        /// Share of reads in the mixed scenario (percent).
-        #[arg(long, default_value_t = 90)]
-        get_percent: u64,
+        /// Weights of the mixed scenario, e.g. auth=90,get=5,enroll=5.
+        #[arg(long, default_value = "get=90,enroll=10")]
+        mix: String,
         /// Open loop: requests per second.
         #[arg(long, conflicts_with = "concurrency", required_unless_present = "concurrency")]
         rate: Option<u64>,
@@ -93,7 +96,30 @@ enum Command {
         /// JSON report file.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// SVG plot (throughput and p50/p99 per second); defaults to the report's path with .svg.
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
+}
+
+/// Connections to `target`: a router address, or `etcd://` endpoints.
+async fn connections(target: &str, n: usize) -> anyhow::Result<Vec<driver::Conn>> {
+    if let Some(endpoints) = target.strip_prefix("etcd://") {
+        let endpoints: Vec<&str> = endpoints.split(',').filter(|e| !e.is_empty()).collect();
+        anyhow::ensure!(!endpoints.is_empty(), "--target etcd:// needs at least one host:port");
+        let mut out = Vec::new();
+        for _ in 0..n.max(1) {
+            let options = etcd_client::ConnectOptions::new()
+                .with_connect_timeout(Duration::from_secs(5))
+                .with_timeout(Duration::from_secs(30));
+            let client = etcd_client::Client::connect(&endpoints, Some(options))
+                .await
+                .with_context(|| format!("connect to etcd at {}", endpoints.join(",")))?;
+            out.push(driver::Conn::Etcd(client.kv_client()));
+        }
+        return Ok(out);
+    }
+    Ok(clients(target, n).await?.into_iter().map(driver::Conn::Nid).collect())
 }
 
 async fn clients(target: &str, n: usize) -> anyhow::Result<Vec<driver::Clients>> {
@@ -206,7 +232,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Run {
             target,
             scenario,
-            get_percent,
+            mix,
             rate,
             concurrency,
             duration,
@@ -216,28 +242,53 @@ async fn main() -> anyhow::Result<()> {
             wrong_percent,
             seed,
             max_in_flight,
-            connections,
+            connections: n_connections,
             report: report_file,
+            plot: plot_file,
         } => {
-            anyhow::ensure!(get_percent <= 100, "--get-percent must be 0..=100");
+            anyhow::ensure!(wrong_percent <= 100, "--wrong-percent must be 0..=100");
+            let etcd = target.starts_with("etcd://");
+            anyhow::ensure!(
+                !etcd || matches!(scenario, ScenarioArg::Enroll),
+                "an etcd target runs only --scenario enroll (puts of the same encoded enrolment requests)"
+            );
             let next = Arc::new(AtomicU64::new(0));
+            let build = |name: &str| -> anyhow::Result<driver::Scenario> {
+                Ok(match name {
+                    "enroll" => driver::Scenario::Enroll { seed, next: next.clone() },
+                    "get" => driver::Scenario::Get { uins: load_uins(&people)? },
+                    "auth" => {
+                        let key = api_key.as_deref().context("auth needs --api-key (or NID_API_KEY)")?;
+                        let bearer =
+                            format!("Bearer {}", key.trim()).parse().context("the API key is not ASCII")?;
+                        let run = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)?
+                            .as_nanos() as u64;
+                        driver::Scenario::Auth { people: load_people(&people)?, bearer, run, wrong_percent }
+                    }
+                    _ => {
+                        // The no-op path carries a payload the size of an enrolment request.
+                        let size =
+                            prost::Message::encoded_len(&driver::enroll_request(&people::person(seed, 0)));
+                        driver::Scenario::Echo { payload: Arc::new(vec![0x5a; size]) }
+                    }
+                })
+            };
             let (name, scenario) = match scenario {
-                ScenarioArg::Enroll => ("enroll", driver::Scenario::Enroll { seed, next }),
-                ScenarioArg::Get => ("get", driver::Scenario::Get { uins: load_uins(&people)? }),
+                ScenarioArg::Enroll => ("enroll".to_owned(), build("enroll")?),
+                ScenarioArg::Get => ("get".to_owned(), build("get")?),
+                ScenarioArg::Auth => ("auth".to_owned(), build("auth")?),
+                ScenarioArg::Echo => ("echo".to_owned(), build("echo")?),
                 ScenarioArg::Mixed => {
-                    ("mixed", driver::Scenario::Mixed { get_percent, seed, next, uins: load_uins(&people)? })
-                }
-                ScenarioArg::Auth => {
-                    let key = api_key.context("--scenario auth needs --api-key (or NID_API_KEY)")?;
-                    let bearer =
-                        format!("Bearer {}", key.trim()).parse().context("the API key is not ASCII")?;
-                    let run =
-                        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
-                    anyhow::ensure!(wrong_percent <= 100, "--wrong-percent must be 0..=100");
-                    (
-                        "auth",
-                        driver::Scenario::Auth { people: load_people(&people)?, bearer, run, wrong_percent },
-                    )
+                    let weights = driver::parse_mix(&mix).map_err(|e| anyhow::anyhow!(e))?;
+                    let mut parts = Vec::new();
+                    let mut total = 0;
+                    for (part, weight) in &weights {
+                        total += weight;
+                        parts.push((total, build(part)?));
+                    }
+                    let label = weights.iter().map(|(n, w)| format!("{n}={w}")).collect::<Vec<_>>().join(",");
+                    (format!("mixed({label})"), driver::Scenario::Mixed { parts: Arc::new(parts) })
                 }
             };
             let (mode, load, amount) = match (rate, concurrency) {
@@ -245,9 +296,9 @@ async fn main() -> anyhow::Result<()> {
                 (None, Some(c)) => ("closed", driver::Load::Concurrency(c), c as u64),
                 (None, None) => anyhow::bail!("give --rate or --concurrency"),
             };
-            let clients = clients(&target, connections).await?;
+            let conns = connections(&target, n_connections).await?;
             let recorder = driver::run(
-                clients,
+                conns,
                 scenario,
                 load,
                 Duration::from_secs(warmup),
@@ -255,11 +306,22 @@ async fn main() -> anyhow::Result<()> {
                 max_in_flight,
             )
             .await?;
-            let report = report::Report::new(name, mode, amount, duration as f64, &recorder);
+            let report = report::Report::new(
+                &name,
+                if etcd { "etcd" } else { "nid" },
+                mode,
+                amount,
+                duration as f64,
+                &recorder,
+            );
             print!("{}", report.summary());
-            if let Some(path) = report_file {
-                std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+            if let Some(path) = &report_file {
+                std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
                 println!("report {}", path.display());
+            }
+            if let Some(path) = plot_file.or_else(|| report_file.map(|r| r.with_extension("svg"))) {
+                std::fs::write(&path, plot::svg(&report))?;
+                println!("plot {}", path.display());
             }
             Ok(())
         }

@@ -11,6 +11,9 @@ pub struct Recorder {
     pub latency: Histogram<u64>,
     /// Completions (success or error) per second since the start of measurement.
     pub per_second: Vec<u64>,
+    /// Latencies of the successes of each second (2 significant digits: for the plot).
+    pub per_second_latency: Vec<Histogram<u64>>,
+    second_template: Histogram<u64>,
     /// Errors by "CODE" or "CODE/REASON".
     pub errors: BTreeMap<String, u64>,
     /// Requests the open-loop driver could not send because too many were in flight.
@@ -27,6 +30,8 @@ impl Recorder {
         Ok(Recorder {
             latency: Histogram::new_with_bounds(1, 120_000_000, 3)?,
             per_second: Vec::new(),
+            per_second_latency: Vec::new(),
+            second_template: Histogram::new_with_bounds(1, 120_000_000, 2)?,
             errors: BTreeMap::new(),
             dropped: 0,
             auth_yes: 0,
@@ -45,13 +50,16 @@ impl Recorder {
 
     /// Records one completion `second` seconds into the measurement.
     pub fn complete(&mut self, second: usize, result: Result<u64, String>) {
-        if self.per_second.len() <= second {
-            self.per_second.resize(second + 1, 0);
+        while self.per_second.len() <= second {
+            self.per_second.push(0);
+            self.per_second_latency.push(Histogram::new_from(&self.second_template));
         }
         self.per_second[second] += 1;
         match result {
             Ok(us) => {
-                let _ = self.latency.record(us.clamp(1, 120_000_000));
+                let us = us.clamp(1, 120_000_000);
+                let _ = self.latency.record(us);
+                let _ = self.per_second_latency[second].record(us);
             }
             Err(kind) => *self.errors.entry(kind).or_default() += 1,
         }
@@ -63,6 +71,8 @@ impl Recorder {
 pub struct Report {
     /// What ran.
     pub scenario: String,
+    /// What it ran against: "nid" (a router) or "etcd".
+    pub target: String,
     /// "open" (fixed rate) or "closed" (fixed concurrency).
     pub mode: String,
     /// Target rate (open loop) or concurrency (closed loop).
@@ -79,6 +89,10 @@ pub struct Report {
     pub latency_ms: BTreeMap<String, f64>,
     /// Completions per second over time.
     pub per_second: Vec<u64>,
+    /// p50 latency of each second's successes, ms (0 for a second without one).
+    pub per_second_p50_ms: Vec<f64>,
+    /// p99 latency of each second's successes, ms.
+    pub per_second_p99_ms: Vec<f64>,
     /// Errors by code and reason.
     pub errors: BTreeMap<String, u64>,
     /// Sends skipped because the in-flight bound was reached (open loop only).
@@ -91,7 +105,7 @@ pub struct Report {
 
 impl Report {
     /// Builds the report from a recorder.
-    pub fn new(scenario: &str, mode: &str, load: u64, seconds: f64, r: &Recorder) -> Report {
+    pub fn new(scenario: &str, target: &str, mode: &str, load: u64, seconds: f64, r: &Recorder) -> Report {
         let h = &r.latency;
         let ms = |v: u64| v as f64 / 1000.0;
         let mut latency_ms = BTreeMap::new();
@@ -102,6 +116,7 @@ impl Report {
         let failed = r.errors.values().sum();
         Report {
             scenario: scenario.to_owned(),
+            target: target.to_owned(),
             mode: mode.to_owned(),
             load,
             seconds,
@@ -110,6 +125,8 @@ impl Report {
             throughput: if seconds > 0.0 { h.len() as f64 / seconds } else { 0.0 },
             latency_ms,
             per_second: r.per_second.clone(),
+            per_second_p50_ms: r.per_second_latency.iter().map(|h| ms(h.value_at_quantile(0.5))).collect(),
+            per_second_p99_ms: r.per_second_latency.iter().map(|h| ms(h.value_at_quantile(0.99))).collect(),
             errors: r.errors.clone(),
             dropped: r.dropped,
             auth_yes: r.auth_yes,
@@ -121,8 +138,9 @@ impl Report {
     pub fn summary(&self) -> String {
         let l = &self.latency_ms;
         let mut out = format!(
-            "{} ({} loop, load {}): {} ok, {} failed in {:.1} s = {:.0}/s\nlatency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n",
+            "{} against {} ({} loop, load {}): {} ok, {} failed in {:.1} s = {:.0}/s\nlatency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n",
             self.scenario,
+            self.target,
             self.mode,
             self.load,
             self.ok,
@@ -159,13 +177,17 @@ mod tests {
             r.complete((us / 500) as usize, Ok(us * 10));
         }
         r.complete(2, Err("Unavailable/NOT_LEADER".into()));
-        let rep = Report::new("get", "open", 500, 2.0, &r);
+        let rep = Report::new("get", "nid", "open", 500, 2.0, &r);
         assert_eq!(rep.ok, 1000);
         assert_eq!(rep.failed, 1);
         assert_eq!(rep.throughput, 500.0);
         assert!((rep.latency_ms["p50"] - 5.0).abs() < 0.05, "{:?}", rep.latency_ms);
         assert!((rep.latency_ms["max"] - 10.0).abs() < 0.05);
         assert_eq!(rep.per_second, vec![499, 500, 2]);
+        // Second 0 holds 10..=4990 us, second 1 5000..=9990 us, second 2 only the error.
+        assert!((rep.per_second_p50_ms[0] - 2.5).abs() < 0.05, "{:?}", rep.per_second_p50_ms);
+        assert!((rep.per_second_p99_ms[1] - 9.95).abs() < 0.1, "{:?}", rep.per_second_p99_ms);
+        assert_eq!(rep.per_second_p50_ms[2], 0.0);
         assert!(rep.summary().contains("error Unavailable/NOT_LEADER: 1"));
     }
 }

@@ -11,6 +11,7 @@ mod service;
 use clap::Parser;
 use nid_proto::v1::admin_server::AdminServer;
 use nid_proto::v1::authentication_server::AuthenticationServer;
+use nid_proto::v1::diagnostics_server::DiagnosticsServer;
 use nid_proto::v1::enrollment_server::EnrollmentServer;
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -48,6 +49,9 @@ struct Flags {
     /// verification require; without it those calls are refused.
     #[arg(long)]
     admin_token_file: Option<std::path::PathBuf>,
+    /// Do not serve the Diagnostics echo (the no-op path the load-test harness measures).
+    #[arg(long)]
+    disable_echo: bool,
     /// Serve plaintext gRPC (required until mTLS lands; development only).
     #[arg(long)]
     insecure: bool,
@@ -124,6 +128,10 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
             keys: tokio::sync::RwLock::default(),
         }))
         .add_service(AdminServer::new(admin::AdminService { router: router.clone(), partners, admin_token }))
+        .add_optional_service(
+            (!flags.disable_echo)
+                .then(|| DiagnosticsServer::new(service::DiagnosticsService(router.clone()))),
+        )
         .serve_with_incoming_shutdown(nid_support::incoming(listener), async {
             nid_support::shutdown_signal().await;
             tracing::info!("router stopping");

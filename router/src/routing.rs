@@ -11,8 +11,8 @@ use nid_proto::v1::cell_request::Operation;
 use nid_proto::v1::cell_response::Result as CellResult;
 use nid_proto::v1::control_client::ControlClient;
 use nid_proto::v1::{
-    CellRequest, ClusterConfig, GetClusterConfigRequest, GetRoutingTableRequest, RouteHeader, RoutingTable,
-    WatchRoutingTableRequest,
+    CellRequest, ClusterConfig, EchoRequest, GetClusterConfigRequest, GetRoutingTableRequest, RouteHeader,
+    RoutingTable, WatchRoutingTableRequest,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -274,6 +274,45 @@ impl Router {
         deadline: Instant,
         partner: Option<&Authenticated>,
     ) -> Result<CellResult, Status> {
+        let partner_id = partner.map(|p| p.partner_id.clone()).unwrap_or_default();
+        let partner_allowed = partner.map(|p| p.allowed.clone()).unwrap_or_default();
+        self.forward_call(bucket, deadline, |mut client, table_version, remaining| {
+            let mut request = tonic::Request::new(CellRequest {
+                route: Some(RouteHeader {
+                    bucket: u32::from(bucket),
+                    table_version,
+                    partner_id: partner_id.clone(),
+                    partner_allowed: partner_allowed.clone(),
+                }),
+                operation: Some(operation.clone()),
+            });
+            request.set_timeout(remaining);
+            async move {
+                let response = client.execute(request).await?;
+                response.into_inner().result.ok_or_else(|| Status::internal("empty cell response"))
+            }
+        })
+        .await
+    }
+
+    /// Echoes `payload` through the leader of the cell owning `bucket` (no Raft, no disk): the same
+    /// table lookup, leader cache and pooled channel as a real request.
+    pub async fn echo(&self, bucket: u16, payload: Vec<u8>, deadline: Instant) -> Result<Vec<u8>, Status> {
+        self.forward_call(bucket, deadline, |mut client, _, remaining| {
+            let mut request = tonic::Request::new(EchoRequest { payload: payload.clone(), bucket: 0 });
+            request.set_timeout(remaining);
+            async move { Ok(client.echo(request).await?.into_inner().payload) }
+        })
+        .await
+    }
+
+    /// Calls the owning cell's leader of `bucket` with `call(client, table version, time left)`,
+    /// following routing hints and retrying transient failures until `deadline`.
+    async fn forward_call<T, F, Fut>(&self, bucket: u16, deadline: Instant, mut call: F) -> Result<T, Status>
+    where
+        F: FnMut(CellClient<Channel>, u64, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
         let mut attempt = 0usize;
         loop {
             attempt += 1;
@@ -286,31 +325,28 @@ impl Router {
                 .owner
                 .get(usize::from(bucket))
                 .ok_or_else(|| Status::internal("bucket outside table"))?;
-            let replicas = table.replicas.get(&cell).cloned().unwrap_or_default();
-            if replicas.is_empty() {
-                return Err(Status::unavailable("the owning cell has no replicas in the routing table"));
-            }
-            let address = self.leader_of(cell).unwrap_or_else(|| replicas[attempt % replicas.len()].clone());
+            let address = match self.leader_of(cell) {
+                Some(a) => a,
+                None => match table.replicas.get(&cell) {
+                    Some(r) if !r.is_empty() => r[attempt % r.len()].clone(),
+                    _ => {
+                        return Err(Status::unavailable(
+                            "the owning cell has no replicas in the routing table",
+                        ));
+                    }
+                },
+            };
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(Status::deadline_exceeded("no answer from the owning cell within the deadline"));
             }
-            let request = CellRequest {
-                route: Some(RouteHeader {
-                    bucket: u32::from(bucket),
-                    table_version: table.version,
-                    partner_id: partner.map(|p| p.partner_id.clone()).unwrap_or_default(),
-                    partner_allowed: partner.map(|p| p.allowed.clone()).unwrap_or_default(),
-                }),
-                operation: Some(operation.clone()),
-            };
-            let mut client = CellClient::new(self.channel(&address)?);
-            let mut req = tonic::Request::new(request);
-            req.set_timeout(remaining);
-            let err = match client.execute(req).await {
-                Ok(resp) => {
-                    self.set_leader(cell, Some(address));
-                    return resp.into_inner().result.ok_or_else(|| Status::internal("empty cell response"));
+            let client = CellClient::new(self.channel(&address)?);
+            let err = match call(client, table.version, remaining).await {
+                Ok(result) => {
+                    if self.leader_of(cell).as_deref() != Some(address.as_str()) {
+                        self.set_leader(cell, Some(address));
+                    }
+                    return Ok(result);
                 }
                 Err(e) => e,
             };

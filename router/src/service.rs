@@ -10,6 +10,7 @@ use nid_proto::v1::authentication_server::Authentication;
 use nid_proto::v1::cell_client::CellClient;
 use nid_proto::v1::cell_request::Operation;
 use nid_proto::v1::cell_response::Result as CellResult;
+use nid_proto::v1::diagnostics_server::Diagnostics;
 use nid_proto::v1::enrollment_server::Enrollment;
 use nid_proto::v1::*;
 use std::future::Future;
@@ -318,6 +319,31 @@ impl Authentication for AuthenticationService {
                 _ => None,
             },
         )
+        .await
+    }
+}
+
+/// Largest echo payload.
+pub const MAX_ECHO_PAYLOAD: usize = 64 << 10;
+
+/// The public `Diagnostics` service: an echo through the owning cell's leader, without Raft or disk.
+pub struct DiagnosticsService(pub Arc<Router>);
+
+#[tonic::async_trait]
+impl Diagnostics for DiagnosticsService {
+    async fn echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoResponse>, Status> {
+        let deadline = deadline_of(&request);
+        let req = request.into_inner();
+        observed(&self.0, "Echo", async {
+            if req.payload.len() > MAX_ECHO_PAYLOAD {
+                return Err(invalid_field("payload", "must be at most 64 KiB"));
+            }
+            let bucket = nid_proto::bucket::BucketId::new(req.bucket)
+                .ok_or_else(|| invalid_field("bucket", "must be 0..=16383"))?
+                .get();
+            let payload = self.0.echo(bucket, req.payload, deadline).await?;
+            Ok(EchoResponse { payload })
+        })
         .await
     }
 }

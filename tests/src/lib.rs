@@ -362,3 +362,146 @@ pub async fn connect(address: &str) -> Channel {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// p50 and p99 of 200 fdatasyncs of 4 KiB appended to a file in `dir`: the disk's commit latency,
+/// printed next to every storage figure.
+pub fn fdatasync_latency(dir: &std::path::Path) -> (Duration, Duration) {
+    use std::io::Write as _;
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::File::create(&path).expect("probe file");
+    let block = vec![0x5au8; 4096];
+    let mut samples = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        f.write_all(&block).expect("write");
+        f.sync_data().expect("fdatasync");
+        samples.push(t.elapsed());
+    }
+    let _ = std::fs::remove_file(&path);
+    samples.sort();
+    (samples[samples.len() / 2], samples[samples.len() * 99 / 100])
+}
+
+/// The leader replica of data cell `index` of a dev cluster's `cluster.json`: (address, pid).
+pub async fn cell_leader(cluster: &serde_json::Value, index: usize) -> Option<(String, u64)> {
+    let replicas = cluster["cells"][index]["replicas"].as_array()?.clone();
+    for _ in 0..100 {
+        for r in &replicas {
+            let address = r["address"].as_str().unwrap_or_default().to_owned();
+            let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{address}")) else {
+                continue;
+            };
+            let Ok(channel) = endpoint.timeout(Duration::from_secs(2)).connect().await else { continue };
+            let Ok(status) =
+                CellClient::new(channel).get_cell_status(nid_proto::v1::GetCellStatusRequest {}).await
+            else {
+                continue;
+            };
+            let node = r["node_id"].as_u64();
+            if status.into_inner().replicas.iter().any(|x| x.is_leader && Some(x.node_id) == node) {
+                return Some((address, r["pid"].as_u64().unwrap_or(0)));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// The etcd binary: `$NID_ETCD`, else `etcd` on the PATH (Debian's `etcd-server`, which
+/// `make deps` installs).
+pub fn etcd_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("NID_ETCD") {
+        return PathBuf::from(p);
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("etcd")).find(|p| p.exists()))
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/etcd"))
+}
+
+/// An etcd cluster of real `etcd` processes on 127.0.0.1 with free ports (the benchmark's
+/// comparison peer); killed on drop.
+pub struct EtcdCluster {
+    /// Client endpoints host:port.
+    pub endpoints: Vec<String>,
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    /// Starts `members` members and waits until every one reports healthy.
+    pub fn start(members: usize) -> anyhow::Result<EtcdCluster> {
+        let binary = etcd_binary();
+        anyhow::ensure!(
+            binary.exists(),
+            "{} is missing: install Debian's etcd-server (make deps does, as root)",
+            binary.display()
+        );
+        let dir = tempfile::tempdir()?;
+        let ports: Vec<(u16, u16)> = (0..members).map(|_| (free_port(), free_port())).collect();
+        let initial = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut children = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let log = std::fs::File::create(dir.path().join(format!("m{i}.log")))?;
+            children.push(
+                Command::new(&binary)
+                    .arg(format!("--name=m{i}"))
+                    .arg(format!("--data-dir={}", dir.path().join(format!("m{i}")).display()))
+                    .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
+                    .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
+                    .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+                    .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+                    .arg(format!("--initial-cluster={initial}"))
+                    .args(["--initial-cluster-state=new", "--initial-cluster-token=nid-bench"])
+                    .args(["--logger=zap", "--log-outputs=stderr", "--log-level=warn"])
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()?,
+            );
+        }
+        let endpoints: Vec<String> = ports.iter().map(|(c, _)| format!("127.0.0.1:{c}")).collect();
+        let mut cluster = EtcdCluster { endpoints, children, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for endpoint in cluster.endpoints.clone() {
+            while !http_get_blocking(&endpoint, "/health").is_some_and(|r| r.contains("\"health\":\"true\""))
+            {
+                if Instant::now() > deadline
+                    || cluster.children.iter_mut().any(|c| c.try_wait().ok().flatten().is_some())
+                {
+                    anyhow::bail!("etcd member {endpoint} did not become healthy");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// `etcd://a,b,c` for `nid-loadtest --target`.
+    pub fn target(&self) -> String {
+        format!("etcd://{}", self.endpoints.join(","))
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Blocking `GET path` over HTTP/1.1; None when unreachable.
+pub fn http_get_blocking(address: &str, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(address).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}

@@ -7,25 +7,8 @@
 use nid_proto::v1::bucket_admin_client::BucketAdminClient;
 use nid_proto::v1::cell_request::Operation;
 use nid_proto::v1::{BucketState, CellRequest, GetCellStatusRequest, SetBucketStateRequest};
-use nid_tests::{ProcessCell, closed_loop, enroll_request, http_get, percentile_ms};
-use std::io::Write as _;
-use std::time::{Duration, Instant};
-
-fn fdatasync_latency(dir: &std::path::Path) -> (Duration, Duration) {
-    let path = dir.join("fsync-probe");
-    let mut f = std::fs::File::create(&path).expect("probe file");
-    let block = vec![0x5au8; 4096];
-    let mut samples = Vec::new();
-    for _ in 0..200 {
-        let t = Instant::now();
-        f.write_all(&block).expect("write");
-        f.sync_data().expect("fdatasync");
-        samples.push(t.elapsed());
-    }
-    let _ = std::fs::remove_file(&path);
-    samples.sort();
-    (samples[samples.len() / 2], samples[samples.len() * 99 / 100])
-}
+use nid_tests::{ProcessCell, closed_loop, enroll_request, fdatasync_latency, http_get, percentile_ms};
+use std::time::Duration;
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
