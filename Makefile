@@ -14,7 +14,7 @@ DEV_DIR ?= $(CURDIR)/.nid/dev
 # with etcdctl from etcd-client).
 DEBIAN_PACKAGES := clang libclang-dev protobuf-compiler etcd-server etcd-client
 
-.PHONY: all deps build test run fmt lint ci clean-dev help bench-cell bench-router
+.PHONY: all deps build test run fmt lint ci clean-dev help bench bench-cell bench-router
 
 all: build
 
@@ -23,6 +23,7 @@ help:
 	@echo "make test   build and run the test suite (what CI runs)"
 	@echo "make lint   rustfmt --check and clippy -D warnings"
 	@echo "make ci     lint + test, as .ci/run does"
+	@echo "make bench  the benchmark suite (ceiling, enrol, auth, etcd, scale-out) -> BENCHMARKS.md"
 	@echo "make bench-cell  write throughput/latency of one 3-replica cell"
 	@echo "make bench-router  latency and CPU the router adds to a read"
 
@@ -57,6 +58,14 @@ lint: deps
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 ci: lint test
+
+# The standard suite: no-op ceiling, enrolment, authentication, etcd 3.4 (3 members) with the same
+# harness, and scale-out over 1/2/4 cells under equal cgroup CPU quotas (needs root). Starts and
+# stops everything itself; prints one table and writes it to BENCHMARKS.md (hand-written text below
+# its generated part is kept). Reports and SVG plots go to .nid/bench. ARGS="--seconds 5"
+bench: deps
+	$(CARGO) build --workspace --locked
+	"$(CARGO_TARGET_DIR)/debug/bench-suite" --out $(CURDIR)/BENCHMARKS.md --results $(CURDIR)/.nid/bench $(ARGS)
 
 # Write throughput and p50/p99 of one 3-replica cell at several concurrencies, beside the disk's
 # fdatasync latency. Prints figures; not a test. ARGS="--seconds 5 --concurrency 1,64"

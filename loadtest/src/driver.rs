@@ -221,8 +221,8 @@ pub async fn one(conn: &mut Conn, scenario: &Scenario, k: u64) -> Result<Outcome
         }
         Scenario::Mixed { .. } => return Err("a mix inside a mix".into()),
         Scenario::Auth { people, bearer, run, wrong_percent } => {
-            let p = &people[(k % people.len() as u64) as usize];
             let wrong = k.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17) % 100 < *wrong_percent;
+            let p = &people[auth_person(people.len(), *wrong_percent, wrong, k)];
             // A real date that is not the person's: the same day one year later.
             let dob = if wrong {
                 let year: u32 = p.dob.get(..4).and_then(|y| y.parse().ok()).unwrap_or(1970);
@@ -245,13 +245,16 @@ pub async fn one(conn: &mut Conn, scenario: &Scenario, k: u64) -> Result<Outcome
                 }),
             });
             request.metadata_mut().insert("authorization", bearer.clone());
+            // A wrong factor is refused as a mismatch, or, once a person has failed too often in a
+            // row (in this run or an earlier one), by the failure lockout: both are the right "no".
             let mismatch = vec![nid_proto::v1::AuthReason::DemographicMismatch as i32];
+            let locked = vec![nid_proto::v1::AuthReason::TooManyFailures as i32];
             match clients.auth.authenticate(request).await {
                 Ok(r) => {
                     let d = r.into_inner().decision.unwrap_or_default();
                     return match (wrong, d.authenticated) {
                         (false, true) => Ok(Outcome::Yes),
-                        (true, false) if d.reasons == mismatch => Ok(Outcome::No),
+                        (true, false) if d.reasons == mismatch || d.reasons == locked => Ok(Outcome::No),
                         (true, true) => Err("auth yes for wrong factors".into()),
                         (_, false) => Err(format!("auth no {:?}", d.reasons)),
                     };
@@ -261,6 +264,22 @@ pub async fn one(conn: &mut Conn, scenario: &Scenario, k: u64) -> Result<Outcome
         }
     };
     result.map_err(|s| error_kind(&s))
+}
+
+/// The index of the person authentication `k` uses. People sent wrong factors are kept apart from
+/// people sent right ones (the last `wrong_percent`% of the file, at least one person each when both
+/// kinds are sent), so the failure lockout the wrong ones earn never turns a right one into a "no".
+/// Needs at least two people when `0 < wrong_percent < 100`.
+pub fn auth_person(people: usize, wrong_percent: u64, wrong: bool, k: u64) -> usize {
+    let n = people as u64;
+    let wrong_people = match wrong_percent {
+        0 => 0,
+        100.. => n,
+        w => (n * w / 100).max(1).min(n.saturating_sub(1)),
+    };
+    let index =
+        if wrong { n - wrong_people + k % wrong_people.max(1) } else { k % (n - wrong_people).max(1) };
+    index.min(n.saturating_sub(1)) as usize
 }
 
 /// The intended send time of request `i` at `rate` per second after `start`.
@@ -366,6 +385,21 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wrong_and_right_factors_go_to_disjoint_people() {
+        for (people, percent) in [(2usize, 10u64), (10, 10), (1000, 25), (7, 50), (5, 99)] {
+            let wrong: std::collections::HashSet<usize> =
+                (0..10_000).map(|k| auth_person(people, percent, true, k)).collect();
+            let right: std::collections::HashSet<usize> =
+                (0..10_000).map(|k| auth_person(people, percent, false, k)).collect();
+            assert!(wrong.is_disjoint(&right), "{people} {percent}");
+            assert_eq!(wrong.len() + right.len(), people, "{people} {percent}: everyone is used");
+            assert!(wrong.iter().chain(&right).all(|i| *i < people));
+        }
+        assert_eq!(auth_person(1, 0, false, 5), 0);
+        assert_eq!(auth_person(1, 100, true, 5), 0);
+    }
 
     #[test]
     fn the_open_loop_schedule_is_fixed_and_exact() {

@@ -75,7 +75,8 @@ enum Command {
         /// Unmeasured seconds first.
         #[arg(long, default_value_t = 2)]
         warmup: u64,
-        /// Share of authentications sent with a wrong date of birth (they must come back "no").
+        /// Share of authentications sent with a wrong date of birth (they must come back "no"); they
+        /// go to a separate slice of the people, so lockouts they earn never hit right factors.
         #[arg(long, default_value_t = 0)]
         wrong_percent: u64,
         /// Partner API key for the auth scenario.
@@ -264,7 +265,12 @@ async fn main() -> anyhow::Result<()> {
                         let run = std::time::SystemTime::now()
                             .duration_since(std::time::UNIX_EPOCH)?
                             .as_nanos() as u64;
-                        driver::Scenario::Auth { people: load_people(&people)?, bearer, run, wrong_percent }
+                        let people = load_people(&people)?;
+                        anyhow::ensure!(
+                            people.len() >= 2 || wrong_percent == 0 || wrong_percent == 100,
+                            "--wrong-percent between 1 and 99 needs at least two people (right and wrong factors go to different people)"
+                        );
+                        driver::Scenario::Auth { people, bearer, run, wrong_percent }
                     }
                     _ => {
                         // The no-op path carries a payload the size of an enrolment request.

@@ -184,10 +184,15 @@ mod tests {
         assert!((rep.latency_ms["p50"] - 5.0).abs() < 0.05, "{:?}", rep.latency_ms);
         assert!((rep.latency_ms["max"] - 10.0).abs() < 0.05);
         assert_eq!(rep.per_second, vec![499, 500, 2]);
-        // Second 0 holds 10..=4990 us, second 1 5000..=9990 us, second 2 only the error.
+        // Second 0 holds 10..=4990 us, second 1 5000..=9990 us, second 2 10000 us and the error.
         assert!((rep.per_second_p50_ms[0] - 2.5).abs() < 0.05, "{:?}", rep.per_second_p50_ms);
         assert!((rep.per_second_p99_ms[1] - 9.95).abs() < 0.1, "{:?}", rep.per_second_p99_ms);
-        assert_eq!(rep.per_second_p50_ms[2], 0.0);
+        assert!((rep.per_second_p50_ms[2] - 10.0).abs() < 0.1, "{:?}", rep.per_second_p50_ms);
         assert!(rep.summary().contains("error Unavailable/NOT_LEADER: 1"));
+        // A second with only failures has no latency to plot.
+        let mut r = Recorder::new().unwrap();
+        r.complete(0, Ok(100));
+        r.complete(1, Err("Unavailable".into()));
+        assert_eq!(Report::new("get", "nid", "open", 1, 2.0, &r).per_second_p50_ms[1], 0.0);
     }
 }

@@ -1,13 +1,15 @@
 //! `make bench-router`: what the router adds. The same linearizable read (GetIdentity) through the
 //! router and straight to the owning cell's leader, p50/p99 at concurrency 1 and 16, plus the
-//! router's CPU per request (from /proc). Prints figures; asserts nothing.
+//! router's CPU per request (from /proc); then the same for the no-op echo (no Raft, no disk), which
+//! isolates the cost of the extra gRPC hop itself. Prints figures; asserts nothing.
 //!
 //! Usage: bench-router [--seconds N]
 
 use nid_proto::v1::cell_client::CellClient;
 use nid_proto::v1::cell_request::Operation;
+use nid_proto::v1::diagnostics_client::DiagnosticsClient;
 use nid_proto::v1::enrollment_client::EnrollmentClient;
-use nid_proto::v1::{CellRequest, GetIdentityRequest};
+use nid_proto::v1::{CellRequest, EchoRequest, GetIdentityRequest};
 use nid_tests::{DevCluster, closed_loop, enroll_request, percentile_ms};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +27,12 @@ fn cpu_ticks(pid: u64) -> u64 {
 enum Target {
     Router(EnrollmentClient<tonic::transport::Channel>),
     Cell(CellClient<tonic::transport::Channel>),
+    RouterEcho(DiagnosticsClient<tonic::transport::Channel>),
+    CellEcho(CellClient<tonic::transport::Channel>),
 }
+
+/// An echo payload the size of an enrolment request.
+const ECHO_BYTES: usize = 220;
 
 async fn read(target: &mut Target, uin: &str) -> bool {
     match target {
@@ -37,6 +44,10 @@ async fn read(target: &mut Target, uin: &str) -> bool {
             })
             .await
             .is_ok(),
+        Target::RouterEcho(c) => {
+            c.echo(EchoRequest { payload: vec![7; ECHO_BYTES], bucket: uin.len() as u32 }).await.is_ok()
+        }
+        Target::CellEcho(c) => c.echo(EchoRequest { payload: vec![7; ECHO_BYTES], bucket: 0 }).await.is_ok(),
     }
 }
 
@@ -70,7 +81,8 @@ async fn main() -> anyhow::Result<()> {
     let connect = |a: String| async move {
         tonic::transport::Endpoint::from_shared(format!("http://{a}"))?.tcp_nodelay(true).connect().await
     };
-    let mut router = EnrollmentClient::new(connect(router_addr).await?);
+    let router_channel = connect(router_addr).await?;
+    let mut router = EnrollmentClient::new(router_channel.clone());
     let mut uins = Vec::new();
     for i in 0..200 {
         let r = router.enroll(enroll_request(&format!("BENCH-ROUTER-{i}"), "Bench")).await?;
@@ -89,41 +101,50 @@ async fn main() -> anyhow::Result<()> {
     let leader = leader.ok_or_else(|| anyhow::anyhow!("no leader"))?;
     let cell = CellClient::new(connect(leader).await?);
     let uins = Arc::new(uins);
-    println!("GetIdentity (ReadIndex read), 1 data cell of 3 replicas on one machine, {seconds} s per row");
     println!(
-        "{:<8} {:>11} {:>10} {:>9} {:>9} {:>16}",
-        "path", "concurrency", "reads/s", "p50 ms", "p99 ms", "router CPU us/req"
+        "read = GetIdentity (ReadIndex), echo = Echo of {ECHO_BYTES} bytes (no Raft, no disk); 1 data cell of 3 \
+         replicas on one machine, {seconds} s per row"
+    );
+    println!(
+        "{:<14} {:>11} {:>10} {:>9} {:>9} {:>16}",
+        "path", "concurrency", "requests/s", "p50 ms", "p99 ms", "router CPU us/req"
     );
     let ticks_per_sec = 100.0; // USER_HZ on Linux
-    for concurrency in [1usize, 16] {
-        let (direct_rate, direct) = run(Target::Cell(cell.clone()), uins.clone(), concurrency, seconds).await;
-        let before = cpu_ticks(router_pid);
-        let (routed_rate, routed) =
-            run(Target::Router(router.clone()), uins.clone(), concurrency, seconds).await;
-        let cpu = (cpu_ticks(router_pid) - before) as f64 / ticks_per_sec;
-        let per_req = cpu * 1e6 / (routed.len().max(1) as f64);
-        println!(
-            "{:<8} {:>11} {:>10.0} {:>9.3} {:>9.3} {:>16}",
-            "direct",
-            concurrency,
-            direct_rate,
-            percentile_ms(&direct, 0.5),
-            percentile_ms(&direct, 0.99),
-            "-"
-        );
-        println!(
-            "{:<8} {:>11} {:>10.0} {:>9.3} {:>9.3} {:>16.0}",
-            "router",
-            concurrency,
-            routed_rate,
-            percentile_ms(&routed, 0.5),
-            percentile_ms(&routed, 0.99),
-            per_req
-        );
-        println!(
-            "         added p50 at concurrency {concurrency}: {:.0} us",
-            (percentile_ms(&routed, 0.5) - percentile_ms(&direct, 0.5)) * 1000.0
-        );
+    let echo_router = DiagnosticsClient::new(router_channel);
+    let rows = [
+        ("read", Target::Cell(cell.clone()), Target::Router(router.clone())),
+        ("echo", Target::CellEcho(cell.clone()), Target::RouterEcho(echo_router)),
+    ];
+    for (what, direct_target, routed_target) in rows {
+        for concurrency in [1usize, 16] {
+            let (direct_rate, direct) = run(direct_target.clone(), uins.clone(), concurrency, seconds).await;
+            let before = cpu_ticks(router_pid);
+            let (routed_rate, routed) = run(routed_target.clone(), uins.clone(), concurrency, seconds).await;
+            let cpu = (cpu_ticks(router_pid) - before) as f64 / ticks_per_sec;
+            let per_req = cpu * 1e6 / (routed.len().max(1) as f64);
+            println!(
+                "{:<14} {:>11} {:>10.0} {:>9.3} {:>9.3} {:>16}",
+                format!("{what} direct"),
+                concurrency,
+                direct_rate,
+                percentile_ms(&direct, 0.5),
+                percentile_ms(&direct, 0.99),
+                "-"
+            );
+            println!(
+                "{:<14} {:>11} {:>10.0} {:>9.3} {:>9.3} {:>16.0}",
+                format!("{what} router"),
+                concurrency,
+                routed_rate,
+                percentile_ms(&routed, 0.5),
+                percentile_ms(&routed, 0.99),
+                per_req
+            );
+            println!(
+                "               added p50 at concurrency {concurrency}: {:.0} us",
+                (percentile_ms(&routed, 0.5) - percentile_ms(&direct, 0.5)) * 1000.0
+            );
+        }
     }
     dev.stop();
     Ok(())

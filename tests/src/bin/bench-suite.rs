@@ -1,0 +1,636 @@
+//! `make bench`: the standard benchmark suite. It starts everything it needs (dev clusters of real
+//! processes, a 3-member etcd), drives them with `nid-loadtest`, prints one table and writes it to
+//! BENCHMARKS.md with the date, the machine and the disk's fdatasync latency measured at the start.
+//! Every figure also appears as a ratio to a figure of the same run (the no-op ceiling, etcd, one
+//! cell), because absolute figures drift on shared machines. Asserts nothing.
+//!
+//! Usage: bench-suite [--seconds N] [--out BENCHMARKS.md] [--results DIR] [--cell-cpu 0.25]
+//!                    [--concurrency 64] [--skip-etcd] [--skip-scaleout] [--skip-profile]
+
+use anyhow::Context as _;
+use nid_tests::{DevCluster, EtcdCluster, binary, cell_leader, fdatasync_latency};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+struct Options {
+    seconds: u64,
+    out: PathBuf,
+    results: PathBuf,
+    cell_cpu: f64,
+    concurrency: usize,
+    etcd: bool,
+    scaleout: bool,
+    profile: bool,
+}
+
+impl Options {
+    fn parse() -> anyhow::Result<Options> {
+        let args: Vec<String> = std::env::args().collect();
+        let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+        let flag = |name: &str| args.iter().any(|a| a == name);
+        Ok(Options {
+            seconds: value("--seconds").map(|s| s.parse()).transpose()?.unwrap_or(10),
+            out: value("--out").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("BENCHMARKS.md")),
+            results: value("--results").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".nid/bench")),
+            cell_cpu: value("--cell-cpu").map(|s| s.parse()).transpose()?.unwrap_or(0.25),
+            concurrency: value("--concurrency").map(|s| s.parse()).transpose()?.unwrap_or(64),
+            etcd: !flag("--skip-etcd"),
+            scaleout: !flag("--skip-scaleout"),
+            profile: !flag("--skip-profile"),
+        })
+    }
+}
+
+/// One measured row of the table.
+struct Row {
+    section: &'static str,
+    workload: String,
+    mode: String,
+    throughput: f64,
+    p50: f64,
+    p99: f64,
+    failed: u64,
+    ratio: String,
+}
+
+impl Row {
+    fn from_report(section: &'static str, workload: &str, r: &serde_json::Value) -> Row {
+        let mode = match r["mode"].as_str() {
+            Some("open") => format!("open, {}/s", r["load"]),
+            _ => format!("closed, c={}", r["load"]),
+        };
+        Row {
+            section,
+            workload: workload.to_owned(),
+            mode,
+            throughput: r["throughput"].as_f64().unwrap_or(0.0),
+            p50: r["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
+            p99: r["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
+            failed: r["failed"].as_u64().unwrap_or(0) + r["dropped"].as_u64().unwrap_or(0),
+            ratio: String::new(),
+        }
+    }
+}
+
+/// Runs `nid-loadtest run ARGS`, keeping its JSON report and plot under `results/TAG.*`.
+fn loadtest(options: &Options, tag: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let report = options.results.join(format!("{tag}.json"));
+    let seconds = options.seconds.to_string();
+    let out = Command::new(binary("nid-loadtest"))
+        .arg("run")
+        .args(args)
+        .args(["--duration", &seconds, "--warmup", "2", "--report"])
+        .arg(&report)
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("run nid-loadtest for {tag}"))?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    anyhow::ensure!(out.status.success(), "nid-loadtest failed for {tag}");
+    Ok(serde_json::from_str(&std::fs::read_to_string(&report)?)?)
+}
+
+/// Machine facts for the header: cores, CPU model, RAM, kernel.
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let ram_gib = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} cores ({model}), {ram_gib:.0} GiB RAM, Linux {}", kernel.trim())
+}
+
+/// (total, steal) jiffies of all CPUs, from /proc/stat.
+fn cpu_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    (fields.iter().sum(), fields.get(7).copied().unwrap_or(0))
+}
+
+/// User+system CPU ticks (USER_HZ) of a process so far.
+fn process_ticks(pid: u64) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+/// The processes of a one-cell dev cluster, grouped as the CPU breakdown reports them: the cell's
+/// leader, its followers, the router, the control cell.
+async fn process_groups(cluster: &serde_json::Value) -> Vec<(&'static str, Vec<u64>)> {
+    let leader = cell_leader(cluster, 0).await.map(|(_, pid)| pid).unwrap_or(0);
+    let followers = cell_pids(cluster, 0).into_iter().filter(|p| *p != leader).collect();
+    let control = cluster["control"]["replicas"]
+        .as_array()
+        .map(|rs| rs.iter().filter_map(|r| r["pid"].as_u64()).collect())
+        .unwrap_or_default();
+    vec![
+        ("cell leader", vec![leader]),
+        ("cell followers (2)", followers),
+        ("router", vec![cluster["router"]["pid"].as_u64().unwrap_or(0)]),
+        ("control cell (3)", control),
+    ]
+}
+
+/// Runs `run` and splits the machine's CPU time during it over `groups` (the rest is the load
+/// generator and anything else on the machine), per successful request, in microseconds.
+fn cpu_breakdown(
+    groups: &[(&'static str, Vec<u64>)],
+    run: impl FnOnce() -> anyhow::Result<serde_json::Value>,
+) -> anyhow::Result<(serde_json::Value, String)> {
+    let ticks = |pids: &Vec<u64>| pids.iter().map(|p| process_ticks(*p)).sum::<u64>();
+    let before: Vec<u64> = groups.iter().map(|(_, pids)| ticks(pids)).collect();
+    let (total0, steal0) = cpu_jiffies();
+    let idle0 = idle_jiffies();
+    let report = run()?;
+    let (total1, steal1) = cpu_jiffies();
+    let idle1 = idle_jiffies();
+    // The measured window is the report's; the warm-up ran too, so scale by completions of the
+    // whole run: ok over the measured seconds times (warm-up + measured) seconds.
+    let seconds = report["seconds"].as_f64().unwrap_or(1.0);
+    let requests = (report["ok"].as_f64().unwrap_or(0.0) * (seconds + 2.0) / seconds).max(1.0);
+    let us = |t: u64| t as f64 * 10_000.0 / requests; // USER_HZ = 100: one tick is 10 ms
+    let mut out = String::new();
+    let mut accounted = 0u64;
+    for ((name, pids), b) in groups.iter().zip(before) {
+        let spent = ticks(pids).saturating_sub(b);
+        accounted += spent;
+        let _ = write!(out, "{name} {:.0} us, ", us(spent));
+    }
+    let busy = (total1 - total0).saturating_sub(idle1 - idle0).saturating_sub(steal1 - steal0);
+    let _ = write!(
+        out,
+        "load generator and the rest {:.0} us; machine total {:.0} us of CPU per request",
+        us(busy.saturating_sub(accounted)),
+        us(busy)
+    );
+    Ok((report, out))
+}
+
+/// Idle + iowait jiffies of all CPUs.
+fn idle_jiffies() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0)
+}
+
+/// A CPU cap (cgroup v2 `cpu.max`, or v1 `cpu.cfs_quota_us`) on a set of processes; removed on drop
+/// once they have exited.
+struct CpuCap {
+    dir: PathBuf,
+    v2: bool,
+}
+
+impl CpuCap {
+    fn new(name: &str, cpus: f64, pids: &[u64]) -> anyhow::Result<CpuCap> {
+        let period = 100_000u64;
+        let quota = ((cpus * period as f64) as u64).max(1000);
+        let v2_root = Path::new("/sys/fs/cgroup");
+        let v2 = std::fs::read_to_string(v2_root.join("cgroup.controllers"))
+            .map(|c| c.split_whitespace().any(|x| x == "cpu"))
+            .unwrap_or(false);
+        let dir = if v2 {
+            // Let children of the root use the cpu controller (already on under systemd).
+            let _ = std::fs::write(v2_root.join("cgroup.subtree_control"), "+cpu");
+            v2_root.join(name)
+        } else {
+            ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"]
+                .iter()
+                .map(Path::new)
+                .find(|p| p.join("cpu.cfs_quota_us").exists())
+                .context("no cgroup v2 cpu controller and no cgroup v1 cpu hierarchy")?
+                .join(name)
+        };
+        if !dir.exists() {
+            std::fs::create_dir(&dir).with_context(|| format!("create {} (needs root)", dir.display()))?;
+        }
+        if v2 {
+            std::fs::write(dir.join("cpu.max"), format!("{quota} {period}"))?;
+        } else {
+            std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string())?;
+            std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
+        }
+        for pid in pids {
+            std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+                .with_context(|| format!("move pid {pid} into {}", dir.display()))?;
+        }
+        Ok(CpuCap { dir, v2 })
+    }
+
+    /// Periods in which the group was throttled (evidence that the cap bit).
+    fn throttled(&self) -> u64 {
+        let stat = std::fs::read_to_string(self.dir.join("cpu.stat")).unwrap_or_default();
+        let key = "nr_throttled";
+        stat.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn kind(&self) -> &'static str {
+        if self.v2 { "cgroup v2 cpu.max" } else { "cgroup v1 cpu.cfs_quota_us" }
+    }
+}
+
+impl Drop for CpuCap {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The pids of data cell `index`'s replicas in a dev cluster.
+fn cell_pids(cluster: &serde_json::Value, index: usize) -> Vec<u64> {
+    cluster["cells"][index]["replicas"]
+        .as_array()
+        .map(|rs| rs.iter().filter_map(|r| r["pid"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
+/// `perf record` of `pid` for `seconds` while `during` runs; the top self-time symbols.
+fn profile(
+    pid: u64,
+    seconds: u64,
+    dir: &Path,
+    during: impl FnOnce() -> anyhow::Result<()>,
+) -> Option<String> {
+    let data = dir.join("leader.perf");
+    let mut perf = Command::new("perf")
+        .args(["record", "-F", "499", "-g", "-o"])
+        .arg(&data)
+        .args(["-p", &pid.to_string(), "--", "sleep", &seconds.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let ran = during();
+    perf.wait().ok()?;
+    ran.ok()?;
+    let report = Command::new("perf")
+        .args(["report", "--no-children", "--sort", "dso,symbol", "--stdio", "-g", "none", "-i"])
+        .arg(&data)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&report.stdout);
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|l| l.trim_start().chars().next().is_some_and(|c| c.is_ascii_digit()))
+        .take(25)
+        .map(|l| {
+            let l = l.split_whitespace().filter(|w| *w != "-").collect::<Vec<_>>().join(" ");
+            l.chars().take(140).collect()
+        })
+        .collect();
+    (!lines.is_empty()).then(|| lines.join("\n"))
+}
+
+const BEGIN: &str = "<!-- bench-suite: generated from here -->";
+const END: &str = "<!-- bench-suite: generated up to here; text below is kept -->";
+
+/// `existing` with its generated part replaced by `generated` (hand-written text after the end
+/// marker survives a new run).
+fn splice(existing: &str, generated: &str) -> String {
+    let kept = existing.split_once(END).map(|(_, rest)| rest.trim_start_matches('\n')).unwrap_or("");
+    let head = existing.split_once(BEGIN).map(|(head, _)| head).unwrap_or("");
+    format!("{head}{BEGIN}\n{generated}{END}\n{kept}")
+}
+
+fn as_refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn ms(v: f64) -> String {
+    format!("{v:.2}")
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let options = Options::parse()?;
+    std::fs::create_dir_all(&options.results)?;
+    let c = options.concurrency.to_string();
+    let started = std::time::SystemTime::now();
+    let (jiffies0, steal0) = cpu_jiffies();
+    let machine = machine();
+    let (sync50, sync99) = fdatasync_latency(&options.results);
+    let disk = format!(
+        "fdatasync of 4 KiB p50 {:.2} ms, p99 {:.2} ms",
+        sync50.as_secs_f64() * 1e3,
+        sync99.as_secs_f64() * 1e3
+    );
+    println!("machine: {machine}\ndisk: {disk}");
+    let mut rows: Vec<Row> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+
+    // (1)-(3): one data cell of 3 replicas behind the router.
+    let mut cluster = DevCluster::start(1);
+    let router = cluster.router();
+    let key = std::fs::read_to_string(cluster.dir.path().join("secrets/dev-partner.apikey"))?;
+    let key = key.trim().to_owned();
+    println!("\n== (1) no-op ceiling: echo through the router to the cell leader");
+    let echo =
+        loadtest(&options, "1-echo", &["--target", &router, "--scenario", "echo", "--concurrency", &c])?;
+    let ceiling = echo["throughput"].as_f64().unwrap_or(0.0).max(1.0);
+    let mut row = Row::from_report("1 ceiling", "echo (no Raft, no disk)", &echo);
+    row.ratio = "1.00 of ceiling".into();
+    rows.push(row);
+
+    println!("\n== (2) enrolment: max throughput, then latency at fixed rates");
+    let groups = process_groups(&cluster.info).await;
+    let (enroll, enroll_cpu) = cpu_breakdown(&groups, || {
+        loadtest(
+            &options,
+            "2-enroll-max",
+            &["--target", &router, "--scenario", "enroll", "--concurrency", &c],
+        )
+    })?;
+    notes.push(format!("CPU per enrolment at max throughput: {enroll_cpu}"));
+    let enroll_max = enroll["throughput"].as_f64().unwrap_or(0.0);
+    let mut row = Row::from_report("2 enrol", "enroll", &enroll);
+    row.ratio = format!("{:.2} of ceiling", enroll_max / ceiling);
+    rows.push(row);
+    for (share, seed) in [(50u64, "3"), (80, "4")] {
+        let rate = ((enroll_max * share as f64 / 100.0) as u64).max(1).to_string();
+        let r = loadtest(
+            &options,
+            &format!("2-enroll-{share}pct"),
+            &["--target", &router, "--scenario", "enroll", "--rate", &rate, "--seed", seed],
+        )?;
+        let mut row = Row::from_report("2 enrol", &format!("enroll at {share}% of max"), &r);
+        row.ratio = format!("{:.2} of ceiling", row.throughput / ceiling);
+        rows.push(row);
+    }
+
+    println!("\n== (3) authentication against a populated cluster");
+    let people = options.results.join("people.jsonl");
+    let status = Command::new(binary("nid-loadtest"))
+        .args(["populate", "--target", &router, "--count", "5000", "--seed", "11", "--concurrency", "64"])
+        .arg("--out")
+        .arg(&people)
+        .status()?;
+    anyhow::ensure!(status.success(), "populate failed");
+    let people_arg = people.display().to_string();
+    let auth_args = |load: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["--target", &router, "--scenario", "auth", "--wrong-percent", "10"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(["--api-key".to_owned(), key.clone(), "--people".to_owned(), people_arg.clone()]);
+        a.extend(load.iter().map(|s| s.to_string()));
+        a
+    };
+    let (auth, auth_cpu) = cpu_breakdown(&groups, || {
+        loadtest(&options, "3-auth-max", &as_refs(&auth_args(&["--concurrency", &c])))
+    })?;
+    notes.push(format!("CPU per authentication at max throughput: {auth_cpu}"));
+    let auth_max = auth["throughput"].as_f64().unwrap_or(0.0);
+    let mut row = Row::from_report("3 auth", "auth (10% wrong factors)", &auth);
+    row.ratio = format!("{:.2} of ceiling", auth_max / ceiling);
+    rows.push(row);
+    let half = ((auth_max / 2.0) as u64).max(1).to_string();
+    let r = loadtest(&options, "3-auth-50pct", &as_refs(&auth_args(&["--rate", &half])))?;
+    let mut row = Row::from_report("3 auth", "auth at 50% of max", &r);
+    row.ratio = format!("{:.2} of ceiling", row.throughput / ceiling);
+    rows.push(row);
+    let target = loadtest(&options, "3-auth-5000", &as_refs(&auth_args(&["--rate", "5000"])))?;
+    let mut row = Row::from_report("3 auth", "auth at the 5,000/s target", &target);
+    row.ratio = format!("{:.2} of target rate", row.throughput / 5000.0);
+    let (target_rate, target_p99) = (row.throughput, row.p99);
+    rows.push(row);
+
+    let mut perf_text = None;
+    if options.profile
+        && let Some((_, pid)) = cell_leader(&cluster.info, 0).await
+    {
+        println!("\n== profile of the cell leader (pid {pid}) under closed-loop auth");
+        let args = auth_args(&["--concurrency", &c]);
+        perf_text = profile(pid, options.seconds, &options.results, || {
+            loadtest(&options, "3-auth-profiled", &as_refs(&args)).map(|_| ())
+        });
+        if perf_text.is_none() {
+            notes.push("perf is not available or could not attach: no profile".into());
+        }
+    }
+    cluster.stop();
+
+    // (4) etcd, same harness and value size.
+    let mut etcd_figures = None;
+    if options.etcd {
+        println!("\n== (4) etcd 3 members on loopback, the same enrolment requests as puts");
+        match EtcdCluster::start(3) {
+            Ok(etcd) => {
+                let r = loadtest(
+                    &options,
+                    "4-etcd-put",
+                    &["--target", &etcd.target(), "--scenario", "enroll", "--concurrency", &c],
+                )?;
+                let version = Command::new(nid_tests::etcd_binary())
+                    .arg("--version")
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().to_owned())
+                    .unwrap_or_default();
+                let mut row = Row::from_report("4 etcd", &format!("put, {}", version.trim()), &r);
+                row.ratio = format!("nid enrol = {:.2}x etcd", enroll_max / row.throughput.max(1.0));
+                etcd_figures = Some((row.throughput, row.p99));
+                rows.push(row);
+            }
+            Err(e) => notes.push(format!("etcd skipped: {e:#}")),
+        }
+    }
+
+    // (5) scale-out under equal CPU quotas per cell.
+    let mut scale: Vec<(u64, f64, u64)> = Vec::new();
+    if options.scaleout {
+        println!("\n== (5) scale-out: 1, 2 and 4 cells, each capped to {} CPU", options.cell_cpu);
+        for cells in [1u64, 2, 4] {
+            let mut cluster = DevCluster::start(cells);
+            let mut caps = Vec::new();
+            let mut failed = None;
+            for i in 0..cells as usize {
+                match CpuCap::new(
+                    &format!("nid-bench-cell{i}"),
+                    options.cell_cpu,
+                    &cell_pids(&cluster.info, i),
+                ) {
+                    Ok(cap) => caps.push(cap),
+                    Err(e) => failed = Some(e),
+                }
+            }
+            if let Some(e) = failed {
+                notes.push(format!("scale-out skipped: {e:#}"));
+                cluster.stop();
+                break;
+            }
+            let router = cluster.router();
+            let conc = (32 * cells).to_string();
+            let r = loadtest(
+                &options,
+                &format!("5-scaleout-{cells}"),
+                &["--target", &router, "--scenario", "enroll", "--concurrency", &conc, "--connections", "8"],
+            )?;
+            let throttled: u64 = caps.iter().map(CpuCap::throttled).sum();
+            let kind = caps.first().map(CpuCap::kind).unwrap_or("");
+            let mut row = Row::from_report("5 scale-out", &format!("enroll, {cells} cell(s)"), &r);
+            let base = scale.first().map(|(_, t, _)| *t).unwrap_or(row.throughput).max(1.0);
+            row.ratio = format!(
+                "{:.0}/s per cell, efficiency {:.2}",
+                row.throughput / cells as f64,
+                row.throughput / (cells as f64 * base)
+            );
+            scale.push((cells, row.throughput, throttled));
+            rows.push(row);
+            cluster.stop();
+            drop(caps);
+            println!("   ({kind}; throttled periods {throttled})");
+        }
+    }
+
+    let (jiffies1, steal1) = cpu_jiffies();
+    let steal = 100.0 * (steal1 - steal0) as f64 / (jiffies1 - jiffies0).max(1) as f64;
+    let elapsed = started.elapsed().unwrap_or_default().as_secs();
+
+    // The table and the targets.
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| section | workload | load | throughput/s | p50 ms | p99 ms | failed or not sent | ratio |"
+    );
+    let _ = writeln!(table, "|---|---|---|---:|---:|---:|---:|---|");
+    for r in &rows {
+        let _ = writeln!(
+            table,
+            "| {} | {} | {} | {:.0} | {} | {} | {} | {} |",
+            r.section,
+            r.workload,
+            r.mode,
+            r.throughput,
+            ms(r.p50),
+            ms(r.p99),
+            r.failed,
+            r.ratio
+        );
+    }
+    let verdict = |met: bool| if met { "met" } else { "NOT met" };
+    let mut targets = String::new();
+    let _ = writeln!(targets, "| target | measured in this run | |");
+    let _ = writeln!(targets, "|---|---|---|");
+    let _ = writeln!(
+        targets,
+        "| auth >= 5,000/s at p99 <= 25 ms (one cell) | {target_rate:.0}/s offered 5,000/s, p99 {target_p99:.1} ms; closed-loop max {auth_max:.0}/s = {:.2} of target | {} |",
+        auth_max / 5000.0,
+        verdict(target_rate >= 4950.0 && target_p99 <= 25.0)
+    );
+    if let Some((etcd_rate, etcd_p99)) = etcd_figures {
+        let enroll_p99 = rows.iter().find(|r| r.section == "2 enrol").map(|r| r.p99).unwrap_or(0.0);
+        let _ = writeln!(
+            targets,
+            "| enrol >= 3x etcd put throughput at a lower p99 | {:.2}x ({enroll_max:.0} vs {etcd_rate:.0}/s), p99 {enroll_p99:.1} vs {etcd_p99:.1} ms | {} |",
+            enroll_max / etcd_rate.max(1.0),
+            verdict(enroll_max >= 3.0 * etcd_rate && enroll_p99 < etcd_p99)
+        );
+    }
+    let _ = writeln!(
+        targets,
+        "| >= 50% of the no-op ceiling | enrol {:.2}, auth {:.2} of {ceiling:.0}/s | {} |",
+        enroll_max / ceiling,
+        auth_max / ceiling,
+        verdict(enroll_max / ceiling >= 0.5 && auth_max / ceiling >= 0.5)
+    );
+    if let Some((_, base, _)) = scale.first() {
+        let effs: Vec<String> = scale
+            .iter()
+            .skip(1)
+            .map(|(n, t, _)| format!("{n} cells {:.2}", t / (*n as f64 * base.max(1.0))))
+            .collect();
+        let worst =
+            scale.iter().skip(1).map(|(n, t, _)| t / (*n as f64 * base.max(1.0))).fold(f64::MAX, f64::min);
+        let _ = writeln!(
+            targets,
+            "| scale-out efficiency >= 0.9 | {} | {} |",
+            effs.join(", "),
+            verdict((0.9..f64::MAX).contains(&worst))
+        );
+    }
+
+    let date = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let mut md = String::new();
+    let _ = writeln!(md, "# nid benchmarks\n");
+    let _ =
+        writeln!(md, "Written by `make bench` (tests/src/bin/bench-suite.rs); figures, not assertions.\n");
+    let _ = writeln!(md, "- Date: {date}; the suite took {elapsed} s.");
+    let _ = writeln!(md, "- Machine: {machine}.");
+    let _ = writeln!(md, "- Disk: {disk} (measured at the start).");
+    let _ = writeln!(
+        md,
+        "- CPU steal during the run: {steal:.1}% (a shared VM: compare ratios, not absolute figures)."
+    );
+    let _ = writeln!(
+        md,
+        "- Everything runs on this one machine on loopback: the control cell, the data cells (3 replicas each), the router, \
+         the load generator (`nid-loadtest`, {} connections) and etcd. Sections 1-3 use one uncapped data cell; closed-loop \
+         rows keep {c} requests in flight; open-loop rows send on a fixed schedule and measure from the intended send time.",
+        4
+    );
+    let _ = writeln!(
+        md,
+        "- Section 5 caps each data cell's three replica processes to {} CPU with cgroups; the router and the load \
+         generator are not capped. Reports and SVG plots of every row: `{}`.\n",
+        options.cell_cpu,
+        options.results.display()
+    );
+    let _ = writeln!(md, "{table}\n## Targets\n\n{targets}");
+    for n in &notes {
+        let _ = writeln!(md, "- {n}.");
+    }
+    if let Some(p) = &perf_text {
+        let _ = writeln!(
+            md,
+            "\n## Where the time goes\n\nperf, the cell leader's process under closed-loop auth (self time by library and symbol, top 25):\n\n```\n{p}\n```"
+        );
+    }
+    println!("\n{table}\n{targets}");
+    for n in &notes {
+        println!("note: {n}");
+    }
+    std::fs::write(&options.out, splice(&std::fs::read_to_string(&options.out).unwrap_or_default(), &md))?;
+    println!("wrote {}", options.out.display());
+    Ok(())
+}
