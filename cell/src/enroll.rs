@@ -13,10 +13,13 @@ use nid_proto::ids::{GenerationError, IdKind, IdScheme, system_random_u64};
 use nid_proto::v1::{BiometricModality, BiometricReference, Demographics, EnrollRequest, Gender};
 use prost::Message as _;
 
-/// UIN candidates proposed per enrolment; apply takes the first free one (and the leader prepares
-/// fresh ones in the rare case all are taken). Each costs about a dozen keyed permutations, the
-/// largest CPU cost of an enrolment, so the number stays small.
-pub const CANDIDATES: usize = 2;
+/// UIN candidates proposed per enrolment; apply takes the first free one, and when all are taken
+/// the leader prepares fresh ones and proposes again. Each costs about a dozen keyed permutations
+/// (~100 us here, the largest CPU cost of an enrolment), so one is proposed: a collision needs a
+/// second Raft round, and its chance is the bucket's fill, about 1.4% per enrolment at 1.4 billion
+/// people (85k of the 6.1 million UINs of a bucket), against 2 candidates' 0.02% for ~25% more
+/// leader CPU per enrolment (measured with `make bench`, see BENCHMARKS.md).
+pub const CANDIDATES: usize = 1;
 const MAX_BIOMETRICS: usize = 10;
 const MAX_EXTENSIONS: usize = 32;
 /// Upper bound on the encoded identity data (demographics, biometrics); the field limits above

@@ -267,15 +267,16 @@ pub async fn one(conn: &mut Conn, scenario: &Scenario, k: u64) -> Result<Outcome
 }
 
 /// The index of the person authentication `k` uses. People sent wrong factors are kept apart from
-/// people sent right ones (the last `wrong_percent`% of the file, at least one person each when both
-/// kinds are sent), so the failure lockout the wrong ones earn never turns a right one into a "no".
-/// Needs at least two people when `0 < wrong_percent < 100`.
+/// people sent right ones: whenever any request carries wrong factors, they go to the last eighth of
+/// the file (at least one person), the same slice for every `wrong_percent`, so the failure lockout
+/// they earn, in this run or an earlier one, never turns a right factor into a "no". Needs at least
+/// two people when `0 < wrong_percent < 100`.
 pub fn auth_person(people: usize, wrong_percent: u64, wrong: bool, k: u64) -> usize {
     let n = people as u64;
     let wrong_people = match wrong_percent {
         0 => 0,
         100.. => n,
-        w => (n * w / 100).max(1).min(n.saturating_sub(1)),
+        _ => (n / 8).max(1).min(n.saturating_sub(1)),
     };
     let index =
         if wrong { n - wrong_people + k % wrong_people.max(1) } else { k % (n - wrong_people).max(1) };
@@ -396,6 +397,13 @@ mod tests {
             assert!(wrong.is_disjoint(&right), "{people} {percent}");
             assert_eq!(wrong.len() + right.len(), people, "{people} {percent}: everyone is used");
             assert!(wrong.iter().chain(&right).all(|i| *i < people));
+        }
+        // The slice does not depend on the share: a run with another share never sends right
+        // factors to someone an earlier run locked out.
+        for percent in [1, 10, 25, 50, 99] {
+            let wrong: std::collections::HashSet<usize> =
+                (0..1000).map(|k| auth_person(64, percent, true, k)).collect();
+            assert_eq!(wrong, (56..64).collect(), "{percent}");
         }
         assert_eq!(auth_person(1, 0, false, 5), 0);
         assert_eq!(auth_person(1, 100, true, 5), 0);

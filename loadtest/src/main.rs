@@ -76,7 +76,8 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         warmup: u64,
         /// Share of authentications sent with a wrong date of birth (they must come back "no"); they
-        /// go to a separate slice of the people, so lockouts they earn never hit right factors.
+        /// go to a fixed slice of the people (the last eighth), so lockouts they earn never hit right
+        /// factors.
         #[arg(long, default_value_t = 0)]
         wrong_percent: u64,
         /// Partner API key for the auth scenario.
