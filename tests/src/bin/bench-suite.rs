@@ -5,7 +5,8 @@
 //! cell), because absolute figures drift on shared machines. Asserts nothing.
 //!
 //! Usage: bench-suite [--seconds N] [--out BENCHMARKS.md] [--results DIR] [--cell-cpu 0.25]
-//!                    [--concurrency 64] [--skip-etcd] [--skip-scaleout] [--skip-profile]
+//!                    [--concurrency 64] [--populate 5000] [--skip-etcd] [--skip-scaleout]
+//!                    [--skip-profile]
 
 use anyhow::Context as _;
 use nid_tests::{DevCluster, EtcdCluster, binary, cell_leader, fdatasync_latency};
@@ -20,6 +21,7 @@ struct Options {
     results: PathBuf,
     cell_cpu: f64,
     concurrency: usize,
+    populate: u64,
     etcd: bool,
     scaleout: bool,
     profile: bool,
@@ -36,12 +38,16 @@ impl Options {
             results: value("--results").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".nid/bench")),
             cell_cpu: value("--cell-cpu").map(|s| s.parse()).transpose()?.unwrap_or(0.25),
             concurrency: value("--concurrency").map(|s| s.parse()).transpose()?.unwrap_or(64),
+            populate: value("--populate").map(|s| s.parse()).transpose()?.unwrap_or(5000),
             etcd: !flag("--skip-etcd"),
             scaleout: !flag("--skip-scaleout"),
             profile: !flag("--skip-profile"),
         })
     }
 }
+
+/// Unmeasured seconds before every run.
+const WARMUP_SECONDS: u64 = 2;
 
 /// One measured row of the table.
 struct Row {
@@ -81,7 +87,7 @@ fn loadtest(options: &Options, tag: &str, args: &[&str]) -> anyhow::Result<serde
     let out = Command::new(binary("nid-loadtest"))
         .arg("run")
         .args(args)
-        .args(["--duration", &seconds, "--warmup", "2", "--report"])
+        .args(["--duration", &seconds, "--warmup", &WARMUP_SECONDS.to_string(), "--report"])
         .arg(&report)
         .stderr(Stdio::inherit())
         .output()
@@ -169,7 +175,8 @@ fn cpu_breakdown(
     // The measured window is the report's; the warm-up ran too, so scale by completions of the
     // whole run: ok over the measured seconds times (warm-up + measured) seconds.
     let seconds = report["seconds"].as_f64().unwrap_or(1.0);
-    let requests = (report["ok"].as_f64().unwrap_or(0.0) * (seconds + 2.0) / seconds).max(1.0);
+    let requests =
+        (report["ok"].as_f64().unwrap_or(0.0) * (seconds + WARMUP_SECONDS as f64) / seconds).max(1.0);
     let us = |t: u64| t as f64 * 10_000.0 / requests; // USER_HZ = 100: one tick is 10 ms
     let mut out = String::new();
     let mut accounted = 0u64;
@@ -397,7 +404,7 @@ async fn main() -> anyhow::Result<()> {
     println!("\n== (3) authentication against a populated cluster");
     let people = options.results.join("people.jsonl");
     let status = Command::new(binary("nid-loadtest"))
-        .args(["populate", "--target", &router, "--count", "5000", "--seed", "11", "--concurrency", "64"])
+        .args(["populate", "--target", &router, "--count", &options.populate.to_string(), "--seed", "11"])
         .arg("--out")
         .arg(&people)
         .status()?;
@@ -633,4 +640,20 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(&options.out, splice(&std::fs::read_to_string(&options.out).unwrap_or_default(), &md))?;
     println!("wrote {}", options.out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_run_replaces_the_generated_part_and_keeps_the_rest() {
+        let first = splice("", "table one\n");
+        assert!(first.starts_with(BEGIN) && first.contains("table one") && first.trim_end().ends_with(END));
+        let edited = format!("{first}\n## Reading these figures\nby hand\n");
+        let second = splice(&edited, "table two\n");
+        assert!(second.contains("table two") && !second.contains("table one"), "{second}");
+        assert!(second.ends_with("## Reading these figures\nby hand\n"), "{second}");
+        assert_eq!(splice(&second, "table two\n"), second, "idempotent");
+    }
 }
