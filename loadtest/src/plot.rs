@@ -84,7 +84,11 @@ impl Panel {
 }
 
 fn format_value(v: f64) -> String {
-    if v >= 100.0 || v == 0.0 { format!("{v:.0}") } else { format!("{v:.2}") }
+    match v {
+        v if v >= 100.0 || v == 0.0 => format!("{v:.0}"),
+        v if v >= 10.0 => format!("{v:.1}"),
+        v => format!("{v:.2}"),
+    }
 }
 
 /// The SVG of a run's report.

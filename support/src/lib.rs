@@ -38,6 +38,17 @@ pub fn incoming(
     })
 }
 
+/// The tokio runtime of a server binary with `threads` threads: 1 is a current-thread runtime (no
+/// cross-thread wake-ups or work stealing: the least CPU per request when cores are shared), N > 1
+/// a multi-threaded runtime of N workers, 0 one worker per core.
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    match threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+    }
+}
+
 /// Runs a gRPC handler body, then reports its method, gRPC code and duration to `record` (which
 /// feeds the caller's own counters and histograms) and wraps the result in a response.
 pub async fn observed<T>(

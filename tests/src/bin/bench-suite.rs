@@ -218,8 +218,10 @@ struct CpuCap {
 
 impl CpuCap {
     fn new(name: &str, cpus: f64, pids: &[u64]) -> anyhow::Result<CpuCap> {
-        let period = 100_000u64;
-        let quota = ((cpus * period as f64) as u64).max(1000);
+        // A short period (20 ms) spreads the quota evenly: with the default 100 ms a capped cell
+        // runs for a burst and then stalls, and every request waits out the stall.
+        let period = 20_000u64;
+        let quota = ((cpus * period as f64) as u64).max(1000); // the kernel's minimum is 1 ms
         let v2_root = Path::new("/sys/fs/cgroup");
         let v2 = std::fs::read_to_string(v2_root.join("cgroup.controllers"))
             .map(|c| c.split_whitespace().any(|x| x == "cpu"))
