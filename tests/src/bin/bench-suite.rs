@@ -440,17 +440,26 @@ async fn main() -> anyhow::Result<()> {
     let (target_rate, target_p99) = (row.throughput, row.p99);
     rows.push(row);
 
-    let mut perf_text = None;
+    let mut profiles: Vec<(&str, String)> = Vec::new();
     if options.profile
         && let Some((_, pid)) = cell_leader(&cluster.info, 0).await
     {
-        println!("\n== profile of the cell leader (pid {pid}) under closed-loop auth");
-        let args = auth_args(&["--concurrency", &c]);
-        perf_text = profile(pid, options.seconds, &options.results, || {
-            loadtest(&options, "3-auth-profiled", &as_refs(&args)).map(|_| ())
-        });
-        if perf_text.is_none() {
-            notes.push("perf is not available or could not attach: no profile".into());
+        let auth = auth_args(&["--concurrency", &c]);
+        let enroll: Vec<String> =
+            ["--target", &router, "--scenario", "enroll", "--concurrency", &c, "--seed", "5"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        for (what, tag, args) in [("auth", "3-auth-profiled", auth), ("enroll", "2-enroll-profiled", enroll)]
+        {
+            println!("\n== profile of the cell leader (pid {pid}) under closed-loop {what}");
+            let seconds = options.seconds + WARMUP_SECONDS;
+            match profile(pid, seconds, &options.results, || {
+                loadtest(&options, tag, &as_refs(&args)).map(|_| ())
+            }) {
+                Some(text) => profiles.push((what, text)),
+                None => notes.push(format!("perf is not available or could not attach: no {what} profile")),
+            }
         }
     }
     cluster.stop();
@@ -629,10 +638,13 @@ async fn main() -> anyhow::Result<()> {
     for n in &notes {
         let _ = writeln!(md, "- {n}.");
     }
-    if let Some(p) = &perf_text {
+    if !profiles.is_empty() {
+        let _ = writeln!(md, "\n## Where the time goes");
+    }
+    for (what, text) in &profiles {
         let _ = writeln!(
             md,
-            "\n## Where the time goes\n\nperf, the cell leader's process under closed-loop auth (self time by library and symbol, top 25):\n\n```\n{p}\n```"
+            "\nperf, the cell leader's process under closed-loop {what} (self time by library and symbol, top 25):\n\n```\n{text}\n```"
         );
     }
     println!("\n{table}\n{targets}");
