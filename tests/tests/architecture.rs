@@ -5,8 +5,14 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The clone under test. Cargo sets CARGO_MANIFEST_DIR when it runs a test, and that is the one to
+/// trust: the compile-time value names whichever clone built this binary, and clones on one machine
+/// share the target directory (a fresh clone with the same sources reuses the binary).
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the workspace").to_path_buf()
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir.parent().expect("tests/ sits in the workspace").to_path_buf()
 }
 
 /// The host target triple, so `cargo metadata` resolves only what links on this machine (and so
