@@ -391,6 +391,8 @@ pub struct AuthOutcome {
     pub uin: Option<String>,
     /// When decided (the command's clock), Unix ms.
     pub time_ms: u64,
+    /// True when this answers a retry of an already decided request (nothing was written).
+    pub repeated: bool,
 }
 
 /// What an identity command produced.
@@ -406,6 +408,20 @@ pub enum IdentityResult {
     Locks(Vec<LockEntry>),
     /// An authentication decision.
     Auth(AuthOutcome),
+}
+
+/// The value of a replay-index key, sealed: the decision a (partner, transaction, identity) got,
+/// so a retry of the very same request gets the very same answer instead of a refusal.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct TxnRecord {
+    /// Keyed digest of what the partner sent (request time and factors).
+    pub request_mac: [u8; 32],
+    /// The decision.
+    pub authenticated: bool,
+    /// Its `nid.v1.AuthReason` numbers.
+    pub reasons: Vec<i32>,
+    /// When it was decided, Unix ms.
+    pub time_ms: u64,
 }
 
 /// The value of a RID index key, sealed.

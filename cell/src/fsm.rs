@@ -8,11 +8,11 @@
 
 use crate::codec;
 use crate::command::{
-    AuditRecord, AuthOutcome, BucketRecord, BucketState, Command, CommandResult, EnrollCommand, EnrollSecret,
-    HistoryEntry, IdentityCommand, IdentityOp, IdentityRecord, IdentityResult, Rejection, RidRecord, Target,
-    VidIndex,
+    AuditRecord, AuthAttempt, AuthOutcome, BucketRecord, BucketState, Command, CommandResult, EnrollCommand,
+    EnrollSecret, HistoryEntry, IdentityCommand, IdentityOp, IdentityRecord, IdentityResult, Rejection,
+    RidRecord, Target, TxnRecord, VidIndex,
 };
-use crate::crypto::{Keyring, derived_nonce};
+use crate::crypto::{Keyring, ct_eq, derived_nonce};
 use crate::identity;
 use crate::keys::{self, CF_DATA, CF_META, Table};
 use crate::storage::{StoreError, cf};
@@ -33,6 +33,8 @@ pub const UIN_DOMAIN: &[u8] = b"uin";
 pub const VID_DOMAIN: &[u8] = b"vid";
 /// See [`RID_DOMAIN`].
 pub const TXN_DOMAIN: &[u8] = b"txn";
+/// Hash domain of the digest of an authentication request (replay index values).
+pub const TXN_REQUEST_DOMAIN: &[u8] = b"txn-request";
 
 /// Nonce indexes of the values one command writes (each value gets its own nonce).
 mod nonce {
@@ -41,6 +43,7 @@ mod nonce {
     pub const HISTORY: u32 = 2;
     pub const VID: u32 = 3;
     pub const AUDIT: u32 = 4;
+    pub const TXN: u32 = 5;
 }
 
 /// The result of verifying an identity's audit chain.
@@ -335,7 +338,7 @@ impl StateMachine {
                 Ok(Ok(r)) => r,
                 _ => return Err(StoreError::BadSnapshot("RID index value does not open".into())),
             };
-            if !crate::crypto::ct_eq(&existing.payload_mac, &cmd.payload_mac) {
+            if !ct_eq(&existing.payload_mac, &cmd.payload_mac) {
                 return Ok(CommandResult::Rejected(Rejection::RidConflict));
             }
             let record = self.identity_in(bucket, &existing.uin, overlay)?;
@@ -499,6 +502,7 @@ impl StateMachine {
                         reasons: vec![reason as i32],
                         uin: None,
                         time_ms: now,
+                        repeated: false,
                     }))
                 }
                 _ => CommandResult::Rejected(Rejection::NotFound),
@@ -563,14 +567,45 @@ impl StateMachine {
             }
             IdentityOp::Authenticate(attempt) => {
                 let txn_key = self.txn_key(bucket, &attempt.partner_id, &attempt.transaction_id, &rec.uin);
-                let replayed = self.get_in(&txn_key, overlay)?.is_some();
-                let decision =
-                    identity::authenticate(&mut rec, &attempt, vid.as_deref(), replayed, now, &self.keyring);
+                let request_mac = self.request_mac(&attempt, vid.is_some());
+                let seen = self.get_in(&txn_key, overlay)?;
+                // A retry of the very same request (a client or the router after an ambiguous
+                // failure) gets the decision already made, unchanged and without a second audit
+                // entry; the same transaction id with anything else is a replay.
+                if let Some(earlier) = seen.as_deref().and_then(|v| self.decided(&txn_key, v))
+                    && crate::crypto::ct_eq(&earlier.request_mac, &request_mac)
+                {
+                    return Ok(CommandResult::Identity(IdentityResult::Auth(AuthOutcome {
+                        authenticated: earlier.authenticated,
+                        reasons: earlier.reasons,
+                        uin: Some(rec.uin.clone()),
+                        time_ms: earlier.time_ms,
+                        repeated: true,
+                    })));
+                }
+                let decision = identity::authenticate(
+                    &mut rec,
+                    &attempt,
+                    vid.as_deref(),
+                    seen.is_some(),
+                    now,
+                    &self.keyring,
+                );
                 let data = cf(&self.db, CF_DATA)?;
                 if decision.record_transaction {
-                    let value = codec::encode(&now);
-                    wb.put_cf(data, txn_key, &value);
-                    overlay.data.insert(txn_key.to_vec(), value);
+                    let record = TxnRecord {
+                        request_mac,
+                        authenticated: decision.authenticated,
+                        reasons: decision.reasons.clone(),
+                        time_ms: now,
+                    };
+                    let sealed = self.keyring.seal(
+                        &txn_key,
+                        derived_nonce(&cmd.seed, nonce::TXN),
+                        &codec::encode(&record),
+                    );
+                    wb.put_cf(data, txn_key, &sealed);
+                    overlay.data.insert(txn_key.to_vec(), sealed);
                 }
                 let audit = identity::append_audit(&mut rec, &attempt, &decision, now);
                 let uin_hash = self.keyring.index_hash(UIN_DOMAIN, rec.uin.as_bytes());
@@ -584,6 +619,7 @@ impl StateMachine {
                     reasons: decision.reasons,
                     uin: Some(rec.uin.clone()),
                     time_ms: now,
+                    repeated: false,
                 }))
             }
         };
@@ -595,6 +631,27 @@ impl StateMachine {
             }
             Err(rejection) => Ok(CommandResult::Rejected(rejection)),
         }
+    }
+
+    /// Keyed digest of what the partner sent in an authentication: its request time, the factors
+    /// and whether it came through a VID (the partner and transaction are in the key already; the
+    /// partner's allowed types and policy are the service's, not the request's).
+    fn request_mac(&self, attempt: &AuthAttempt, via_vid: bool) -> [u8; 32] {
+        let natural = codec::encode(&(
+            attempt.request_time_ms,
+            &attempt.demographic,
+            &attempt.pin,
+            &attempt.totp,
+            via_vid,
+        ));
+        self.keyring.index_hash(TXN_REQUEST_DOMAIN, &natural)
+    }
+
+    /// The decision stored under a replay-index key; None for a marker this version cannot read
+    /// (such a marker still refuses the transaction as a replay).
+    fn decided(&self, txn_key: &[u8], sealed: &[u8]) -> Option<TxnRecord> {
+        let plain = self.keyring.open(txn_key, sealed).ok()?;
+        codec::decode(&plain).ok()
     }
 
     fn txn_key(&self, bucket: BucketId, partner: &str, txn: &str, uin: &str) -> [u8; 35] {

@@ -477,10 +477,14 @@ impl CellContext {
         };
         let signed_decision = decision.encode_to_vec();
         let signature = self.keyring.sign(&signed_decision);
-        self.metrics
-            .auth_decisions
-            .with_label_values(&[if decision.authenticated { "yes" } else { "no" }])
-            .inc();
+        if outcome.repeated {
+            self.metrics.auth_repeated.inc();
+        } else {
+            self.metrics
+                .auth_decisions
+                .with_label_values(&[if decision.authenticated { "yes" } else { "no" }])
+                .inc();
+        }
         Ok(AuthenticateResponse {
             decision: Some(decision),
             signed_decision,

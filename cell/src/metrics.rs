@@ -49,6 +49,8 @@ pub struct CellMetrics {
     pub grpc_seconds: HistogramVec,
     /// Authentication decisions by result (yes/no); never labelled by identity or partner.
     pub auth_decisions: IntCounterVec,
+    /// Answers to retries of an already decided authentication (the stored decision, re-sent).
+    pub auth_repeated: IntCounter,
 }
 
 fn buckets_seconds() -> Vec<f64> {
@@ -143,6 +145,10 @@ impl CellMetrics {
                 "nid_auth_decisions_total",
                 "Authentication decisions signed by this replica, by result.",
                 &["result"],
+            ),
+            auth_repeated: counter(
+                "nid_auth_repeated_answers_total",
+                "Retries of an already decided authentication answered with the stored decision.",
             ),
             grpc_requests: counter_vec(
                 "nid_grpc_server_handled_total",

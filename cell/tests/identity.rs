@@ -246,8 +246,19 @@ async fn authentication_checks_status_locks_replay_skew_and_factors() {
 
     let yes = authenticate(&c, "bank-a", auth_request(&uin, "A-1", t, pin("2468"))).await;
     assert!(yes.decision.as_ref().unwrap().authenticated);
-    let replay = authenticate(&c, "bank-a", auth_request(&uin, "A-1", t, pin("2468"))).await;
+    // A retry of the very same request gets the very same signed answer, not a second decision.
+    let retry = authenticate(&c, "bank-a", auth_request(&uin, "A-1", t, pin("2468"))).await;
+    assert_eq!(retry, yes, "a retry is answered with the stored decision, byte for byte");
+    // The same transaction id with anything else is a replay.
+    let replay = authenticate(&c, "bank-a", auth_request(&uin, "A-1", t, pin("1357"))).await;
     assert_eq!(reasons(&replay), vec![AuthReason::ReplayedTransaction]);
+    let later = shifted(&c, Duration::from_secs(1));
+    let replay = authenticate(&c, "bank-a", auth_request(&uin, "A-1", later, pin("2468"))).await;
+    assert_eq!(
+        reasons(&replay),
+        vec![AuthReason::ReplayedTransaction],
+        "another request time is another request"
+    );
     let other_partner = authenticate(&c, "bank-b", auth_request(&uin, "A-1", t, pin("2468"))).await;
     assert!(other_partner.decision.as_ref().unwrap().authenticated, "transaction ids are per partner");
 
@@ -643,7 +654,9 @@ async fn decisions_see_every_acknowledged_change_across_a_leader_change() {
         let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
         auth_request(&uin, txn, prost_types::Timestamp { seconds: t as i64, nanos: 0 }, pin("0000"))
     };
-    for i in 0..4 {
+    let first = bad("F-0");
+    let first_answer = authenticate(&c, "bank-a", first.clone()).await;
+    for i in 1..4 {
         authenticate(&c, "bank-a", bad(&format!("F-{i}"))).await;
     }
     let lock = Operation::LockAuthTypes(LockAuthTypesRequest {
@@ -662,8 +675,12 @@ async fn decisions_see_every_acknowledged_change_across_a_leader_change() {
     };
     let locked = authenticate(&c, "bank-a", auth_request(&uin, "N-1", now(&c), demo)).await;
     assert_eq!(reasons(&locked), vec![AuthReason::AuthTypeLocked]);
-    let replay = authenticate(&c, "bank-a", bad("F-0")).await;
+    let replay = authenticate(&c, "bank-a", auth_request(&uin, "F-0", now(&c), pin("1111"))).await;
     assert_eq!(reasons(&replay), vec![AuthReason::ReplayedTransaction]);
+    // A client retrying the old leader's decision through the new one gets that decision again: no
+    // second audit entry, and it does not count as a fifth failure.
+    let retried = authenticate(&c, "bank-a", first).await;
+    assert_eq!(retried, first_answer, "the stored decision survives the leader change");
     authenticate(&c, "bank-a", bad("F-4")).await;
     let lockout = authenticate(&c, "bank-a", auth_request(&uin, "N-2", now(&c), pin("2468"))).await;
     assert_eq!(reasons(&lockout), vec![AuthReason::TooManyFailures], "the fifth failure counted");
@@ -681,7 +698,7 @@ async fn decisions_see_every_acknowledged_change_across_a_leader_change() {
     else {
         panic!()
     };
-    assert_eq!(h.records.len(), 8, "every decision, on both leaders, is in the trail");
+    assert_eq!(h.records.len(), 8, "every decision, on both leaders, is in the trail, and retries are not");
     let CellResult::VerifyAuditChain(v) = c
         .execute(Operation::VerifyAuditChain(VerifyAuditChainRequest { uin: uin.clone() }), None)
         .await
