@@ -2,6 +2,11 @@
 //! alone, and forwards them to the owning cell's leader using a routing table cached from the
 //! control cell (kept when the control cell is unreachable). It holds no durable state.
 
+/// Allocation through mimalloc: see ARCHITECTURE.md, "Measured departures from the chosen
+/// dependencies".
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod admin;
 mod metrics;
 mod partners;
