@@ -567,13 +567,13 @@ impl StateMachine {
             }
             IdentityOp::Authenticate(attempt) => {
                 let txn_key = self.txn_key(bucket, &attempt.partner_id, &attempt.transaction_id, &rec.uin);
-                let request_mac = self.request_mac(&attempt, vid.is_some());
+                let request_mac = self.request_mac(&attempt, vid.as_deref());
                 let seen = self.get_in(&txn_key, overlay)?;
                 // A retry of the very same request (a client or the router after an ambiguous
                 // failure) gets the decision already made, unchanged and without a second audit
                 // entry; the same transaction id with anything else is a replay.
                 if let Some(earlier) = seen.as_deref().and_then(|v| self.decided(&txn_key, v))
-                    && crate::crypto::ct_eq(&earlier.request_mac, &request_mac)
+                    && ct_eq(&earlier.request_mac, &request_mac)
                 {
                     return Ok(CommandResult::Identity(IdentityResult::Auth(AuthOutcome {
                         authenticated: earlier.authenticated,
@@ -634,9 +634,9 @@ impl StateMachine {
     }
 
     /// Keyed digest of what the partner sent in an authentication: its request time, the factors
-    /// and whether it came through a VID (the partner and transaction are in the key already; the
-    /// partner's allowed types and policy are the service's, not the request's).
-    fn request_mac(&self, attempt: &AuthAttempt, via_vid: bool) -> [u8; 32] {
+    /// and the VID it came through, if any (the partner, transaction and UIN are in the key already;
+    /// the partner's allowed types and policy are the service's, not the request's).
+    fn request_mac(&self, attempt: &AuthAttempt, via_vid: Option<&str>) -> [u8; 32] {
         let natural = codec::encode(&(
             attempt.request_time_ms,
             &attempt.demographic,

@@ -229,8 +229,20 @@ async fn vids_resolve_while_usable_and_one_perpetual_is_active() {
         demographic: Some(DemographicFactor { full_name: "Asha Example".into(), ..Default::default() }),
         ..Default::default()
     };
-    let yes = authenticate(&c, "bank-a", auth_request(&temp.vid, "T-1", now(&c), demo.clone())).await;
+    let t1 = now(&c);
+    let yes = authenticate(&c, "bank-a", auth_request(&temp.vid, "T-1", t1, demo.clone())).await;
     assert!(yes.decision.as_ref().unwrap().authenticated, "{:?}", reasons(&yes));
+    let retry = authenticate(&c, "bank-a", auth_request(&temp.vid, "T-1", t1, demo.clone())).await;
+    assert_eq!(retry, yes, "a retry gets its answer even though the one use is spent");
+    // The same transaction through another VID of the same person, or through the UIN, is not
+    // the same request.
+    let another = create(VidKind::Temporary, Some(shifted(&c, Duration::from_secs(3600))), 0);
+    let CellResult::CreateVid(other) = c.execute(another, None).await.unwrap() else { panic!() };
+    let other = other.vid.unwrap().vid;
+    for id in [&other, &uin] {
+        let replay = authenticate(&c, "bank-a", auth_request(id, "T-1", t1, demo.clone())).await;
+        assert_eq!(reasons(&replay), vec![AuthReason::ReplayedTransaction], "{id}");
+    }
     let no = authenticate(&c, "bank-a", auth_request(&temp.vid, "T-2", now(&c), demo)).await;
     assert_eq!(reasons(&no), vec![AuthReason::VidUnusable]);
 
