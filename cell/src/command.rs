@@ -60,6 +60,19 @@ pub enum Command {
         /// The routing-table version that decided it; older versions are ignored.
         table_version: u64,
     },
+    /// Delete the replay-index markers decided before `before_ms` in the owned buckets of
+    /// `[first, end)`, at most `limit` of them. The leader proposes it periodically; being a Raft
+    /// command, every replica forgets the same markers at the same point of the log.
+    SweepTxnMarkers {
+        /// First bucket.
+        first: u16,
+        /// One past the last bucket (at most `BUCKETS`).
+        end: u16,
+        /// Markers decided before this Unix ms go.
+        before_ms: u64,
+        /// At most this many per command (>= 1), so one apply stays short.
+        limit: u32,
+    },
 }
 
 impl Command {
@@ -73,6 +86,7 @@ impl Command {
             Command::ControlRegisterCell { cell } => cell.len() + 16,
             Command::ControlCommitMove { .. } => 64,
             Command::SetBuckets { buckets, .. } => buckets.len() * 2 + 32,
+            Command::SweepTxnMarkers { .. } => 32,
         }
     }
 }
@@ -455,6 +469,13 @@ pub enum CommandResult {
         changed: bool,
         /// Table version.
         version: u64,
+    },
+    /// Replay markers swept.
+    Swept {
+        /// Time-index entries removed (each with its marker, unless that was rewritten since).
+        deleted: u64,
+        /// Set when the limit was reached: the bucket to continue from.
+        resume: Option<u16>,
     },
     /// The command was refused; nothing was written.
     Rejected(Rejection),

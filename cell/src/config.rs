@@ -79,6 +79,10 @@ pub struct Flags {
     /// Allowed distance between a partner's request time and the cell's clock, seconds (default 300).
     #[arg(long)]
     pub auth_skew_secs: Option<u64>,
+    /// Seconds between two sweeps of replay markers past the replay window, each over 1/64 of the
+    /// buckets (default 2; 0 turns sweeping off).
+    #[arg(long)]
+    pub txn_sweep_secs: Option<u64>,
 }
 
 /// The TOML file form of [`Flags`].
@@ -106,6 +110,7 @@ struct FileConfig {
     auth_max_failures: Option<u32>,
     auth_cooldown_secs: Option<u64>,
     auth_skew_secs: Option<u64>,
+    txn_sweep_secs: Option<u64>,
 }
 
 /// What the cell holds.
@@ -171,6 +176,8 @@ pub struct CellConfig {
     pub auth_cooldown_secs: u64,
     /// Allowed request-time skew, seconds.
     pub auth_skew_secs: u64,
+    /// Seconds between replay-marker sweeps (0: off).
+    pub txn_sweep_secs: u64,
 }
 
 /// Parses `id=host:port@zone,...`.
@@ -282,6 +289,7 @@ impl CellConfig {
             },
             auth_cooldown_secs: flags.auth_cooldown_secs.or(file.auth_cooldown_secs).unwrap_or(1800),
             auth_skew_secs: flags.auth_skew_secs.or(file.auth_skew_secs).unwrap_or(300),
+            txn_sweep_secs: flags.txn_sweep_secs.or(file.txn_sweep_secs).unwrap_or(2),
         })
     }
 }

@@ -80,7 +80,8 @@ pub fn op_aad(bucket: u16, target: &Target) -> Vec<u8> {
 /// Pending writes of the current apply batch, visible to later commands in it.
 #[derive(Default)]
 pub struct Overlay {
-    data: HashMap<Vec<u8>, Vec<u8>>,
+    /// Written (Some) or deleted (None) `data` CF values.
+    data: HashMap<Vec<u8>, Option<Vec<u8>>>,
     buckets: HashMap<u16, BucketRecord>,
 }
 
@@ -142,7 +143,7 @@ impl StateMachine {
 
     fn get_in(&self, key: &[u8], overlay: &Overlay) -> Result<Option<Vec<u8>>, StoreError> {
         if let Some(v) = overlay.data.get(key) {
-            return Ok(Some(v.clone()));
+            return Ok(v.clone());
         }
         Ok(self.db.get_cf(cf(&self.db, CF_DATA)?, key)?)
     }
@@ -204,7 +205,68 @@ impl StateMachine {
                 }
                 Ok(CommandResult::BucketsSet)
             }
+            Command::SweepTxnMarkers { first, end, before_ms, limit } => {
+                self.apply_sweep(*first, *end, *before_ms, *limit, wb, overlay)
+            }
         }
+    }
+
+    /// Deletes the replay markers decided before `before_ms` in the owned buckets of
+    /// `[first, end)`, up to `limit`, with their time-index entries. A marker rewritten since (a
+    /// later decision under the same key) is kept; only its stale index entry goes. Buckets that
+    /// are importing or frozen are left alone, so a bucket in migration does not change under it.
+    fn apply_sweep(
+        &self,
+        first: u16,
+        end: u16,
+        before_ms: u64,
+        limit: u32,
+        wb: &mut WriteBatch,
+        overlay: &mut Overlay,
+    ) -> Result<CommandResult, StoreError> {
+        if first >= end || end > nid_proto::bucket::BUCKETS || limit == 0 {
+            return Ok(CommandResult::Rejected(Rejection::Malformed("sweep range or limit".into())));
+        }
+        let data = cf(&self.db, CF_DATA)?;
+        let mut deleted = 0u64;
+        // One iterator for the span, positioned per bucket (an iterator per bucket costs more
+        // than the seek).
+        let mut it = self.db.raw_iterator_cf(data);
+        for b in first..end {
+            let Some(bucket) = BucketId::new(u32::from(b)) else { continue };
+            if self.bucket_in(b, overlay)?.state != BucketState::Owned {
+                continue;
+            }
+            let (start, upper) = keys::time_range(bucket, Table::TxnByTime, before_ms);
+            it.seek(start);
+            while let Some(tkey) = it.key().filter(|k| *k < upper.as_slice()).map(<[u8]>::to_vec) {
+                it.next();
+                // Already deleted by an earlier command of this batch: every replica must see the
+                // same set whatever its batching.
+                if matches!(overlay.data.get(&tkey), Some(None)) {
+                    continue;
+                }
+                if deleted >= u64::from(limit) {
+                    return Ok(CommandResult::Swept { deleted, resume: Some(b) });
+                }
+                if let Some(hash) = keys::time_key_hash(&tkey) {
+                    let marker = keys::data_key(bucket, Table::Txn, &hash);
+                    let rewritten = self
+                        .get_in(&marker, overlay)?
+                        .and_then(|v| self.decided(&marker, &v))
+                        .is_some_and(|r| r.time_ms >= before_ms);
+                    if !rewritten {
+                        wb.delete_cf(data, marker);
+                        overlay.data.insert(marker.to_vec(), None);
+                    }
+                }
+                wb.delete_cf(data, &tkey);
+                overlay.data.insert(tkey, None);
+                deleted += 1;
+            }
+            it.status()?;
+        }
+        Ok(CommandResult::Swept { deleted, resume: None })
     }
 
     fn control_value(&self, key: &[u8], overlay: &Overlay) -> Result<Option<Vec<u8>>, StoreError> {
@@ -225,7 +287,7 @@ impl StateMachine {
     ) -> Result<(), StoreError> {
         let encoded = codec::encode(&value.to_vec());
         wb.put_cf(cf(&self.db, CF_DATA)?, key, &encoded);
-        overlay.data.insert(key.to_vec(), encoded);
+        overlay.data.insert(key.to_vec(), Some(encoded));
         Ok(())
     }
 
@@ -383,7 +445,7 @@ impl StateMachine {
                 self.keyring.seal(&rid_key, derived_nonce(&cmd.seed, nonce::RID), &codec::encode(&rid_value));
             let data = cf(&self.db, CF_DATA)?;
             wb.put_cf(data, rid_key, &sealed_rid);
-            overlay.data.insert(rid_key.to_vec(), sealed_rid);
+            overlay.data.insert(rid_key.to_vec(), Some(sealed_rid));
             self.put_record(bucket, &record, &cmd.seed, true, wb, overlay)?;
             return Ok(CommandResult::Enrolled {
                 uin: candidate.clone(),
@@ -414,14 +476,14 @@ impl StateMachine {
             &codec::encode(record),
         );
         wb.put_cf(data, key, &sealed);
-        overlay.data.insert(key.to_vec(), sealed);
+        overlay.data.insert(key.to_vec(), Some(sealed));
         if new_version {
             let hkey = keys::sequence_key(bucket, Table::History, &uin_hash, record.version);
             let entry = record.history_entry();
             let sealed =
                 self.keyring.seal(&hkey, derived_nonce(seed, nonce::HISTORY), &codec::encode(&entry));
             wb.put_cf(data, hkey, &sealed);
-            overlay.data.insert(hkey.to_vec(), sealed);
+            overlay.data.insert(hkey.to_vec(), Some(sealed));
         }
         Ok(())
     }
@@ -552,7 +614,7 @@ impl StateMachine {
                             let sealed =
                                 self.keyring.seal(&vkey, derived_nonce(&cmd.seed, nonce::VID), &value);
                             wb.put_cf(cf(&self.db, CF_DATA)?, vkey, &sealed);
-                            overlay.data.insert(vkey.to_vec(), sealed);
+                            overlay.data.insert(vkey.to_vec(), Some(sealed));
                         }
                         created.map(IdentityResult::Vid)
                     }
@@ -605,7 +667,14 @@ impl StateMachine {
                         &codec::encode(&record),
                     );
                     wb.put_cf(data, txn_key, &sealed);
-                    overlay.data.insert(txn_key.to_vec(), sealed);
+                    overlay.data.insert(txn_key.to_vec(), Some(sealed));
+                    // The same marker in time order, for the sweep (see `apply_sweep`).
+                    let mut hash = [0u8; 32];
+                    hash.copy_from_slice(&txn_key[3..]);
+                    let tkey = keys::time_key(bucket, Table::TxnByTime, now, &hash);
+                    let empty = codec::encode(&());
+                    wb.put_cf(data, tkey, &empty);
+                    overlay.data.insert(tkey.to_vec(), Some(empty));
                 }
                 let audit = identity::append_audit(&mut rec, &attempt, &decision, now);
                 let uin_hash = self.keyring.index_hash(UIN_DOMAIN, rec.uin.as_bytes());
@@ -613,7 +682,7 @@ impl StateMachine {
                 let sealed =
                     self.keyring.seal(&akey, derived_nonce(&cmd.seed, nonce::AUDIT), &codec::encode(&audit));
                 wb.put_cf(data, akey, &sealed);
-                overlay.data.insert(akey.to_vec(), sealed);
+                overlay.data.insert(akey.to_vec(), Some(sealed));
                 Ok(IdentityResult::Auth(AuthOutcome {
                     authenticated: decision.authenticated,
                     reasons: decision.reasons,
@@ -894,5 +963,107 @@ impl StateMachine {
         let mut out = [0u8; 32];
         out.copy_from_slice(ctx.finish().as_ref());
         Ok((n, out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state machine over a fresh DB that owns bucket 5 and holds, there and in the unowned
+    /// bucket 6, replay markers decided at the given times (index entry time, marker's own time).
+    fn with_markers(dir: &std::path::Path, markers: &[(u64, u64)]) -> StateMachine {
+        let db = crate::storage::open_db(dir).unwrap();
+        let fsm = StateMachine::new(db.clone(), Arc::new(Keyring::dev()));
+        let mut wb = WriteBatch::default();
+        let own = Command::SetBuckets { buckets: vec![5], state: BucketState::Owned, table_version: 1 };
+        assert_eq!(fsm.apply(&own, &mut wb, &mut Overlay::default()).unwrap(), CommandResult::BucketsSet);
+        let data = cf(&db, CF_DATA).unwrap();
+        for bucket in [5u32, 6] {
+            let b = BucketId::new(bucket).unwrap();
+            for (i, &(indexed, decided)) in markers.iter().enumerate() {
+                let hash = [i as u8 + 1; 32];
+                let marker = keys::data_key(b, Table::Txn, &hash);
+                let record = TxnRecord {
+                    request_mac: [0; 32],
+                    authenticated: true,
+                    reasons: vec![],
+                    time_ms: decided,
+                };
+                let sealed = fsm.keyring.seal(
+                    &marker,
+                    derived_nonce(&hash[..16].try_into().unwrap(), 0),
+                    &codec::encode(&record),
+                );
+                wb.put_cf(data, marker, sealed);
+                wb.put_cf(data, keys::time_key(b, Table::TxnByTime, indexed, &hash), codec::encode(&()));
+            }
+        }
+        db.write(wb).unwrap();
+        fsm
+    }
+
+    fn sweep(limit: u32) -> Command {
+        Command::SweepTxnMarkers { first: 0, end: nid_proto::bucket::BUCKETS, before_ms: 1_000, limit }
+    }
+
+    type KeyValue = (Box<[u8]>, Box<[u8]>);
+
+    fn contents(fsm: &StateMachine) -> Vec<KeyValue> {
+        let data = cf(&fsm.db, CF_DATA).unwrap();
+        fsm.db.iterator_cf(data, rocksdb::IteratorMode::Start).map(Result::unwrap).collect()
+    }
+
+    #[test]
+    fn a_sweep_deletes_old_markers_of_owned_buckets_keeps_rewritten_ones_and_ignores_batching() {
+        // Four old markers, one of them rewritten at 5_000 after being indexed at 100, and one young.
+        let markers = [(100, 100), (200, 200), (300, 5_000), (400, 400), (2_000, 2_000)];
+        let one = tempfile::tempdir().unwrap();
+        let two = tempfile::tempdir().unwrap();
+        let (a, b) = (with_markers(one.path(), &markers), with_markers(two.path(), &markers));
+
+        // Replica a applies two sweeps in one batch, replica b in two batches: same results, same
+        // state (the second sweep of a's batch must not count what the first already deleted).
+        let (mut wb, mut overlay) = (WriteBatch::default(), Overlay::default());
+        let in_one = [
+            a.apply(&sweep(3), &mut wb, &mut overlay).unwrap(),
+            a.apply(&sweep(3), &mut wb, &mut overlay).unwrap(),
+        ];
+        a.db.write(wb).unwrap();
+        let mut in_two = Vec::new();
+        for _ in 0..2 {
+            let mut wb = WriteBatch::default();
+            in_two.push(b.apply(&sweep(3), &mut wb, &mut Overlay::default()).unwrap());
+            b.db.write(wb).unwrap();
+        }
+        assert_eq!(in_one.to_vec(), in_two);
+        assert_eq!(
+            in_two,
+            vec![
+                CommandResult::Swept { deleted: 3, resume: Some(5) },
+                CommandResult::Swept { deleted: 1, resume: None }
+            ]
+        );
+        assert_eq!(contents(&a), contents(&b));
+
+        let left = contents(&a);
+        let owned = |k: &[u8]| k[..2] == 5u16.to_be_bytes();
+        let in_table = |t: Table| left.iter().filter(|(k, _)| owned(k) && k[2] == t as u8).count();
+        // The rewritten marker and the young one stay; only the young one keeps an index entry.
+        assert_eq!((in_table(Table::Txn), in_table(Table::TxnByTime)), (2, 1));
+        assert!(
+            left.iter().any(|(k, _)| **k == keys::data_key(BucketId::new(5).unwrap(), Table::Txn, &[3; 32]))
+        );
+        // The unowned bucket is untouched.
+        assert_eq!(left.iter().filter(|(k, _)| !owned(k)).count(), 2 * markers.len());
+        assert_eq!(
+            a.apply(
+                &Command::SweepTxnMarkers { first: 10, end: 10, before_ms: 1, limit: 1 },
+                &mut WriteBatch::default(),
+                &mut Overlay::default()
+            )
+            .unwrap(),
+            CommandResult::Rejected(Rejection::Malformed("sweep range or limit".into()))
+        );
     }
 }

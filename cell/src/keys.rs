@@ -2,9 +2,9 @@
 //!
 //! - `raft` CF: `0x01 | index (u64 BE)` -> entry; `0x02` -> [`crate::storage::RaftLocalState`].
 //! - `meta` CF: `0x03` -> [`crate::storage::ApplyState`]; `0x10 | bucket (u16 BE)` -> bucket state.
-//! - `data` CF: `bucket (u16 BE) | table (u8) | keyed hash of the natural key`, so a bucket is one
-//!   contiguous range that can be exported, checksummed and deleted by range. No key contains a
-//!   plaintext identifier.
+//! - `data` CF: `bucket (u16 BE) | table (u8) | keyed hash of the natural key` (a time-ordered table
+//!   puts a big-endian Unix ms before the hash), so a bucket is one contiguous range that can be
+//!   exported, checksummed and deleted by range. No key contains a plaintext identifier.
 
 use nid_proto::bucket::BucketId;
 
@@ -71,8 +71,11 @@ pub enum Table {
     Vid = 4,
     /// UIN, sequence -> audit record (the hash chain).
     Audit = 5,
-    /// (partner, transaction, identity) -> decision time: the replay index.
+    /// (partner, transaction, identity) -> the sealed decision: the replay index.
     Txn = 6,
+    /// Decision time, then the replay-index hash -> nothing: the replay index in time order, so
+    /// markers past the replay window can be found and swept.
+    TxnByTime = 7,
 }
 
 /// A `data` CF key: bucket, table, then a keyed hash of the natural key (never the key itself).
@@ -93,6 +96,34 @@ pub fn sequence_key(bucket: BucketId, table: Table, hashed: &[u8; 32], seq: u64)
     key
 }
 
+/// A `data` CF key ordered by time: bucket, table, big-endian Unix ms, then a keyed hash.
+pub fn time_key(bucket: BucketId, table: Table, time_ms: u64, hashed: &[u8; 32]) -> [u8; 43] {
+    let mut key = [0u8; 43];
+    key[..2].copy_from_slice(&bucket.get().to_be_bytes());
+    key[2] = table as u8;
+    key[3..11].copy_from_slice(&time_ms.to_be_bytes());
+    key[11..].copy_from_slice(hashed);
+    key
+}
+
+/// The `[start, end)` range of the time-ordered keys of `table` in `bucket` older than `before_ms`.
+pub fn time_range(bucket: BucketId, table: Table, before_ms: u64) -> ([u8; 3], [u8; 11]) {
+    let b = bucket.get().to_be_bytes();
+    let mut end = [0u8; 11];
+    end[..2].copy_from_slice(&b);
+    end[2] = table as u8;
+    end[3..].copy_from_slice(&before_ms.to_be_bytes());
+    ([b[0], b[1], table as u8], end)
+}
+
+/// The hash a [`time_key`] carries, if `key` is one.
+pub fn time_key_hash(key: &[u8]) -> Option<[u8; 32]> {
+    if key.len() != 43 {
+        return None;
+    }
+    key[11..].try_into().ok()
+}
+
 /// The control-cell key of the partner list.
 pub const CONTROL_PARTNERS: &[u8] = &[0xff, 0xff, 0x03];
 
@@ -108,6 +139,30 @@ pub fn bucket_range(bucket: BucketId) -> (Vec<u8>, Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn time_keys_sort_by_time_and_a_time_range_holds_exactly_the_older_ones() {
+        let b = BucketId::new(300).unwrap();
+        let (start, end) = time_range(b, Table::TxnByTime, 1_000);
+        for (t, h, inside) in [
+            (0u64, [0xffu8; 32], true),
+            (999, [0xff; 32], true),
+            (1_000, [0; 32], false),
+            (u64::MAX, [0; 32], false),
+        ] {
+            let k = time_key(b, Table::TxnByTime, t, &h);
+            assert_eq!(k.as_slice() >= start.as_slice() && k.as_slice() < end.as_slice(), inside, "time {t}");
+            assert_eq!(time_key_hash(&k), Some(h));
+        }
+        // Neither the Txn table of the same bucket nor the next bucket falls inside.
+        for k in [
+            data_key(b, Table::Txn, &[0xff; 32]).to_vec(),
+            time_key(BucketId::new(301).unwrap(), Table::TxnByTime, 0, &[0; 32]).to_vec(),
+        ] {
+            assert!(!(k.as_slice() >= start.as_slice() && k.as_slice() < end.as_slice()));
+        }
+        assert_eq!(time_key_hash(&data_key(b, Table::Txn, &[1; 32])), None);
+    }
 
     #[test]
     fn entry_keys_sort_by_index_and_round_trip() {
@@ -134,11 +189,21 @@ mod tests {
         for b in [0u16, 1, 255, 256, 16383] {
             let bucket = BucketId::new(u32::from(b)).unwrap();
             let (start, end) = bucket_range(bucket);
-            for table in [Table::Rid, Table::Identity, Table::History, Table::Vid, Table::Audit, Table::Txn] {
+            for table in [
+                Table::Rid,
+                Table::Identity,
+                Table::History,
+                Table::Vid,
+                Table::Audit,
+                Table::Txn,
+                Table::TxnByTime,
+            ] {
                 for h in [[0u8; 32], [0xff; 32]] {
                     let k = data_key(bucket, table, &h);
                     assert!(k.as_slice() >= start.as_slice() && k.as_slice() < end.as_slice());
                     let k = sequence_key(bucket, table, &h, u64::MAX);
+                    assert!(k.as_slice() >= start.as_slice() && k.as_slice() < end.as_slice());
+                    let k = time_key(bucket, table, u64::MAX, &h);
                     assert!(k.as_slice() >= start.as_slice() && k.as_slice() < end.as_slice());
                 }
             }

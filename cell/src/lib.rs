@@ -22,6 +22,7 @@ pub mod server;
 pub mod service;
 pub mod snapshot;
 pub mod storage;
+pub mod sweep;
 pub mod testkit;
 pub mod transport;
 

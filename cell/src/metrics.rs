@@ -51,6 +51,10 @@ pub struct CellMetrics {
     pub auth_decisions: IntCounterVec,
     /// Answers to retries of an already decided authentication (the stored decision, re-sent).
     pub auth_repeated: IntCounter,
+    /// Replay markers deleted by sweeps this replica proposed.
+    pub replay_markers_swept: IntCounter,
+    /// Sweep commands this replica proposed that were applied.
+    pub replay_sweeps: IntCounter,
 }
 
 fn buckets_seconds() -> Vec<f64> {
@@ -149,6 +153,14 @@ impl CellMetrics {
             auth_repeated: counter(
                 "nid_auth_repeated_answers_total",
                 "Retries of an already decided authentication answered with the stored decision.",
+            ),
+            replay_markers_swept: counter(
+                "nid_auth_replay_markers_swept_total",
+                "Replay markers past the replay window deleted by sweeps this replica proposed as leader.",
+            ),
+            replay_sweeps: counter(
+                "nid_auth_replay_sweeps_total",
+                "Replay-marker sweep commands (one span of buckets each) this replica proposed as leader and applied.",
             ),
             grpc_requests: counter_vec(
                 "nid_grpc_server_handled_total",

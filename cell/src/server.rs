@@ -147,6 +147,10 @@ pub async fn run(config: CellConfig) -> anyhow::Result<()> {
         },
     });
 
+    if config.role == Role::Data && config.txn_sweep_secs > 0 {
+        tokio::spawn(crate::sweep::run(context.clone(), Duration::from_secs(config.txn_sweep_secs)));
+    }
+
     if let Some(addr) = config.metrics_listen {
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind metrics {addr}"))?;

@@ -596,6 +596,8 @@ async fn every_malformed_request_gets_invalid_argument_naming_the_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_flush_and_compaction_no_file_holds_a_name_identifier_or_secret() {
+    // As long as PINs go, and found only standing alone (see `plaintext::contains`).
+    const PIN: &str = "86420975";
     let c = cell().await;
     let mut needles: Vec<Vec<u8>> = Vec::new();
     for i in 0..20 {
@@ -604,7 +606,7 @@ async fn after_flush_and_compaction_no_file_holds_a_name_identifier_or_secret() 
         let mut req = sample_request(&rid);
         req.demographics.as_mut().unwrap().full_name = name.clone();
         req.demographics.as_mut().unwrap().email = "tlaloc@example.net".into();
-        req.pin = "86420".into();
+        req.pin = PIN.into();
         let uin = enroll(&c, req).await.uin;
         let op = Operation::CreateVid(CreateVidRequest {
             uin: uin.clone(),
@@ -615,7 +617,7 @@ async fn after_flush_and_compaction_no_file_holds_a_name_identifier_or_secret() 
         let CellResult::CreateVid(v) = c.execute(op, None).await.unwrap() else { panic!() };
         let demo = AuthFactors {
             demographic: Some(DemographicFactor { full_name: name.clone(), ..Default::default() }),
-            pin: "86420".into(),
+            pin: PIN.into(),
             ..Default::default()
         };
         let r = authenticate(&c, "bank-a", auth_request(&uin, &format!("P-{i}"), now(&c), demo)).await;
@@ -627,7 +629,7 @@ async fn after_flush_and_compaction_no_file_holds_a_name_identifier_or_secret() 
             v.vid.unwrap().vid.into_bytes(),
         ]);
     }
-    needles.extend([b"tlaloc@example.net".to_vec(), b"86420".to_vec(), b"1988-07-14".to_vec()]);
+    needles.extend([b"tlaloc@example.net".to_vec(), PIN.as_bytes().to_vec(), b"1988-07-14".to_vec()]);
     for id in c.running_ids() {
         let db = c.db(id);
         for name in ["raft", "meta", "data"] {
@@ -636,24 +638,7 @@ async fn after_flush_and_compaction_no_file_holds_a_name_identifier_or_secret() 
             db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
         }
     }
-    let mut hits = Vec::new();
-    let mut files = 0;
-    let mut stack = vec![c.data_root().to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if let Ok(bytes) = std::fs::read(&path) {
-                files += 1;
-                for n in &needles {
-                    if bytes.windows(n.len()).any(|w| w == n.as_slice()) {
-                        hits.push(format!("{} holds {:?}", path.display(), String::from_utf8_lossy(n)));
-                    }
-                }
-            }
-        }
-    }
+    let (files, hits) = nid_support::plaintext::scan(c.data_root(), &needles);
     assert!(files > 10, "the scan reads the replicas' files");
     assert!(hits.is_empty(), "plaintext at rest:\n{}", hits.join("\n"));
 }
@@ -762,4 +747,80 @@ async fn the_control_cell_creates_a_partner_once_and_stores_only_its_verifier() 
     let list = c.fsm(leader).partners().unwrap();
     assert_eq!(list.partners_version, 2);
     assert_eq!(list.partners, vec![record("A", true)]);
+}
+
+/// One full pass of replay-marker sweeps over every bucket through the current leader, `limit`
+/// markers per command; the markers deleted.
+async fn sweep_pass(c: &Cluster, limit: u32) -> u64 {
+    let (mut first, mut total) = (0u16, 0u64);
+    loop {
+        let ctx = c.context(tokio::task::block_in_place(|| c.must_leader()));
+        let (deleted, next) = ctx.sweep_replay_markers(first, limit).await.expect("sweep");
+        total += deleted;
+        if next < first {
+            return total;
+        }
+        first = next;
+    }
+}
+
+/// Every key and value of a replica's `data` CF once it has applied what the leader has.
+fn data_of(c: &Cluster, id: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let leader = c.must_leader();
+    tokio::task::block_in_place(|| c.must_applied(id, c.status(leader).applied));
+    let db = c.db(id);
+    let cf = db.cf_handle(nid_cell::keys::CF_DATA).unwrap();
+    db.iterator_cf(cf, rocksdb::IteratorMode::Start)
+        .map(|kv| kv.unwrap())
+        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        .collect()
+}
+
+fn count_table(data: &[(Vec<u8>, Vec<u8>)], table: nid_cell::keys::Table) -> usize {
+    data.iter().filter(|(k, _)| k.len() > 2 && k[2] == table as u8 && k[..2] != [0xff, 0xff]).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_markers_are_swept_past_the_replay_window_and_kept_inside_it() {
+    use nid_cell::keys::Table;
+    let c = cell().await;
+    let (uin, _) = enroll_full(&c, "RID-SWEEP").await;
+    let t = now(&c);
+    let mut first_answer = None;
+    for i in 0..5 {
+        let r = authenticate(&c, "bank-a", auth_request(&uin, &format!("S-{i}"), t, pin("2468"))).await;
+        assert!(r.decision.as_ref().unwrap().authenticated);
+        first_answer.get_or_insert(r);
+    }
+    let leader = c.must_leader();
+    let data = data_of(&c, leader);
+    assert_eq!((count_table(&data, Table::Txn), count_table(&data, Table::TxnByTime)), (5, 5));
+
+    // Inside the window nothing goes, and a retry still gets its answer.
+    assert_eq!(sweep_pass(&c, 2).await, 0);
+    let retry = authenticate(&c, "bank-a", auth_request(&uin, "S-0", t, pin("2468"))).await;
+    assert_eq!(Some(retry), first_answer, "a retry inside the window gets the stored answer");
+
+    // Past the window: a marker made just now stays, the five old ones go, two per command.
+    let window = c.context(leader).replay_window_ms();
+    c.clock.advance(window as i64 + 1_000);
+    let later = shifted(&c, Duration::from_millis(window + 1_000));
+    let young = authenticate(&c, "bank-a", auth_request(&uin, "S-young", later, pin("2468"))).await;
+    assert!(young.decision.as_ref().unwrap().authenticated);
+    assert_eq!(sweep_pass(&c, 2).await, 5);
+    assert_eq!(sweep_pass(&c, 2).await, 0, "a second pass finds nothing");
+    let again = authenticate(&c, "bank-a", auth_request(&uin, "S-young", later, pin("2468"))).await;
+    assert_eq!(again, young, "the young marker survived the sweep");
+    let leader = c.must_leader();
+    let data = data_of(&c, leader);
+    assert_eq!((count_table(&data, Table::Txn), count_table(&data, Table::TxnByTime)), (1, 1));
+    // Every replica forgot exactly the same markers.
+    for id in c.running_ids() {
+        assert!(data_of(&c, id) == data, "replica {id} differs from the leader after the sweep");
+    }
+    // Once forgotten, the transaction id may be used again (an old request with it is expired).
+    let reused = authenticate(&c, "bank-a", auth_request(&uin, "S-0", later, pin("2468"))).await;
+    assert!(reused.decision.as_ref().unwrap().authenticated, "{:?}", reasons(&reused));
+    let replayed = authenticate(&c, "bank-a", auth_request(&uin, "S-1", t, pin("2468"))).await;
+    assert_eq!(reasons(&replayed), vec![AuthReason::RequestExpired]);
 }

@@ -1,5 +1,6 @@
 //! Process plumbing shared by nid's binaries (cell, router, nidctl): waiting for a shutdown signal,
-//! serving Prometheus text on a plain HTTP endpoint, and recording gRPC handler outcomes. Kept out of `nid-proto`, which does no I/O,
+//! serving Prometheus text on a plain HTTP endpoint, recording gRPC handler outcomes, and the
+//! tests' scan for plaintext at rest. Kept out of `nid-proto`, which does no I/O,
 //! and free of storage dependencies, so every binary may use it.
 
 use std::sync::Arc;
@@ -143,5 +144,70 @@ mod tests {
         assert!(metrics.ends_with("nid_up 1\n"));
         assert!(get(addr, "/healthz").await.ends_with("ok\n"));
         assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+    }
+}
+
+/// Searching files for plaintext: the check, used by the tests, that no identifier, personal data
+/// or secret reaches disk or logs.
+pub mod plaintext {
+    use std::path::Path;
+
+    /// Every file below `dir` (data, WAL, SSTs, snapshots, logs) searched for each needle: the
+    /// number of files read and one line per (file, needle) found.
+    pub fn scan(dir: &Path, needles: &[Vec<u8>]) -> (usize, Vec<String>) {
+        let mut files = 0;
+        let mut hits = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if let Ok(bytes) = std::fs::read(&path) {
+                    files += 1;
+                    for n in needles {
+                        if contains(&bytes, n) {
+                            hits.push(format!(
+                                "{} contains {:?}",
+                                path.display(),
+                                String::from_utf8_lossy(n)
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        (files, hits)
+    }
+
+    /// Whether `needle` occurs in `bytes`. An all-digit needle (a PIN) counts only where it is not
+    /// part of a longer number: RocksDB's own LOG is full of sizes and timestamps, and a short PIN
+    /// once matched one of them by chance.
+    pub fn contains(bytes: &[u8], needle: &[u8]) -> bool {
+        if needle.is_empty() || bytes.len() < needle.len() {
+            return false;
+        }
+        let numeric = needle.iter().all(u8::is_ascii_digit);
+        (0..=bytes.len() - needle.len()).any(|at| {
+            bytes[at..].starts_with(needle)
+                && !(numeric
+                    && (at.checked_sub(1).is_some_and(|b| bytes[b].is_ascii_digit())
+                        || bytes.get(at + needle.len()).is_some_and(u8::is_ascii_digit)))
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::contains;
+
+        #[test]
+        fn a_numeric_needle_counts_only_standing_alone() {
+            assert!(contains(b"\x08\x0886420975\x12", b"86420975"));
+            assert!(contains(b"86420975", b"86420975"));
+            assert!(!contains(b"size 1286420975 bytes", b"86420975"));
+            assert!(!contains(b"864209751", b"86420975"));
+            assert!(contains(b"xx Tlaloc123", b"Tlaloc"), "other needles match anywhere");
+            assert!(!contains(b"short", b"longer needle"));
+        }
     }
 }
