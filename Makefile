@@ -14,7 +14,7 @@ DEV_DIR ?= $(CURDIR)/.nid/dev
 # with etcdctl from etcd-client).
 DEBIAN_PACKAGES := clang libclang-dev protobuf-compiler etcd-server etcd-client
 
-.PHONY: all deps build test run fmt lint ci clean-dev help bench bench-cell bench-router
+.PHONY: all deps build test run fmt lint ci clean-dev help bench bench-cell bench-router install
 
 all: build
 
@@ -26,6 +26,7 @@ help:
 	@echo "make bench  the benchmark suite (ceiling, enrol, auth, etcd, scale-out) -> BENCHMARKS.md"
 	@echo "make bench-cell  write throughput/latency of one 3-replica cell"
 	@echo "make bench-router  latency and CPU the router adds to a read"
+	@echo "make install  put nidctl, nid-cell, nid-router, nid-loadtest in PREFIX/bin (default /usr/local as root, ~/.local otherwise)"
 
 deps:
 	@missing=""; \
@@ -83,6 +84,16 @@ bench-router: deps
 # processes on 127.0.0.1. Ctrl-C stops it; `make run` again resumes the same data.
 run: build
 	"$(CARGO_TARGET_DIR)/debug/nidctl" dev up --cells 2 --data-dir $(DEV_DIR)
+
+# Puts the binaries where people look for them. PREFIX defaults to /usr/local as root and ~/.local
+# otherwise; shell completions: `nidctl completion bash|zsh|fish`.
+PREFIX ?= $(if $(filter 0,$(shell id -u)),/usr/local,$(HOME)/.local)
+install: build
+	install -d "$(DESTDIR)$(PREFIX)/bin"
+	install -m 0755 "$(CARGO_TARGET_DIR)/debug/nidctl" "$(CARGO_TARGET_DIR)/debug/nid-cell" \
+	  "$(CARGO_TARGET_DIR)/debug/nid-router" "$(CARGO_TARGET_DIR)/debug/nid-loadtest" "$(DESTDIR)$(PREFIX)/bin/"
+	@echo "installed nidctl nid-cell nid-router nid-loadtest in $(DESTDIR)$(PREFIX)/bin"
+	@case ":$$PATH:" in *":$(PREFIX)/bin:"*) ;; *) echo "note: $(PREFIX)/bin is not on your PATH";; esac
 
 clean-dev:
 	rm -rf $(DEV_DIR)

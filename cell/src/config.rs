@@ -79,6 +79,9 @@ pub struct Flags {
     /// Allowed distance between a partner's request time and the cell's clock, seconds (default 300).
     #[arg(long)]
     pub auth_skew_secs: Option<u64>,
+    /// Log lines as `text` (default) or `json` (one object per line, for log shippers).
+    #[arg(long)]
+    pub log_format: Option<String>,
     /// Seconds between two sweeps of replay markers past the replay window, each over 1/64 of the
     /// buckets (default 2; 0 turns sweeping off).
     #[arg(long)]
@@ -111,6 +114,7 @@ struct FileConfig {
     auth_cooldown_secs: Option<u64>,
     auth_skew_secs: Option<u64>,
     txn_sweep_secs: Option<u64>,
+    log_format: Option<String>,
 }
 
 /// What the cell holds.
@@ -156,6 +160,8 @@ pub struct CellConfig {
     pub role: Role,
     /// Plaintext gRPC allowed.
     pub insecure: bool,
+    /// Voters of this cell may share a zone (development clusters only).
+    pub dev_allow_same_zone: bool,
     /// Id-scheme seed hex, if configured.
     pub id_scheme_seed: Option<String>,
     /// Keyring file, if configured.
@@ -178,6 +184,8 @@ pub struct CellConfig {
     pub auth_skew_secs: u64,
     /// Seconds between replay-marker sweeps (0: off).
     pub txn_sweep_secs: u64,
+    /// Log line format.
+    pub log_format: nid_support::logging::LogFormat,
 }
 
 /// Parses `id=host:port@zone,...`.
@@ -276,6 +284,7 @@ impl CellConfig {
             peers,
             role,
             insecure,
+            dev_allow_same_zone: allow_same_zone,
             id_scheme_seed: flags.id_scheme_seed.or(file.id_scheme_seed),
             keyring_file: flags.keyring_file.or(file.keyring_file),
             tick_ms,
@@ -290,6 +299,10 @@ impl CellConfig {
             auth_cooldown_secs: flags.auth_cooldown_secs.or(file.auth_cooldown_secs).unwrap_or(1800),
             auth_skew_secs: flags.auth_skew_secs.or(file.auth_skew_secs).unwrap_or(300),
             txn_sweep_secs: flags.txn_sweep_secs.or(file.txn_sweep_secs).unwrap_or(2),
+            log_format: match flags.log_format.or(file.log_format) {
+                None => nid_support::logging::LogFormat::Text,
+                Some(f) => f.parse().map_err(|e| format!("log_format: {e}"))?,
+            },
         })
     }
 }

@@ -1,51 +1,25 @@
-//! nid-cell: one replica of a cell, a Raft group of three replicas over RocksDB.
+//! nid-cell: one replica of a cell, as a library (the `nid-cell` binary and the in-process test
+//! cell both run it). It composes the replication engine (`nid-engine`) with the state machine of
+//! its role, the identity machine of a data cell (`nid-identity`) or the control machine
+//! (`nid-control`), and serves them over gRPC.
 //!
-//! Layers, bottom up: [`codec`] (the only encoder of persisted values) and [`keys`] (the keyspace);
-//! [`storage`] (`raft::Storage` over RocksDB); [`fsm`] (deterministic apply with the ownership
-//! fence) over [`command`]s prepared by the leader ([`enroll`]) and sealed with [`crypto`];
-//! [`peer`] (the Raft loop on its own thread); [`transport`] and [`service`] (gRPC);
-//! [`server`] (wires a replica process together) and [`testkit`] (an in-process cluster with
-//! network filters for tests).
+//! - [`identity_cell`]: a data cell's identity operations on the leader (validate, prepare,
+//!   propose, answer), [`key_rotation`] and [`sweeper`] beside them.
+//! - [`cell_service`], [`bucket_admin`], [`control_service`]: the gRPC services; [`replica`]: what
+//!   every replica answers about itself.
+//! - [`error`]: the one error type, mapped to gRPC statuses in one place.
+//! - [`server`], [`config`], [`metrics`]: the process.
+//!
+//! Invariant: handlers never build statuses themselves; every failure is a [`error::CellError`].
 
-pub mod codec;
-pub mod command;
+pub mod bucket_admin;
+pub mod cell_service;
 pub mod config;
-pub mod crypto;
-pub mod enroll;
-pub mod fsm;
-pub mod handlers;
-pub mod identity;
-pub mod keys;
+pub mod control_service;
+pub mod error;
+pub mod identity_cell;
+pub mod key_rotation;
 pub mod metrics;
-pub mod peer;
+pub mod replica;
 pub mod server;
-pub mod service;
-pub mod snapshot;
-pub mod storage;
-pub mod sweep;
-pub mod testkit;
-pub mod transport;
-
-/// A slog logger for raft-rs that forwards to `tracing`.
-pub fn raft_logger() -> slog::Logger {
-    slog::Logger::root(TracingDrain, slog::o!())
-}
-
-struct TracingDrain;
-
-impl slog::Drain for TracingDrain {
-    type Ok = ();
-    type Err = slog::Never;
-
-    fn log(&self, record: &slog::Record<'_>, _values: &slog::OwnedKVList) -> Result<(), slog::Never> {
-        // raft-rs messages carry node ids, terms and indexes only: no identifiers or personal data.
-        let msg = record.msg().to_string();
-        match record.level() {
-            slog::Level::Critical | slog::Level::Error => tracing::error!(target: "raft", "{msg}"),
-            slog::Level::Warning => tracing::warn!(target: "raft", "{msg}"),
-            slog::Level::Info => tracing::debug!(target: "raft", "{msg}"),
-            slog::Level::Debug | slog::Level::Trace => tracing::trace!(target: "raft", "{msg}"),
-        }
-        Ok(())
-    }
-}
+pub mod sweeper;

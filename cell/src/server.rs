@@ -1,37 +1,66 @@
-//! A replica process: configuration, storage, the Raft loop, gRPC, metrics and graceful shutdown.
-//!
-//! On SIGTERM or SIGINT a leader hands leadership to the most up-to-date voter and waits (up to the
-//! grace period) for it to take over before the process exits, so a rolling restart costs no
-//! election timeout.
+//! A replica process, top to bottom: configuration, RocksDB, keys, the engine with the role's
+//! state machine, the services, `/metrics`, the gRPC server; then it runs until a shutdown signal
+//! (a leader first hands leadership over, so a rolling restart costs no election) or until its
+//! Raft loop stops on a failure (health turns NOT_SERVING and the process exits non-zero, so a
+//! supervisor restarts it).
 
-use crate::config::{CellConfig, Flags, Role};
-use crate::crypto::Keyring;
-use crate::fsm::StateMachine;
+use crate::bucket_admin::BucketAdminService;
+use crate::cell_service::CellService;
+use crate::config::{CellConfig, Role};
+use crate::control_service::{ControlCell, ControlService};
+use crate::identity_cell::IdentityCell;
+use crate::key_rotation::GrpcVoterKeys;
 use crate::metrics::CellMetrics;
-use crate::peer::{self, PeerConfig, PeerHandle, PeerMsg};
-use crate::service::{BucketAdminService, CellContext, CellService, ControlService};
-use crate::storage::{PeerStorage, open_db};
-use crate::transport::{AddressBook, GrpcTransport, MAX_MESSAGE_BYTES, Member, RaftTransportService};
+use crate::replica::ReplicaAdmin;
 use anyhow::Context as _;
-use clap::Parser as _;
+use nid_control::ControlMachine;
+use nid_domain::commands::AuthPolicy;
+use nid_domain::keyring::Keyring;
+use nid_domain::time::Clock;
+use nid_engine::db::open_db;
+use nid_engine::transport::{Dialer, GrpcTransport, MAX_MESSAGE_BYTES, PlainDialer};
+use nid_engine::transport_service::RaftTransportService;
+use nid_engine::{Member, Node, NodeSetup, PeerConfig, StateMachine};
+use nid_identity::{CellKeys, IdentityMachine};
 use nid_proto::ids::{IdScheme, IdSchemeSeed};
 use nid_proto::v1::bucket_admin_server::BucketAdminServer;
 use nid_proto::v1::cell_server::CellServer;
 use nid_proto::v1::control_server::ControlServer;
 use nid_proto::v1::raft_transport_server::RaftTransportServer;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How a replica run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// A shutdown was asked for.
+    Shutdown,
+    /// The Raft loop stopped on a failure.
+    Failed(String),
+}
 
 /// The `nid-cell` entry point.
 pub fn main() -> std::process::ExitCode {
-    init_tracing();
-    let config = match CellConfig::load(Flags::parse()) {
+    use clap::Parser as _;
+    let config = match CellConfig::load(crate::config::Flags::parse()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("nid-cell: {e}");
             return std::process::ExitCode::from(2);
         }
     };
+    let role = if config.role == Role::Control { "control" } else { "cell" };
+    nid_support::logging::init(
+        config.log_format,
+        &[
+            ("role", role.to_owned()),
+            ("cell", config.cell_id.to_string()),
+            ("node", config.node_id.to_string()),
+            ("zone", config.zone.clone()),
+        ],
+    );
     let runtime =
         match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("nid-cell-rt").build() {
             Ok(r) => r,
@@ -40,8 +69,18 @@ pub fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::from(1);
             }
         };
-    match runtime.block_on(run(config)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    runtime.spawn(async move {
+        nid_support::shutdown_signal().await;
+        signal.cancel();
+    });
+    match runtime.block_on(run(config, shutdown)) {
+        Ok(Ended::Shutdown) => std::process::ExitCode::SUCCESS,
+        Ok(Ended::Failed(reason)) => {
+            eprintln!("nid-cell: the replica stopped: {reason}");
+            std::process::ExitCode::from(3)
+        }
         Err(e) => {
             eprintln!("nid-cell: {e:#}");
             std::process::ExitCode::from(1)
@@ -49,137 +88,184 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("NID_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+fn keyring(config: &CellConfig) -> anyhow::Result<Keyring> {
+    match &config.keyring_file {
+        Some(path) => Keyring::from_file(path).map_err(anyhow::Error::msg),
+        None => {
+            tracing::warn!("no keyring file configured: using the DEVELOPMENT keyring (never in production)");
+            Ok(Keyring::dev())
+        }
+    }
 }
 
-/// Runs one replica until a shutdown signal.
-pub async fn run(config: CellConfig) -> anyhow::Result<()> {
+fn scheme(config: &CellConfig) -> anyhow::Result<IdScheme> {
+    match &config.id_scheme_seed {
+        Some(hex) => Ok(IdScheme::new(
+            &IdSchemeSeed::from_hex(hex)
+                .map_err(|_| anyhow::anyhow!("id_scheme_seed must be 64 hex characters"))?,
+        )),
+        None => {
+            tracing::warn!("no id-scheme seed configured: using the development seed");
+            Ok(IdScheme::dev())
+        }
+    }
+}
+
+fn peer_config(config: &CellConfig) -> PeerConfig {
+    let mut p = PeerConfig::new(config.cell_id, config.node_id);
+    p.tick = Duration::from_millis(config.tick_ms);
+    p.log_gc_threshold = config.log_gc_threshold;
+    p.log_gc_keep = config.log_gc_keep;
+    p.log_gc_size = config.log_gc_size;
+    p
+}
+
+fn start<SM: StateMachine>(
+    config: &CellConfig,
+    machine: SM,
+    registry: &prometheus::Registry,
+    dialer: Arc<dyn Dialer>,
+) -> anyhow::Result<(Node<SM>, std::thread::JoinHandle<()>)> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
     let db = open_db(&config.data_dir.join("db")).context("open RocksDB")?;
-    let voters: Vec<u64> = if config.peers.iter().any(|p| p.id == config.node_id) {
-        config.peers.iter().map(|p| p.id).collect()
-    } else {
-        Vec::new()
+    let in_peers = config.peers.iter().any(|p| p.id == config.node_id);
+    let members = config
+        .peers
+        .iter()
+        .map(|p| Member {
+            id: p.id,
+            address: p.address.clone(),
+            zone: p
+                .zone
+                .clone()
+                .unwrap_or_else(|| if p.id == config.node_id { config.zone.clone() } else { String::new() }),
+        })
+        .collect();
+    let setup = NodeSetup {
+        config: peer_config(config),
+        db,
+        bootstrap_voters: if in_peers { config.peers.iter().map(|p| p.id).collect() } else { Vec::new() },
+        members,
+        machine,
+        registry: registry.clone(),
     };
-    let storage = PeerStorage::open(db.clone(), &voters).context("open raft storage")?;
-    if !storage.is_initialized() {
-        tracing::info!(
-            cell = config.cell_id,
-            node = config.node_id,
-            "starting empty; waiting to be added to the cell"
-        );
+    let runtime = tokio::runtime::Handle::current();
+    let (cell_id, node_id) = (config.cell_id, config.node_id);
+    let (node, thread) = Node::start(setup, move |inbox, book, snap_root| {
+        GrpcTransport::new(cell_id, node_id, inbox, book, snap_root, dialer, runtime)
+    })
+    .context("start the replica")?;
+    if !in_peers && node.status_blocking().map(|s| s.voters.is_empty()).unwrap_or(true) {
+        tracing::info!(cell = cell_id, node = node_id, "starting empty; waiting to be added to the cell");
     }
-    let configured = config.peers.iter().map(|p| Member {
-        id: p.id,
-        address: p.address.clone(),
-        zone: p
-            .zone
-            .clone()
-            .unwrap_or_else(|| if p.id == config.node_id { config.zone.clone() } else { String::new() }),
-    });
-    let book = Arc::new(AddressBook::load(&db, configured).context("load address book")?);
-    let keyring = Arc::new(match &config.keyring_file {
-        Some(path) => Keyring::from_file(path).map_err(anyhow::Error::msg)?,
-        None => {
-            tracing::warn!("no keyring file configured: using the DEVELOPMENT keyring (never in production)");
-            Keyring::dev()
+    Ok((node, thread))
+}
+
+/// Runs one replica until `shutdown` or a failure of its Raft loop.
+pub async fn run(config: CellConfig, shutdown: CancellationToken) -> anyhow::Result<Ended> {
+    let registry = prometheus::Registry::new();
+    let grpc_metrics = nid_support::grpc_metrics::GrpcMetrics::new(&registry)?;
+    let dialer: Arc<dyn Dialer> = Arc::new(PlainDialer);
+    let tasks = TaskTracker::new();
+    let (health, health_service) = tonic_health::server::health_reporter();
+
+    // The role's state machine, node and services.
+    let started = match config.role {
+        Role::Data => {
+            let keys = Arc::new(CellKeys::new(keyring(&config)?));
+            let (node, thread) =
+                start(&config, IdentityMachine::new(keys.clone()), &registry, dialer.clone())?;
+            let cell = Arc::new(IdentityCell {
+                cell_id: config.cell_id,
+                node: node.clone(),
+                keys,
+                scheme: scheme(&config)?,
+                clock: Arc::new(Clock::default()),
+                policy: AuthPolicy {
+                    max_failures: config.auth_max_failures,
+                    cooldown_ms: config.auth_cooldown_secs.saturating_mul(1000),
+                    skew_ms: config.auth_skew_secs.saturating_mul(1000),
+                },
+                metrics: CellMetrics::new(&registry)?,
+            });
+            if config.txn_sweep_secs > 0 {
+                tasks.spawn(crate::sweeper::run(
+                    cell.clone(),
+                    Duration::from_secs(config.txn_sweep_secs),
+                    shutdown.clone(),
+                ));
+            }
+            let cell_service = CellService {
+                replica: Arc::new(ReplicaAdmin {
+                    node: node.clone(),
+                    allow_same_zone: config.dev_allow_same_zone,
+                }),
+                identity: Some(cell.clone()),
+                voter_keys: Arc::new(GrpcVoterKeys(dialer.clone())),
+            };
+            health.set_serving::<BucketAdminServer<BucketAdminService>>().await;
+            let routes = tonic::service::Routes::new(CellServer::new(cell_service))
+                .add_service(BucketAdminServer::new(BucketAdminService(cell)));
+            Started::new(&config, node, thread, routes)
         }
-    });
-    let scheme = match &config.id_scheme_seed {
-        Some(hex) => IdScheme::new(
-            &IdSchemeSeed::from_hex(hex)
-                .map_err(|_| anyhow::anyhow!("id_scheme_seed must be 64 hex characters"))?,
-        ),
-        None => {
-            tracing::warn!("no id-scheme seed configured: using the development seed");
-            IdScheme::dev()
+        Role::Control => {
+            let (version_tx, version_rx) = tokio::sync::watch::channel(0u64);
+            let (node, thread) =
+                start(&config, ControlMachine::new(Arc::new(version_tx)), &registry, dialer.clone())?;
+            let control = Arc::new(ControlCell { node: node.clone(), table_version: version_rx });
+            let cell_service = CellService {
+                replica: Arc::new(ReplicaAdmin {
+                    node: node.clone(),
+                    allow_same_zone: config.dev_allow_same_zone,
+                }),
+                identity: None,
+                voter_keys: Arc::new(GrpcVoterKeys(dialer.clone())),
+            };
+            health.set_serving::<ControlServer<ControlService>>().await;
+            let routes = tonic::service::Routes::new(CellServer::new(cell_service))
+                .add_service(ControlServer::new(ControlService(control)));
+            Started::new(&config, node, thread, routes)
         }
     };
-    let metrics = Arc::new(CellMetrics::new());
-    let me: Arc<Mutex<Option<PeerHandle>>> = Arc::default();
-    let snap_root = storage.snap_root().to_path_buf();
-    let transport = GrpcTransport::new(
-        config.cell_id,
-        config.node_id,
-        book.clone(),
-        snap_root.clone(),
-        tokio::runtime::Handle::current(),
-        me.clone(),
-    );
-    let mut peer_config = PeerConfig::new(config.cell_id, config.node_id);
-    peer_config.tick = Duration::from_millis(config.tick_ms);
-    peer_config.log_gc_threshold = config.log_gc_threshold;
-    peer_config.log_gc_keep = config.log_gc_keep;
-    peer_config.log_gc_size = config.log_gc_size;
-    let fsm = StateMachine::new(db.clone(), keyring.clone());
-    let (handle, thread) = peer::spawn(
-        peer_config,
-        storage,
-        fsm,
-        transport,
-        metrics.clone(),
-        book.clone(),
-        &crate::raft_logger(),
-    )
-    .context("start raft")?;
-    if let Ok(mut m) = me.lock() {
-        *m = Some(handle.clone());
-    }
-
-    let context = Arc::new(CellContext {
-        cell_id: config.cell_id,
-        node_id: config.node_id,
-        peer: handle.clone(),
-        fsm: StateMachine::new(db.clone(), keyring.clone()),
-        keyring,
-        scheme,
-        book: book.clone(),
-        metrics: metrics.clone(),
-        clock: Arc::new(crate::handlers::Clock::default()),
-        auth_policy: crate::command::AuthPolicy {
-            max_failures: config.auth_max_failures,
-            cooldown_ms: config.auth_cooldown_secs.saturating_mul(1000),
-            skew_ms: config.auth_skew_secs.saturating_mul(1000),
-        },
-    });
-
-    if config.role == Role::Data && config.txn_sweep_secs > 0 {
-        tokio::spawn(crate::sweep::run(context.clone(), Duration::from_secs(config.txn_sweep_secs)));
-    }
+    let Started { stopped, failure, hand_over, stop_node, thread, routes: role_routes, raft: raft_service } =
+        started;
+    health.set_serving::<CellServer<CellService>>().await;
+    health.set_serving::<RaftTransportServer<RaftTransportService>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
 
     if let Some(addr) = config.metrics_listen {
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind metrics {addr}"))?;
-        let m = metrics.clone();
-        let size_db = db.clone();
-        let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
-            if let Ok(Some(size)) = size_db.property_int_value("rocksdb.total-sst-files-size") {
-                m.rocksdb_size.set(size as i64);
-            }
-            m.render()
+        let db_size = {
+            let registry = registry.clone();
+            let size = prometheus::IntGauge::new(
+                "nid_rocksdb_size_bytes",
+                "Live SST files size of the replica's RocksDB.",
+            )?;
+            registry.register(Box::new(size.clone()))?;
+            let data_dir = config.data_dir.join("db");
+            move || size.set(dir_size(&data_dir) as i64)
+        };
+        let render: nid_support::metrics_http::Render = Arc::new(move || {
+            db_size();
+            use prometheus::Encoder as _;
+            let mut out = Vec::new();
+            let _ = prometheus::TextEncoder::new().encode(&registry.gather(), &mut out);
+            String::from_utf8(out).unwrap_or_default()
         });
         tracing::info!(%addr, "metrics listening");
-        tokio::spawn(nid_support::serve_metrics(listener, render));
+        tasks.spawn(nid_support::metrics_http::serve(listener, render, shutdown.clone()));
     }
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<CellServer<CellService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(nid_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("reflection service")?;
-    let raft_service = RaftTransportService {
-        cell_id: config.cell_id,
-        node_id: config.node_id,
-        book: book.clone(),
-        peer: handle.clone(),
-        metrics: metrics.clone(),
-        snap_root,
-    };
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(nid_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("reflection service")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("bind {}", config.listen))?;
@@ -188,64 +274,133 @@ pub async fn run(config: CellConfig) -> anyhow::Result<()> {
     // A line for scripts and tests that wait for readiness.
     println!("nid-cell ready cell={} node={} listen={local}", config.cell_id, config.node_id);
 
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
+    let server_stop = CancellationToken::new();
+    let server = {
+        let stop = server_stop.clone();
+        let routes = role_routes
             .add_service(health_service)
-            .add_service(reflection)
-            .add_service(CellServer::from_arc(Arc::new(CellService(context.clone()))))
-            .add_service(BucketAdminServer::from_arc(Arc::new(BucketAdminService(context.clone()))))
-            .add_optional_service(
-                (config.role == Role::Control)
-                    .then(|| ControlServer::from_arc(Arc::new(ControlService(context.clone())))),
-            )
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(
                 RaftTransportServer::new(raft_service)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            )
-            .serve_with_incoming_shutdown(nid_support::incoming(listener), async {
-                let _ = stop_rx.await;
-            }),
-    );
-    tokio::select! {
-        result = &mut server => {
-            // The server ended on its own: that is a failure.
-            let _ = handle.send(PeerMsg::Shutdown);
-            result.context("gRPC server task")?.context("gRPC server")?;
-            anyhow::bail!("gRPC server stopped unexpectedly");
+            );
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+                .layer(nid_support::grpc_metrics::GrpcMetricsLayer(grpc_metrics))
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(nid_support::incoming(listener), async move {
+                    stop.cancelled().await
+                }),
+        )
+    };
+
+    let ended = tokio::select! {
+        () = shutdown.cancelled() => Ended::Shutdown,
+        () = stopped.cancelled() => Ended::Failed(failure().unwrap_or_else(|| "the Raft loop stopped".into())),
+    };
+    match &ended {
+        Ended::Shutdown => {
+            tracing::info!("shutdown requested");
+            hand_over(Duration::from_secs(config.shutdown_grace_secs)).await;
         }
-        () = nid_support::shutdown_signal() => {}
+        Ended::Failed(reason) => {
+            tracing::error!(reason = %reason, "the replica can no longer serve; stopping (a supervisor should restart it)");
+        }
     }
-    tracing::info!("shutdown requested");
-    hand_over_leadership(&handle, config.node_id, Duration::from_secs(config.shutdown_grace_secs)).await;
+    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     health.set_not_serving::<CellServer<CellService>>().await;
-    let _ = stop_tx.send(());
-    // Peers hold long-lived Raft streams open; give in-flight client calls a moment, then close.
+    health.set_not_serving::<RaftTransportServer<RaftTransportService>>().await;
+    shutdown.cancel();
+    server_stop.cancel();
+    // Peers hold long-lived Raft streams open; give in-flight calls a moment, then close.
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
-    let _ = handle.send(PeerMsg::Shutdown);
+    stop_node();
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
     tracing::info!("stopped");
-    Ok(())
+    Ok(ended)
 }
 
-/// If this replica leads, transfers leadership away and waits (up to `grace`) for another leader.
-async fn hand_over_leadership(handle: &PeerHandle, node_id: u64, grace: Duration) {
-    if handle.leader() != Some(node_id) {
-        return;
-    }
-    let deadline = Instant::now() + grace;
-    let _ = handle.send(PeerMsg::TransferLeader { to: None });
-    while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        match handle.leader() {
-            Some(l) if l != node_id => {
-                tracing::info!(new_leader = l, "leadership handed over");
-                return;
-            }
-            _ => {}
+/// A started replica, whatever its role.
+struct Started {
+    stopped: CancellationToken,
+    failure: Box<dyn Fn() -> Option<String> + Send>,
+    hand_over: HandOver,
+    stop_node: Box<dyn Fn() + Send>,
+    thread: std::thread::JoinHandle<()>,
+    routes: tonic::service::Routes,
+    raft: RaftTransportService,
+}
+
+impl Started {
+    fn new<SM: StateMachine>(
+        config: &CellConfig,
+        node: Node<SM>,
+        thread: std::thread::JoinHandle<()>,
+        routes: tonic::service::Routes,
+    ) -> Started {
+        let raft = RaftTransportService {
+            cell_id: config.cell_id,
+            node_id: config.node_id,
+            book: node.book().clone(),
+            inbox: node.inbox().clone(),
+            metrics: node.metrics().clone(),
+            snap_root: node.snap_root().to_path_buf(),
+        };
+        let (for_failure, for_stop) = (node.clone(), node.clone());
+        Started {
+            stopped: node.stopped(),
+            failure: Box::new(move || for_failure.failure()),
+            hand_over: leader_hand_over(node),
+            stop_node: Box::new(move || for_stop.shutdown()),
+            thread,
+            routes,
+            raft,
         }
     }
-    tracing::warn!("leadership transfer did not finish within the grace period");
+}
+
+type HandOver =
+    Box<dyn FnOnce(Duration) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send>;
+
+/// If this replica leads, transfers leadership away and waits (up to the grace period) for
+/// another leader.
+fn leader_hand_over<SM: StateMachine>(node: Node<SM>) -> HandOver {
+    Box::new(move |grace| {
+        Box::pin(async move {
+            if !node.is_leader() {
+                return;
+            }
+            let deadline = Instant::now() + grace;
+            let _ = node.transfer_leader(None);
+            while Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                match node.leader() {
+                    Some(l) if l != node.node_id() => {
+                        tracing::info!(new_leader = l, "leadership handed over");
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+            tracing::warn!("leadership transfer did not finish within the grace period");
+        })
+    })
+}
+
+fn dir_size(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }

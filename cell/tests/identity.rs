@@ -2,14 +2,16 @@
 //! real RocksDB): enrolment idempotency under concurrency, versioned updates and history, status,
 //! VIDs, locks, authentication (order of checks, replay, TOTP reuse, lockout with a moved clock,
 //! signatures, partner tokens), the audit chain and its tamper detection, field-named errors, and
-//! no plaintext in any file after a flush and a full compaction.
+//! no plaintext in any file after a flush and a full compaction; and the regressions of the cell's
+//! rebuild (canonical enrolment digests, consistent audit reads, cheap unknown identifiers).
 
-use nid_cell::identity::totp_code;
-use nid_cell::testkit::{Cluster, sample_request};
+use nid_domain::keys::Table;
+use nid_domain::totp::code as totp_code;
 use nid_proto::error::{FieldViolations, reason_of};
 use nid_proto::v1::cell_request::Operation;
 use nid_proto::v1::cell_response::Result as CellResult;
 use nid_proto::v1::*;
+use nid_testkit::identity::{IdentityCluster as Cluster, sample_request};
 use prost::Message as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tonic::Code;
@@ -19,7 +21,7 @@ const ALL: &[i32] = &[1, 2, 3];
 async fn cell() -> Cluster {
     let mut c = Cluster::new(3);
     c.start();
-    c.must_own_all_buckets().await;
+    c.cluster.must_own_all_buckets().await;
     c
 }
 
@@ -135,6 +137,7 @@ async fn updates_need_the_current_version_and_every_version_is_kept() {
             expected_version: expected,
             demographics: Some(d),
             biometrics: vec![],
+            request_id: String::new(),
         })
     };
     match c.execute(update(1, "Asha Renamed"), None).await.unwrap() {
@@ -153,6 +156,7 @@ async fn updates_need_the_current_version_and_every_version_is_kept() {
         uin: uin.clone(),
         status: IdentityStatus::Blocked as i32,
         reason: "court order".into(),
+        request_id: String::new(),
     });
     match c.execute(set, None).await.unwrap() {
         CellResult::SetStatus(r) => assert_eq!(r.version, 3),
@@ -177,6 +181,7 @@ async fn updates_need_the_current_version_and_every_version_is_kept() {
             uin: uin.clone(),
             status: status as i32,
             reason: "r".into(),
+            request_id: String::new(),
         });
         let r = c.execute(op, None).await;
         assert_eq!(r.is_ok(), ok, "{status:?}: {r:?}");
@@ -198,6 +203,7 @@ async fn vids_resolve_while_usable_and_one_perpetual_is_active() {
             kind: kind as i32,
             expires_at: expires,
             max_uses,
+            request_id: String::new(),
         })
     };
     let CellResult::CreateVid(first) = c.execute(create(VidKind::Perpetual, None, 0), None).await.unwrap()
@@ -214,7 +220,12 @@ async fn vids_resolve_while_usable_and_one_perpetual_is_active() {
     let second = second.vid.unwrap().vid;
     assert_eq!(get(&c, &first).await.unwrap_err().code(), Code::NotFound, "replaced perpetual VID stops");
     assert_eq!(get(&c, &second).await.unwrap().uin, uin);
-    c.execute(Operation::RevokeVid(RevokeVidRequest { vid: second.clone() }), None).await.unwrap();
+    c.execute(
+        Operation::RevokeVid(RevokeVidRequest { vid: second.clone(), request_id: String::new() }),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(get(&c, &second).await.unwrap_err().code(), Code::NotFound, "revoked VID stops at once");
     let vids = get(&c, &uin).await.unwrap().vids;
     assert_eq!(vids.len(), 2);
@@ -336,12 +347,17 @@ async fn authentication_checks_status_locks_replay_skew_and_factors() {
         id: uin.clone(),
         lock: vec![AuthLock { auth_type: AuthType::Pin as i32, until: None }],
         unlock: vec![],
+        request_id: String::new(),
     });
     c.execute(lock, None).await.unwrap();
     let locked = authenticate(&c, "bank-a", auth_request(&uin, "A-9", now(&c), pin("2468"))).await;
     assert_eq!(reasons(&locked), vec![AuthReason::AuthTypeLocked]);
-    let unlock =
-        Operation::LockAuthTypes(LockAuthTypesRequest { id: uin.clone(), lock: vec![], unlock: vec![2] });
+    let unlock = Operation::LockAuthTypes(LockAuthTypesRequest {
+        id: uin.clone(),
+        lock: vec![],
+        unlock: vec![2],
+        request_id: String::new(),
+    });
     let CellResult::LockAuthTypes(l) = c.execute(unlock, None).await.unwrap() else { panic!() };
     assert!(l.locks.is_empty());
 
@@ -350,6 +366,7 @@ async fn authentication_checks_status_locks_replay_skew_and_factors() {
         uin: uin.clone(),
         status: IdentityStatus::Blocked as i32,
         reason: "investigation".into(),
+        request_id: String::new(),
     });
     c.execute(block, None).await.unwrap();
     let blocked = authenticate(&c, "bank-a", auth_request(&uin, "A-10", now(&c), pin("2468"))).await;
@@ -378,10 +395,10 @@ async fn uin_not_enrolled(c: &Cluster) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consecutive_failures_lock_auth_until_the_cooldown_passes() {
     let mut c = Cluster::new(3);
-    c.auth_policy.max_failures = 3;
-    c.auth_policy.cooldown_ms = 10 * 60 * 1000;
+    c.policy.max_failures = 3;
+    c.policy.cooldown_ms = 10 * 60 * 1000;
     c.start();
-    c.must_own_all_buckets().await;
+    c.cluster.must_own_all_buckets().await;
     let (uin, _) = enroll_full(&c, "RID-LOCKOUT").await;
     for i in 0..3 {
         let r = authenticate(&c, "bank-a", auth_request(&uin, &format!("L-{i}"), now(&c), pin("0000"))).await;
@@ -418,7 +435,7 @@ async fn decisions_are_signed_tokens_are_per_partner_and_the_audit_chain_detects
     let no = authenticate(&c, "bank-a", auth_request(&uin, "S-3", now(&c), pin("9999"))).await;
 
     // Signature: verifies with the published key, fails after one byte changes.
-    let keys = c.context(1).signing_keys();
+    let keys = c.cell(1).signing_keys();
     let key = keys.keys.iter().find(|k| k.key_id == a1.key_id).expect("published key");
     let public = UnparsedPublicKey::new(&ED25519, key.public_key.clone());
     for r in [&a1, &a2, &b1, &no] {
@@ -458,8 +475,8 @@ async fn decisions_are_signed_tokens_are_per_partner_and_the_audit_chain_detects
     assert_eq!((ok.intact, ok.records, ok.first_broken), (true, 4, 0));
 
     // Tamper: flip one byte of the 2nd audit record as stored on every replica.
-    for id in c.running_ids() {
-        let db = c.db(id);
+    for id in c.cluster.running_ids() {
+        let db = c.cluster.node(id).db().clone();
         let data = db.cf_handle("data").unwrap();
         let audit: Vec<_> = db
             .iterator_cf(data, rocksdb::IteratorMode::Start)
@@ -500,6 +517,7 @@ async fn every_malformed_request_gets_invalid_argument_naming_the_field() {
                     template_digest: vec![1; 3],
                     ..Default::default()
                 }],
+                request_id: String::new(),
             }),
             vec![
                 "expected_version",
@@ -513,7 +531,12 @@ async fn every_malformed_request_gets_invalid_argument_naming_the_field() {
             ],
         ),
         (
-            Operation::SetStatus(SetStatusRequest { uin: uin.clone(), status: 0, reason: String::new() }),
+            Operation::SetStatus(SetStatusRequest {
+                uin: uin.clone(),
+                status: 0,
+                reason: String::new(),
+                request_id: String::new(),
+            }),
             vec!["status", "reason"],
         ),
         (
@@ -522,6 +545,7 @@ async fn every_malformed_request_gets_invalid_argument_naming_the_field() {
                 kind: 0,
                 expires_at: None,
                 max_uses: 0,
+                request_id: String::new(),
             }),
             vec!["kind"],
         ),
@@ -531,10 +555,11 @@ async fn every_malformed_request_gets_invalid_argument_naming_the_field() {
                 kind: VidKind::Temporary as i32,
                 expires_at: None,
                 max_uses: 101,
+                request_id: String::new(),
             }),
             vec!["expires_at", "max_uses"],
         ),
-        (Operation::RevokeVid(RevokeVidRequest { vid: uin.clone() }), vec![]),
+        (Operation::RevokeVid(RevokeVidRequest { vid: uin.clone(), request_id: String::new() }), vec![]),
         (
             Operation::LockAuthTypes(LockAuthTypesRequest {
                 id: uin.clone(),
@@ -543,6 +568,7 @@ async fn every_malformed_request_gets_invalid_argument_naming_the_field() {
                     until: Some(prost_types::Timestamp { seconds: 5, nanos: 0 }),
                 }],
                 unlock: vec![0],
+                request_id: String::new(),
             }),
             vec!["lock[0].auth_type", "lock[0].until", "unlock[0]"],
         ),
@@ -613,6 +639,7 @@ async fn after_flush_and_compaction_no_file_holds_a_name_identifier_or_secret() 
             kind: VidKind::Perpetual as i32,
             expires_at: None,
             max_uses: 0,
+            request_id: String::new(),
         });
         let CellResult::CreateVid(v) = c.execute(op, None).await.unwrap() else { panic!() };
         let demo = AuthFactors {
@@ -630,15 +657,15 @@ async fn after_flush_and_compaction_no_file_holds_a_name_identifier_or_secret() 
         ]);
     }
     needles.extend([b"tlaloc@example.net".to_vec(), PIN.as_bytes().to_vec(), b"1988-07-14".to_vec()]);
-    for id in c.running_ids() {
-        let db = c.db(id);
+    for id in c.cluster.running_ids() {
+        let db = c.cluster.node(id).db().clone();
         for name in ["raft", "meta", "data"] {
             let cf = db.cf_handle(name).unwrap();
             db.flush_cf(cf).unwrap();
             db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
         }
     }
-    let (files, hits) = nid_support::plaintext::scan(c.data_root(), &needles);
+    let (files, hits) = nid_support::plaintext::scan(c.cluster.data_root(), &needles);
     assert!(files > 10, "the scan reads the replicas' files");
     assert!(hits.is_empty(), "plaintext at rest:\n{}", hits.join("\n"));
 }
@@ -660,10 +687,11 @@ async fn decisions_see_every_acknowledged_change_across_a_leader_change() {
         id: uin.clone(),
         lock: vec![AuthLock { auth_type: AuthType::Demographic as i32, until: None }],
         unlock: vec![],
+        request_id: String::new(),
     });
     c.execute(lock, None).await.unwrap();
-    let old = tokio::task::block_in_place(|| c.must_leader());
-    c.stop_node(old);
+    let old = tokio::task::block_in_place(|| c.cluster.must_leader());
+    c.cluster.stop_node(old);
     // The new leader knows the lock, the failure count (one more failure locks) and the seen
     // transaction ids: nothing acknowledged by the old leader is lost or stale.
     let demo = AuthFactors {
@@ -704,58 +732,16 @@ async fn decisions_see_every_acknowledged_change_across_a_leader_change() {
         panic!()
     };
     assert!(v.intact);
-    c.run_node(old);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_control_cell_creates_a_partner_once_and_stores_only_its_verifier() {
-    use nid_cell::command::{Command, CommandResult, Rejection};
-    let mut c = Cluster::new(3);
-    c.start();
-    let init = Command::ControlInit {
-        config: vec![1],
-        table: RoutingTable { version: 1, ..Default::default() }.encode_to_vec(),
-    };
-    assert!(matches!(c.must_propose(init).await, CommandResult::Control { changed: true, .. }));
-    let record = |name: &str, revoked: bool| PartnerRecord {
-        partner: Some(Partner {
-            partner_id: "bank-a".into(),
-            name: name.into(),
-            revoked,
-            ..Default::default()
-        }),
-        secret_digest: vec![7; 32],
-    };
-    let put = |r: PartnerRecord, create_only: bool| Command::ControlPutPartner {
-        partner: r.encode_to_vec(),
-        create_only,
-    };
-    assert_eq!(
-        c.must_propose(put(record("A", false), true)).await,
-        CommandResult::Control { changed: true, version: 1 }
-    );
-    assert_eq!(
-        c.must_propose(put(record("Impostor", false), true)).await,
-        CommandResult::Rejected(Rejection::PartnerExists),
-        "two concurrent adds cannot overwrite each other"
-    );
-    assert_eq!(
-        c.must_propose(put(record("A", true), false)).await,
-        CommandResult::Control { changed: true, version: 2 }
-    );
-    let leader = tokio::task::block_in_place(|| c.must_leader());
-    let list = c.fsm(leader).partners().unwrap();
-    assert_eq!(list.partners_version, 2);
-    assert_eq!(list.partners, vec![record("A", true)]);
+    c.cluster.run_node(old);
 }
 
 /// One full pass of replay-marker sweeps over every bucket through the current leader, `limit`
 /// markers per command; the markers deleted.
 async fn sweep_pass(c: &Cluster, limit: u32) -> u64 {
-    let (mut first, mut total) = (0u16, 0u64);
+    let (mut first, mut total) = (0u32, 0u64);
     loop {
-        let ctx = c.context(tokio::task::block_in_place(|| c.must_leader()));
-        let (deleted, next) = ctx.sweep_replay_markers(first, limit).await.expect("sweep");
+        let cell = c.cell(tokio::task::block_in_place(|| c.cluster.must_leader()));
+        let (deleted, next) = cell.sweep(first, limit).await.expect("sweep");
         total += deleted;
         if next < first {
             return total;
@@ -766,23 +752,22 @@ async fn sweep_pass(c: &Cluster, limit: u32) -> u64 {
 
 /// Every key and value of a replica's `data` CF once it has applied what the leader has.
 fn data_of(c: &Cluster, id: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let leader = c.must_leader();
-    tokio::task::block_in_place(|| c.must_applied(id, c.status(leader).applied));
-    let db = c.db(id);
-    let cf = db.cf_handle(nid_cell::keys::CF_DATA).unwrap();
+    let leader = c.cluster.must_leader();
+    tokio::task::block_in_place(|| c.cluster.must_applied(id, c.cluster.status(leader).applied));
+    let db = c.cluster.node(id).db().clone();
+    let cf = db.cf_handle(nid_engine::keys::CF_DATA).unwrap();
     db.iterator_cf(cf, rocksdb::IteratorMode::Start)
         .map(|kv| kv.unwrap())
         .map(|(k, v)| (k.to_vec(), v.to_vec()))
         .collect()
 }
 
-fn count_table(data: &[(Vec<u8>, Vec<u8>)], table: nid_cell::keys::Table) -> usize {
-    data.iter().filter(|(k, _)| k.len() > 2 && k[2] == table as u8 && k[..2] != [0xff, 0xff]).count()
+fn count_table(data: &[(Vec<u8>, Vec<u8>)], table: Table) -> usize {
+    data.iter().filter(|(k, _)| k.len() > 2 && k[2] == table as u8 && k[0] < 0x40).count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_markers_are_swept_past_the_replay_window_and_kept_inside_it() {
-    use nid_cell::keys::Table;
     let c = cell().await;
     let (uin, _) = enroll_full(&c, "RID-SWEEP").await;
     let t = now(&c);
@@ -792,7 +777,7 @@ async fn replay_markers_are_swept_past_the_replay_window_and_kept_inside_it() {
         assert!(r.decision.as_ref().unwrap().authenticated);
         first_answer.get_or_insert(r);
     }
-    let leader = c.must_leader();
+    let leader = c.cluster.must_leader();
     let data = data_of(&c, leader);
     assert_eq!((count_table(&data, Table::Txn), count_table(&data, Table::TxnByTime)), (5, 5));
 
@@ -802,7 +787,7 @@ async fn replay_markers_are_swept_past_the_replay_window_and_kept_inside_it() {
     assert_eq!(Some(retry), first_answer, "a retry inside the window gets the stored answer");
 
     // Past the window: a marker made just now stays, the five old ones go, two per command.
-    let window = c.context(leader).replay_window_ms();
+    let window = c.cell(leader).replay_window_ms();
     c.clock.advance(window as i64 + 1_000);
     let later = shifted(&c, Duration::from_millis(window + 1_000));
     let young = authenticate(&c, "bank-a", auth_request(&uin, "S-young", later, pin("2468"))).await;
@@ -811,11 +796,11 @@ async fn replay_markers_are_swept_past_the_replay_window_and_kept_inside_it() {
     assert_eq!(sweep_pass(&c, 2).await, 0, "a second pass finds nothing");
     let again = authenticate(&c, "bank-a", auth_request(&uin, "S-young", later, pin("2468"))).await;
     assert_eq!(again, young, "the young marker survived the sweep");
-    let leader = c.must_leader();
+    let leader = c.cluster.must_leader();
     let data = data_of(&c, leader);
     assert_eq!((count_table(&data, Table::Txn), count_table(&data, Table::TxnByTime)), (1, 1));
     // Every replica forgot exactly the same markers.
-    for id in c.running_ids() {
+    for id in c.cluster.running_ids() {
         assert!(data_of(&c, id) == data, "replica {id} differs from the leader after the sweep");
     }
     // Once forgotten, the transaction id may be used again (an old request with it is expired).
@@ -823,4 +808,242 @@ async fn replay_markers_are_swept_past_the_replay_window_and_kept_inside_it() {
     assert!(reused.decision.as_ref().unwrap().authenticated, "{:?}", reasons(&reused));
     let replayed = authenticate(&c, "bank-a", auth_request(&uin, "S-1", t, pin("2468"))).await;
     assert_eq!(reasons(&replayed), vec![AuthReason::RequestExpired]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrolment_with_extension_attributes_retried_is_the_same_enrolment() {
+    // The idempotency digest is taken over a canonical encoding: a retry whose extension map
+    // iterates in another order (every HashMap has its own) is the same payload, not a conflict.
+    let c = cell().await;
+    let request = |rotation: usize| {
+        let mut names: Vec<String> = (0..8).map(|i| format!("attr_{i}")).collect();
+        names.rotate_left(rotation % 8);
+        let mut req = sample_request("RID-EXTENSIONS");
+        req.demographics.as_mut().unwrap().extensions =
+            names.into_iter().map(|n| (n.clone(), n.repeat(2))).collect::<std::collections::HashMap<_, _>>();
+        req
+    };
+    let first = enroll(&c, request(0)).await;
+    assert!(first.created);
+    for rotation in 1..24 {
+        let again = enroll(&c, request(rotation)).await;
+        assert_eq!((again.uin.as_str(), again.created), (first.uin.as_str(), false), "retry {rotation}");
+    }
+    let mut other = request(0);
+    other.demographics.as_mut().unwrap().extensions.insert("attr_0".into(), "changed".into());
+    let err = c.execute(Operation::Enroll(other), None).await.unwrap_err();
+    assert_eq!(reason_of(&err).as_deref(), Some("RID_CONFLICT"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_chain_verifies_intact_while_authentications_run() {
+    // The chain and the head it must end at are read from one view: a verification racing
+    // authentications never sees a record without its head or a head without its record.
+    let c = cell().await;
+    let (uin, _) = enroll_full(&c, "RID-AUDIT-RACE").await;
+    let auths = async {
+        for i in 0..120 {
+            authenticate(&c, "bank-a", auth_request(&uin, &format!("R-{i}"), now(&c), pin("2468"))).await;
+        }
+    };
+    let verifies = async {
+        let mut checked = 0;
+        for _ in 0..120 {
+            let op = Operation::VerifyAuditChain(VerifyAuditChainRequest { uin: uin.clone() });
+            let CellResult::VerifyAuditChain(v) = c.execute(op, None).await.unwrap() else { panic!() };
+            assert!(v.intact, "an intact chain was reported broken at {}", v.first_broken);
+            checked += 1;
+            tokio::task::yield_now().await;
+        }
+        checked
+    };
+    let ((), checked) = tokio::join!(auths, verifies);
+    assert_eq!(checked, 120);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_identifier_is_answered_no_without_a_raft_write() {
+    let c = cell().await;
+    let unknown = uin_not_enrolled(&c).await;
+    let leader = tokio::task::block_in_place(|| c.cluster.must_leader());
+    let applied = c.cluster.status(leader).applied;
+    let committed = c.cluster.node(leader).metrics().proposals_committed.get();
+    let r = authenticate(&c, "bank-a", auth_request(&unknown, "U-1", now(&c), pin("2468"))).await;
+    assert_eq!(reasons(&r), vec![AuthReason::UnknownId]);
+    assert!(!r.decision.as_ref().unwrap().authenticated);
+    let leader_now = tokio::task::block_in_place(|| c.cluster.must_leader());
+    assert_eq!(leader_now, leader);
+    assert_eq!(c.cluster.status(leader).applied, applied, "no entry was written for it");
+    assert_eq!(c.cluster.node(leader).metrics().proposals_committed.get(), committed);
+    assert_eq!(c.metrics(leader).auth_unknown.with_label_values(&["bank-a"]).get(), 1, "counted per partner");
+    // Still a signed answer.
+    use ring::signature::{ED25519, UnparsedPublicKey};
+    let keys = c.cell(leader).signing_keys();
+    let key = keys.keys.iter().find(|k| k.key_id == r.key_id).unwrap();
+    UnparsedPublicKey::new(&ED25519, key.public_key.clone())
+        .verify(&r.signed_decision, &r.signature)
+        .unwrap();
+    // A partner not allowed the factor is told so, unknown identity or not.
+    let limited =
+        match c.execute(auth_request(&unknown, "U-2", now(&c), pin("2468")), Some(("kiosk", &[1]))).await {
+            Ok(CellResult::Authenticate(r)) => r,
+            other => panic!("{other:?}"),
+        };
+    assert_eq!(reasons(&limited), vec![AuthReason::FactorNotAllowed]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_uin_never_names_two_people() {
+    use nid_domain::commands::{Command, command};
+    use nid_domain::outcome::Rejection;
+    use nid_domain::prepare::{self, Sealer};
+    let c = cell().await;
+    let first = c.must_enroll("RID-FIRST").await;
+    // A second person whose leader-drawn UIN collides with the first (forced here): the command is
+    // refused and nothing of it is written; the leader would draw again.
+    let same_bucket_rid = (0..)
+        .map(|i| format!("RID-SAME-BUCKET-{i}"))
+        .find(|r| prepare::bucket_of_rid(r) == prepare::bucket_of_rid("RID-FIRST"))
+        .unwrap();
+    let keyring = nid_domain::keyring::Keyring::dev();
+    let sealer = Sealer { keyring: &keyring, generation: 0 };
+    let mut rng = nid_domain::random::Stream::new().unwrap();
+    let mut prepared = prepare::enroll(
+        &sample_request(&same_bucket_rid),
+        &sealer,
+        &nid_proto::ids::IdScheme::dev(),
+        c.clock.now_ms(),
+        &mut rng,
+    )
+    .unwrap();
+    prepared.command.uin_hash = keyring.index_hash(nid_domain::keys::UIN_DOMAIN, first.as_bytes()).to_vec();
+    let collision = Command::new(command::Kind::Enroll(prepared.command));
+    assert_eq!(c.cluster.must_propose(&collision).await, Err(Rejection::CandidatesTaken));
+    // The RID was not taken by the refused command: enrolling it for real works.
+    let second = c.must_enroll(&same_bucket_rid).await;
+    assert_ne!(second, first);
+    let CellResult::GetIdentity(r) =
+        c.execute(Operation::GetIdentity(GetIdentityRequest { id: first.clone() }), None).await.unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(r.identity.unwrap().rid, "RID-FIRST", "the first person's record is untouched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_applies_once_and_its_retry_gets_the_original_answer() {
+    let c = cell().await;
+    let uin = enroll(&c, sample_request("RID-REQID")).await.uin;
+    let update = |name: &str, request_id: &str| {
+        let mut d = sample_request("x").demographics.unwrap();
+        d.full_name = name.into();
+        Operation::UpdateIdentity(UpdateIdentityRequest {
+            uin: uin.clone(),
+            expected_version: 1,
+            demographics: Some(d),
+            biometrics: vec![],
+            request_id: request_id.into(),
+        })
+    };
+    let first = c.execute(update("Asha Updated", "req-1"), None).await.unwrap();
+    let CellResult::UpdateIdentity(r) = &first else { panic!() };
+    assert_eq!(r.version, 2);
+    // The same request again (as after an ambiguous failure): the original answer, not a
+    // VERSION_MISMATCH for the version the first attempt created.
+    assert_eq!(c.execute(update("Asha Updated", "req-1"), None).await.unwrap(), first);
+    assert_eq!(get(&c, &uin).await.unwrap().version, 2, "applied once");
+    // Another request under the same id is refused; a new id is a new request.
+    let reused = c.execute(update("Someone Else", "req-1"), None).await.unwrap_err();
+    assert_eq!(reused.code(), Code::AlreadyExists);
+    assert_eq!(reason_of(&reused).as_deref(), Some("REQUEST_ID_REUSED"));
+    let stale = c.execute(update("Asha Again", "req-2"), None).await.unwrap_err();
+    assert_eq!(reason_of(&stale).as_deref(), Some("VERSION_MISMATCH"));
+    // A refusal is an answer too: its retry gets the same refusal.
+    let again = c.execute(update("Asha Again", "req-2"), None).await.unwrap_err();
+    assert_eq!((again.code(), again.message()), (stale.code(), stale.message()));
+    // VIDs: the retry returns the VID the first attempt created, not a second one.
+    let create = Operation::CreateVid(CreateVidRequest {
+        uin: uin.clone(),
+        kind: VidKind::Perpetual as i32,
+        expires_at: None,
+        max_uses: 0,
+        request_id: "req-vid".into(),
+    });
+    let a = c.execute(create.clone(), None).await.unwrap();
+    let b = c.execute(create, None).await.unwrap();
+    assert_eq!(a, b);
+    assert_eq!(get(&c, &uin).await.unwrap().vids.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_generation_seals_only_once_every_voter_holds_it_and_a_replica_without_it_stops() {
+    use nid_domain::keyring::{Keyring, sealed_generation};
+    let g1 = (1u32, vec![1u8; 32]);
+    let g2 = (2u32, vec![2u8; 32]);
+    let mut c = Cluster::new(3);
+    let (only_g1, both) = (vec![g1.clone()], vec![g1.clone(), g2.clone()]);
+    c.set_keyrings(move |_| Keyring::from_generations(&only_g1).unwrap());
+    c.start();
+    c.cluster.must_own_all_buckets().await;
+    let old: Vec<String> =
+        futures_join_all((0..5).map(|i| c.must_enroll_request(sample_request(&format!("RID-OLD-{i}")))))
+            .await;
+    let leader = tokio::task::block_in_place(|| c.cluster.must_leader());
+    let refused = activate(&c, 2).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "no replica holds generation 2 yet");
+    // A rolling restart gives every replica generation 2; the leader last.
+    let order: Vec<u64> = (1..=3).filter(|&id| id != leader).chain([leader]).collect();
+    let both_keys = both.clone();
+    c.set_keyrings(move |_| Keyring::from_generations(&both_keys).unwrap());
+    for (n, id) in order.iter().enumerate() {
+        c.cluster.stop_node(*id);
+        c.cluster.run_node(*id);
+        if n < 2 {
+            // Mid-rotation a voter still lacks it: activation is refused.
+            let r = activate(&c, 2).await;
+            assert!(r.is_err() || n == 2, "activated before every voter held the generation");
+        }
+        tokio::task::block_in_place(|| c.cluster.must_leader());
+    }
+    activate(&c, 2).await.expect("every voter holds generation 2");
+    let new: Vec<String> =
+        futures_join_all((0..5).map(|i| c.must_enroll_request(sample_request(&format!("RID-NEW-{i}")))))
+            .await;
+    for uin in old.iter().chain(new.iter()) {
+        assert_eq!(get(&c, uin).await.unwrap().uin, *uin, "old and new data readable");
+    }
+    let leader = tokio::task::block_in_place(|| c.cluster.must_leader());
+    tokio::task::block_in_place(|| {
+        for id in 1..=3 {
+            c.cluster.must_applied(id, c.cluster.status(leader).applied);
+        }
+    });
+    // Every replica holds the same bytes; new profiles are sealed with generation 2.
+    let data: Vec<Vec<(Vec<u8>, Vec<u8>)>> = (1..=3).map(|id| data_of(&c, id)).collect();
+    assert!(data.iter().all(|d| *d == data[0]), "replicas diverged across the rotation");
+    let generations: std::collections::BTreeSet<u32> = data[0]
+        .iter()
+        .filter(|(k, _)| k.len() == 35 && k[2] == Table::Profile as u8)
+        .map(|(_, v)| sealed_generation(v).unwrap())
+        .collect();
+    assert_eq!(generations, [1u32, 2].into(), "profiles sealed before and after the activation");
+    // A replica restarted without generation 2 stops instead of diverging or skipping.
+    let victim = (1..=3).find(|&id| id != leader).unwrap();
+    c.cluster.stop_node(victim);
+    let only = vec![g1.clone()];
+    c.set_keyrings(move |_| Keyring::from_generations(&only).unwrap());
+    let refused =
+        c.cluster.try_run_node(victim).expect_err("a replica lacking the active generation refuses to start");
+    assert!(refused.contains("generation 2"), "{refused}");
+    // The others keep serving.
+    c.must_enroll("RID-AFTER").await;
+}
+
+async fn activate(
+    c: &Cluster,
+    id: u32,
+) -> Result<tonic::Response<ActivateKeyGenerationResponse>, tonic::Status> {
+    use nid_proto::v1::cell_server::Cell as _;
+    let service = c.service(tokio::task::block_in_place(|| c.cluster.must_leader()));
+    service.activate_key_generation(tonic::Request::new(ActivateKeyGenerationRequest { id })).await
 }

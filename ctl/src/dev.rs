@@ -330,23 +330,36 @@ fn cell_info(cell: &CellEntry) -> CellInfo {
 /// Initializes the cluster: config and table in the control cell, ownership in each data cell.
 /// Idempotent, so a resumed cluster runs it again harmlessly.
 pub async fn init_cluster(cluster: &ClusterFile, deadline: Instant) -> anyhow::Result<()> {
+    let seed = IdSchemeSeed::from_hex(&cluster.id_scheme_seed).map_err(|e| anyhow::anyhow!("seed: {e}"))?;
+    initialize(&cluster.control, &cluster.cells, &seed, "dev", deadline).await
+}
+
+/// Initializes a cluster of `cells` whose control cell is `control`: the placement, then
+/// `Control.InitCluster` on the control leader, then each data cell's buckets owned through its
+/// leader. Every step is idempotent.
+pub async fn initialize(
+    control: &CellEntry,
+    cells: &[CellEntry],
+    seed: &IdSchemeSeed,
+    name: &str,
+    deadline: Instant,
+) -> anyhow::Result<()> {
     let weights: Vec<CellWeight> =
-        cluster.cells.iter().map(|c| CellWeight { cell_id: c.cell_id, weight: DEFAULT_WEIGHT }).collect();
+        cells.iter().map(|c| CellWeight { cell_id: c.cell_id, weight: DEFAULT_WEIGHT }).collect();
     let owner = desired_placement(&weights)?;
     let table = RoutingTable {
         version: 1,
         owner: owner.clone(),
         epoch: vec![0; usize::from(BUCKETS)],
-        cells: cluster.cells.iter().map(cell_info).collect(),
+        cells: cells.iter().map(cell_info).collect(),
     };
-    let seed = IdSchemeSeed::from_hex(&cluster.id_scheme_seed).map_err(|e| anyhow::anyhow!("seed: {e}"))?;
     let config = ClusterConfig {
         buckets: u32::from(BUCKETS),
         id_scheme_seed: seed.as_bytes().to_vec(),
-        name: "dev".into(),
+        name: name.to_owned(),
     };
     let request = InitClusterRequest { config: Some(config), cells: Vec::new(), table: Some(table) };
-    on_leader(&cluster.control, deadline, |ch| {
+    on_leader(control, deadline, |ch| {
         let request = request.clone();
         async move {
             ControlClient::new(ch)
@@ -357,7 +370,7 @@ pub async fn init_cluster(cluster: &ClusterFile, deadline: Instant) -> anyhow::R
         }
     })
     .await?;
-    for cell in &cluster.cells {
+    for cell in cells {
         let buckets: Vec<u32> =
             (0..u32::from(BUCKETS)).filter(|&b| owner[b as usize] == cell.cell_id).collect();
         let request = SetBucketStateRequest { buckets, state: BucketState::Owned as i32, table_version: 1 };
@@ -476,7 +489,7 @@ pub async fn up(cells: u64, replicas: u64, dir: &Path) -> anyhow::Result<()> {
 }
 
 async fn add_dev_partner(cluster: &ClusterFile, secrets: &Secrets) -> anyhow::Result<String> {
-    let token = crate::partner::admin_token(None, Some(&secrets.admin_token))?;
+    let token = crate::credentials::admin_token(None, Some(&secrets.admin_token))?;
     let mut client = nid_proto::v1::admin_client::AdminClient::new(channel(&cluster.router.address).await?);
     let request = nid_proto::v1::AddPartnerRequest {
         partner_id: cluster.dev_partner.partner_id.clone(),
@@ -487,7 +500,7 @@ async fn add_dev_partner(cluster: &ClusterFile, secrets: &Secrets) -> anyhow::Re
             .collect(),
     };
     let response = client
-        .add_partner(crate::partner::with_bearer(request, &token)?)
+        .add_partner(crate::credentials::with_bearer(request, &token)?)
         .await
         .map_err(|e| anyhow::anyhow!("register the dev partner: {}", e.message()))?;
     Ok(response.into_inner().api_key)

@@ -2,7 +2,9 @@
 //!
 //! This file only parses flags and dispatches; each command group lives in its own module.
 
+mod cluster;
 mod config;
+mod credentials;
 mod dev;
 mod id;
 mod identity;
@@ -83,6 +85,28 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Create a cluster described by a spec file (compose, Kubernetes).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// gRPC health check of one server: exit 0 when it is SERVING, 1 otherwise (for container
+    /// health checks, which run without a shell).
+    Probe {
+        /// host:port of the server.
+        address: String,
+        /// The service to ask about (empty: the server as a whole).
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+    /// Print a shell completion script: `nidctl completion bash > /etc/bash_completion.d/nidctl`.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Audit-trail tools; need the admin credential.
     Audit {
         #[command(subcommand)]
@@ -91,6 +115,21 @@ enum Command {
         admin: partner::AdminArgs,
         #[command(flatten)]
         target: Target,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Initialize the cluster a spec file describes (TOML: name, id_scheme_seed or
+    /// id_scheme_seed_file, control = [addresses], [[cells]] with cell_id and replicas of node_id,
+    /// address and zone). Waits for leaders; idempotent.
+    Init {
+        /// The spec file.
+        #[arg(long)]
+        spec: PathBuf,
+        /// How long to wait for the cells to elect leaders, in seconds.
+        #[arg(long, default_value_t = 120)]
+        wait_secs: u64,
     },
 }
 
@@ -156,6 +195,28 @@ fn main() -> ExitCode {
         }
         Command::Auth { args, target } => {
             block_on(partner::auth(args, target.router.as_deref(), &target.dev_dir, cli.output))
+        }
+        Command::Cluster { command: ClusterCommand::Init { spec, wait_secs } } => {
+            block_on(cluster::init(&spec, std::time::Duration::from_secs(wait_secs)))
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Command::Probe { address, service, timeout_ms } => {
+            match block_on(cluster::probe(&address, &service, std::time::Duration::from_millis(timeout_ms))) {
+                Ok(true) => Ok(ExitCode::SUCCESS),
+                Ok(false) => {
+                    eprintln!("nidctl: {address} is not serving");
+                    Ok(ExitCode::from(1))
+                }
+                Err(e) => {
+                    eprintln!("nidctl: {e:#}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        Command::Completion { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "nidctl", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
         }
         Command::Audit { command: AuditCommand::Verify { uin }, admin, target } => block_on(
             partner::audit_verify(uin, &admin, target.router.as_deref(), &target.dev_dir, cli.output),

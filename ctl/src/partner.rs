@@ -2,6 +2,7 @@
 //! (a partner's API key): the partner-facing and audit side of the CLI.
 
 use crate::Output;
+use crate::credentials::{admin_token, with_bearer};
 use crate::dev;
 use crate::identity::describe;
 use nid_proto::v1::admin_client::AdminClient;
@@ -74,27 +75,6 @@ pub struct AuthArgs {
     /// Compare demographics normalized (NFKC, case fold, whitespace) instead of exactly.
     #[arg(long)]
     pub normalized: bool,
-}
-
-/// Reads the admin token from the flag/env or a file, normalized to lower-case hex.
-pub fn admin_token(token: Option<&str>, file: Option<&Path>) -> anyhow::Result<String> {
-    let text = match (token, file) {
-        (Some(t), _) => t.to_owned(),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("read the admin token {}: {e}", path.display()))?,
-        (None, None) => anyhow::bail!("no admin token: pass --admin-token-file or set NID_ADMIN_TOKEN"),
-    };
-    let bytes = hex::decode(text.trim()).map_err(|_| anyhow::anyhow!("the admin token is not hex"))?;
-    Ok(hex::encode(bytes))
-}
-
-/// Wraps `message` in a request carrying `authorization: Bearer <token>`.
-pub fn with_bearer<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
-    let mut request = tonic::Request::new(message);
-    let value =
-        format!("Bearer {token}").parse().map_err(|_| anyhow::anyhow!("the credential is not ASCII"))?;
-    request.metadata_mut().insert("authorization", value);
-    Ok(request)
 }
 
 /// The router's Admin client and the admin token (flag, environment, or the dev cluster's file).

@@ -3,7 +3,7 @@
 //! lowering the offered load (no coordinated omission). Closed loop keeps C requests in flight.
 
 use crate::people::{Person, person};
-use crate::report::Recorder;
+use crate::report::{Outcome, Recorder};
 use nid_proto::error::reason_of;
 use nid_proto::v1::authentication_client::AuthenticationClient;
 use nid_proto::v1::diagnostics_client::DiagnosticsClient;
@@ -170,17 +170,6 @@ fn etcd_error_kind(e: &etcd_client::Error) -> String {
         etcd_client::Error::TransportError(_) => "etcd transport".into(),
         _ => "etcd other".into(),
     }
-}
-
-/// What a successful request was, for the yes/no counts of the auth scenario.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Not an authentication.
-    Done,
-    /// An expected yes.
-    Yes,
-    /// An expected no.
-    No,
 }
 
 /// Sends one request of the scenario; `k` picks the item.

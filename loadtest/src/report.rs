@@ -5,6 +5,17 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
+/// What a successful request was, for the yes/no counts of the auth scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not an authentication.
+    Done,
+    /// An expected yes.
+    Yes,
+    /// An expected no.
+    No,
+}
+
 /// Collected while running.
 pub struct Recorder {
     /// Latencies of measured (post-warmup) successes, in microseconds.
@@ -40,11 +51,11 @@ impl Recorder {
     }
 
     /// Counts an authentication's expected answer.
-    pub fn auth(&mut self, outcome: crate::driver::Outcome) {
+    pub fn auth(&mut self, outcome: Outcome) {
         match outcome {
-            crate::driver::Outcome::Yes => self.auth_yes += 1,
-            crate::driver::Outcome::No => self.auth_no += 1,
-            crate::driver::Outcome::Done => {}
+            Outcome::Yes => self.auth_yes += 1,
+            Outcome::No => self.auth_no += 1,
+            Outcome::Done => {}
         }
     }
 

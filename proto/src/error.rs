@@ -197,6 +197,30 @@ impl FieldViolations {
     }
 }
 
+/// RESOURCE_EXHAUSTED with reason OVERLOADED and a RetryInfo delay: the server or the caller's
+/// quota sheds this request; retry after `retry_after`.
+pub fn overloaded(message: impl Into<String>, retry_after: Duration) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_error_info(reason_name(ErrorReason::Overloaded), ERROR_DOMAIN, HashMap::new());
+    details.set_retry_info(Some(retry_after));
+    Status::with_error_details(Code::ResourceExhausted, message, details)
+}
+
+/// The RetryInfo delay a status carries, if any.
+pub fn retry_delay(status: &Status) -> Option<Duration> {
+    status.get_error_details().retry_info().and_then(|r| r.retry_delay)
+}
+
+/// INVALID_ARGUMENT with reason INVALID_IDENTIFIER for identifier field `field`.
+pub fn invalid_identifier(field: &str, message: impl Into<String>) -> Status {
+    status_with_reason(
+        Code::InvalidArgument,
+        message,
+        ErrorReason::InvalidIdentifier,
+        &[("field", field.to_owned())],
+    )
+}
+
 /// One INVALID_ARGUMENT for a single bad field.
 pub fn invalid_field(field: &str, description: impl Into<String>) -> Status {
     let mut violations = FieldViolations::new();

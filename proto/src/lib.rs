@@ -5,11 +5,13 @@
 //!   the MOSIP-style filters.
 //! - [`bucket`]: the bucket count and the bucket of external keys such as RIDs.
 //! - [`error`]: the error model shared by every service (gRPC codes plus rich details).
+//! - [`codec`]: the one encoding of persisted values and log payloads (a format byte, then protobuf).
 //!
 //! Invariant: this crate does no I/O and depends on nothing that does (no RocksDB, no Raft, no
 //! networking beyond tonic's generated code), so routers, tools and cells agree on it bit for bit.
 
 pub mod bucket;
+pub mod codec;
 pub mod error;
 pub mod ids;
 pub mod placement;

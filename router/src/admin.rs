@@ -264,12 +264,13 @@ impl Admin for AdminService {
         self.require_admin(request.metadata())?;
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let req = request.into_inner();
-        let id = req.uin.clone();
-        crate::service::by_id(
+        let id = crate::service::checked(&self.router, |scheme| {
+            nid_domain::validate::verify_audit_chain(scheme, &req)
+        });
+        crate::service::by_bucket(
             &self.router,
             "VerifyAuditChain",
-            "uin",
-            &id,
+            id,
             nid_proto::v1::cell_request::Operation::VerifyAuditChain(req),
             deadline,
             None,

@@ -62,16 +62,17 @@ struct Flags {
     /// N > 1 a multi-threaded runtime of N workers; 0 one worker per core.
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Log lines as `text` or `json` (one object per line, for log shippers).
+    #[arg(long, default_value = "text")]
+    log_format: nid_support::logging::LogFormat,
     /// Serve plaintext gRPC (required until mTLS lands; development only).
     #[arg(long)]
     insecure: bool,
 }
 
 fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("NID_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     let flags = Flags::parse();
+    nid_support::logging::init(flags.log_format, &[("role", "router".into()), ("zone", flags.zone.clone())]);
     if !flags.insecure {
         eprintln!(
             "nid-router: mTLS is not implemented yet; start with --insecure on a trusted network (development)"
@@ -116,7 +117,11 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     if let Some(addr) = flags.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let m = metrics.clone();
-        tokio::spawn(nid_support::serve_metrics(listener, Arc::new(move || m.render())));
+        tokio::spawn(nid_support::metrics_http::serve(
+            listener,
+            Arc::new(move || m.render()),
+            tokio_util::sync::CancellationToken::new(),
+        ));
     }
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<EnrollmentServer<service::EnrollmentService>>().await;

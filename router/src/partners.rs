@@ -5,7 +5,7 @@
 //! The list is cached and refreshed every second (and at once, rate-limited, when an unknown partner
 //! shows up), so a revocation takes effect on every router within about a second.
 
-use crate::routing::Router;
+use crate::routing::{Authenticated, Router};
 use nid_proto::error::status_with_reason;
 use nid_proto::v1::{AuthType, ErrorReason, ListPartnersInternalRequest, PartnerRecord};
 use ring::hmac;
@@ -23,15 +23,6 @@ pub struct Partners {
     key: hmac::Key,
     cache: RwLock<(u64, HashMap<String, PartnerRecord>)>,
     last_fetch: Mutex<Option<Instant>>,
-}
-
-/// A partner the router authenticated.
-#[derive(Debug, Clone)]
-pub struct Authenticated {
-    /// The partner id.
-    pub partner_id: String,
-    /// `nid.v1.AuthType` numbers it may use.
-    pub allowed: Vec<i32>,
 }
 
 fn unauthenticated(message: &str) -> Status {

@@ -3,7 +3,6 @@
 //! and the forwarding loop that follows not-leader and wrong-owner hints within the deadline.
 
 use crate::metrics::RouterMetrics;
-use crate::partners::Authenticated;
 use nid_proto::error::RoutingHint;
 use nid_proto::ids::{IdScheme, IdSchemeSeed};
 use nid_proto::v1::cell_client::CellClient;
@@ -19,6 +18,15 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+
+/// A partner the router authenticated.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    /// The partner id.
+    pub partner_id: String,
+    /// `nid.v1.AuthType` numbers it may use.
+    pub allowed: Vec<i32>,
+}
 
 /// The routing table as the router uses it.
 #[derive(Debug, Default)]
@@ -283,6 +291,7 @@ impl Router {
                     table_version,
                     partner_id: partner_id.clone(),
                     partner_allowed: partner_allowed.clone(),
+                    caller: String::new(),
                 }),
                 operation: Some(operation.clone()),
             });

@@ -1,11 +1,14 @@
-//! The public services the router serves: validation before routing (check digits, RIDs), the
-//! bucket from the request alone, then forwarding to the owning cell. Errors keep the cell's
+//! The public services the router serves: the domain's validation before routing (every field, the
+//! same rules the cells apply, so a malformed request never costs a hop), the bucket from the
+//! request alone, then forwarding to the owning cell. Errors keep the cell's
 //! status (codes, reasons, field violations) so clients see one error model.
 
-use crate::partners::{Authenticated, Partners};
-use crate::routing::Router;
+use crate::partners::Partners;
+use crate::routing::{Authenticated, Router};
+use nid_domain::validate::{self, Invalid};
 use nid_proto::bucket::{KeyDomain, bucket_of_key};
-use nid_proto::error::{invalid_field, status_with_reason};
+use nid_proto::error::{invalid_field, invalid_identifier};
+use nid_proto::ids::{IdScheme, Identifier};
 use nid_proto::v1::authentication_server::Authentication;
 use nid_proto::v1::cell_client::CellClient;
 use nid_proto::v1::cell_request::Operation;
@@ -16,7 +19,7 @@ use nid_proto::v1::*;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 /// Deadline for a request that brings none.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
@@ -79,12 +82,7 @@ impl Enrollment for EnrollmentService {
         let deadline = deadline_of(&request);
         let req = request.into_inner();
         observed(&self.0, "Enroll", async {
-            if req.rid.is_empty()
-                || req.rid.len() > 64
-                || !req.rid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            {
-                return Err(invalid_field("rid", "must be 1..=64 characters of A-Z, a-z, 0-9, '_' and '-'"));
-            }
+            validate::enroll(&req, now_ms()).map_err(invalid)?;
             let bucket = bucket_of_key(KeyDomain::Rid, req.rid.as_bytes()).get();
             match self.0.forward(bucket, Operation::Enroll(req), deadline).await? {
                 CellResult::Enroll(r) => Ok(r),
@@ -101,7 +99,7 @@ impl Enrollment for EnrollmentService {
         let deadline = deadline_of(&request);
         let req = request.into_inner();
         observed(&self.0, "GetIdentity", async {
-            let bucket = identifier_bucket(&self.0, "id", &req.id)?;
+            let bucket = checked(&self.0, |scheme| validate::get_identity(scheme, &req))?.bucket().get();
             match self.0.forward(bucket, Operation::GetIdentity(req), deadline).await? {
                 CellResult::GetIdentity(r) => Ok(r),
                 _ => Err(unexpected()),
@@ -116,8 +114,8 @@ impl Enrollment for EnrollmentService {
     ) -> Result<Response<UpdateIdentityResponse>, Status> {
         let deadline = deadline_of(&request);
         let req = request.into_inner();
-        let id = req.uin.clone();
-        by_id(&self.0, "UpdateIdentity", "uin", &id, Operation::UpdateIdentity(req), deadline, None, |r| {
+        let bucket = checked(&self.0, |scheme| validate::update(scheme, &req, now_ms()));
+        by_bucket(&self.0, "UpdateIdentity", bucket, Operation::UpdateIdentity(req), deadline, None, |r| {
             match r {
                 CellResult::UpdateIdentity(r) => Some(r),
                 _ => None,
@@ -132,8 +130,8 @@ impl Enrollment for EnrollmentService {
     ) -> Result<Response<SetStatusResponse>, Status> {
         let deadline = deadline_of(&request);
         let req = request.into_inner();
-        let id = req.uin.clone();
-        by_id(&self.0, "SetStatus", "uin", &id, Operation::SetStatus(req), deadline, None, |r| match r {
+        let bucket = checked(&self.0, |scheme| validate::set_status(scheme, &req));
+        by_bucket(&self.0, "SetStatus", bucket, Operation::SetStatus(req), deadline, None, |r| match r {
             CellResult::SetStatus(r) => Some(r),
             _ => None,
         })
@@ -146,8 +144,8 @@ impl Enrollment for EnrollmentService {
     ) -> Result<Response<GetHistoryResponse>, Status> {
         let deadline = deadline_of(&request);
         let req = request.into_inner();
-        let id = req.uin.clone();
-        by_id(&self.0, "GetHistory", "uin", &id, Operation::GetHistory(req), deadline, None, |r| match r {
+        let bucket = checked(&self.0, |scheme| validate::get_history(scheme, &req).map(|(id, _)| id));
+        by_bucket(&self.0, "GetHistory", bucket, Operation::GetHistory(req), deadline, None, |r| match r {
             CellResult::GetHistory(r) => Some(r),
             _ => None,
         })
@@ -160,8 +158,8 @@ impl Enrollment for EnrollmentService {
     ) -> Result<Response<CreateVidResponse>, Status> {
         let deadline = deadline_of(&request);
         let req = request.into_inner();
-        let id = req.uin.clone();
-        by_id(&self.0, "CreateVid", "uin", &id, Operation::CreateVid(req), deadline, None, |r| match r {
+        let bucket = checked(&self.0, |scheme| validate::create_vid(scheme, &req, now_ms()).map(|v| v.uin));
+        by_bucket(&self.0, "CreateVid", bucket, Operation::CreateVid(req), deadline, None, |r| match r {
             CellResult::CreateVid(r) => Some(r),
             _ => None,
         })
@@ -174,8 +172,8 @@ impl Enrollment for EnrollmentService {
     ) -> Result<Response<RevokeVidResponse>, Status> {
         let deadline = deadline_of(&request);
         let req = request.into_inner();
-        let id = req.vid.clone();
-        by_id(&self.0, "RevokeVid", "vid", &id, Operation::RevokeVid(req), deadline, None, |r| match r {
+        let bucket = checked(&self.0, |scheme| validate::revoke_vid(scheme, &req));
+        by_bucket(&self.0, "RevokeVid", bucket, Operation::RevokeVid(req), deadline, None, |r| match r {
             CellResult::RevokeVid(r) => Some(r),
             _ => None,
         })
@@ -188,46 +186,65 @@ impl Enrollment for EnrollmentService {
     ) -> Result<Response<LockAuthTypesResponse>, Status> {
         let deadline = deadline_of(&request);
         let req = request.into_inner();
-        let id = req.id.clone();
-        by_id(&self.0, "LockAuthTypes", "id", &id, Operation::LockAuthTypes(req), deadline, None, |r| match r
-        {
-            CellResult::LockAuthTypes(r) => Some(r),
-            _ => None,
-        })
+        let bucket =
+            checked(&self.0, |scheme| validate::lock_auth_types(scheme, &req, now_ms()).map(|l| l.id));
+        by_bucket(
+            &self.0,
+            "LockAuthTypes",
+            bucket,
+            Operation::LockAuthTypes(req),
+            deadline,
+            None,
+            |r| match r {
+                CellResult::LockAuthTypes(r) => Some(r),
+                _ => None,
+            },
+        )
         .await
     }
 }
 
-/// Validates `id` (check digit, scheme), routes by its bucket and unwraps the matching result.
+/// Routes a validated request (its identifier, or why it is invalid) by its bucket and unwraps the
+/// matching result.
 #[allow(clippy::too_many_arguments)]
-pub async fn by_id<T>(
+pub async fn by_bucket<T>(
     router: &Router,
     method: &'static str,
-    field: &str,
-    id: &str,
+    id: Result<Identifier, Status>,
     operation: Operation,
     deadline: Instant,
     partner: Option<&Authenticated>,
     extract: impl FnOnce(CellResult) -> Option<T>,
 ) -> Result<Response<T>, Status> {
     observed(router, method, async {
-        let bucket = identifier_bucket(router, field, id)?;
+        let bucket = id?.bucket().get();
         let result = router.forward_as(bucket, operation, deadline, partner).await?;
         extract(result).ok_or_else(unexpected)
     })
     .await
 }
 
-fn identifier_bucket(router: &Router, field: &str, id: &str) -> Result<u16, Status> {
+/// Runs the domain's validation of a request with the cluster's identifier scheme.
+pub fn checked<T>(router: &Router, f: impl FnOnce(&IdScheme) -> Result<T, Invalid>) -> Result<T, Status> {
     let scheme = router.scheme()?;
-    scheme.parse(id).map(|i| i.bucket().get()).map_err(|e| {
-        status_with_reason(
-            Code::InvalidArgument,
-            format!("{field}: {e}"),
-            ErrorReason::InvalidIdentifier,
-            &[("field", field.to_owned())],
-        )
-    })
+    f(&scheme).map_err(invalid)
+}
+
+/// The status of an invalid request: the same model the cells answer with.
+fn invalid(i: Invalid) -> Status {
+    match i {
+        Invalid::Identifier { field, message } => invalid_identifier(&field, message),
+        Invalid::Fields(v) => {
+            v.into_result().err().unwrap_or_else(|| Status::invalid_argument("invalid request"))
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The public `Authentication` service: partners authenticate with their API key; decisions are
@@ -250,16 +267,15 @@ impl Authentication for AuthenticationService {
         let deadline = deadline_of(&request);
         let partner = self.partners.authenticate(&self.router, request.metadata()).await;
         let req = request.into_inner();
-        let id = req.id.clone();
         let partner = match partner {
             Ok(p) => p,
             Err(e) => return observed(&self.router, "Authenticate", async { Err(e) }).await,
         };
-        by_id(
+        let bucket = checked(&self.router, |scheme| validate::authenticate(scheme, &req).map(|a| a.id));
+        by_bucket(
             &self.router,
             "Authenticate",
-            "id",
-            &id,
+            bucket,
             Operation::Authenticate(req),
             deadline,
             Some(&partner),
@@ -305,12 +321,12 @@ impl Authentication for AuthenticationService {
     ) -> Result<Response<GetAuthHistoryResponse>, Status> {
         let deadline = deadline_of(&request);
         let req = request.into_inner();
-        let id = req.id.clone();
-        by_id(
+        let bucket =
+            checked(&self.router, |scheme| validate::get_auth_history(scheme, &req).map(|(id, _, _)| id));
+        by_bucket(
             &self.router,
             "GetAuthHistory",
-            "id",
-            &id,
+            bucket,
             Operation::GetAuthHistory(req),
             deadline,
             None,

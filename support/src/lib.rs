@@ -3,9 +3,10 @@
 //! tests' scan for plaintext at rest. Kept out of `nid-proto`, which does no I/O,
 //! and free of storage dependencies, so every binary may use it.
 
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+pub mod grpc_metrics;
+pub mod logging;
+pub mod metrics_http;
+
 use tokio::net::TcpListener;
 
 /// Waits for SIGTERM or SIGINT (or Ctrl-C where Unix signals are unavailable).
@@ -88,62 +89,6 @@ pub fn code_name(code: tonic::Code) -> &'static str {
         Code::Unavailable => "Unavailable",
         Code::DataLoss => "DataLoss",
         Code::Unauthenticated => "Unauthenticated",
-    }
-}
-
-/// Renders the metrics text on demand.
-pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
-
-/// Serves `GET /metrics` (the text of `render`) and `GET /healthz` over HTTP/1.1 on `listener`,
-/// one short-lived connection per request.
-pub async fn serve_metrics(listener: TcpListener, render: Render) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
-        let render = render.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let path = head.split_whitespace().nth(1).unwrap_or("");
-            let (status, body) = match path {
-                "/metrics" => ("200 OK", render()),
-                "/healthz" => ("200 OK", "ok\n".to_owned()),
-                _ => ("404 Not Found", "not found\n".to_owned()),
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-        });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
-    }
-
-    #[tokio::test]
-    async fn serves_metrics_health_and_404() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve_metrics(listener, Arc::new(|| "nid_up 1\n".to_owned())));
-        let metrics = get(addr, "/metrics").await;
-        assert!(metrics.starts_with("HTTP/1.1 200 OK"));
-        assert!(metrics.ends_with("nid_up 1\n"));
-        assert!(get(addr, "/healthz").await.ends_with("ok\n"));
-        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
     }
 }
 

@@ -147,6 +147,7 @@ async fn every_enrollment_rpc_reaches_the_owning_cell_through_the_router() {
     d.phone = "+15550009999".into();
     let v = c
         .update_identity(UpdateIdentityRequest {
+            request_id: String::new(),
             uin: uin.clone(),
             expected_version: 1,
             demographics: Some(d),
@@ -159,6 +160,7 @@ async fn every_enrollment_rpc_reaches_the_owning_cell_through_the_router() {
     assert_eq!(v, 2);
     let stale = c
         .update_identity(UpdateIdentityRequest {
+            request_id: String::new(),
             uin: uin.clone(),
             expected_version: 1,
             demographics: enroll_request("x", "Late").demographics,
@@ -169,6 +171,7 @@ async fn every_enrollment_rpc_reaches_the_owning_cell_through_the_router() {
     assert_eq!(stale.code(), Code::Aborted);
     let vid = c
         .create_vid(CreateVidRequest {
+            request_id: String::new(),
             uin: uin.clone(),
             kind: VidKind::Perpetual as i32,
             expires_at: None,
@@ -186,6 +189,7 @@ async fn every_enrollment_rpc_reaches_the_owning_cell_through_the_router() {
     assert_eq!(by_vid.demographics.unwrap().full_name, "Router Life Renamed");
     let locks = c
         .lock_auth_types(LockAuthTypesRequest {
+            request_id: String::new(),
             id: vid.clone(),
             lock: vec![AuthLock { auth_type: AuthType::Totp as i32, until: None }],
             unlock: vec![],
@@ -195,9 +199,10 @@ async fn every_enrollment_rpc_reaches_the_owning_cell_through_the_router() {
         .into_inner()
         .locks;
     assert_eq!(locks.len(), 1);
-    c.revoke_vid(RevokeVidRequest { vid: vid.clone() }).await.unwrap();
+    c.revoke_vid(RevokeVidRequest { vid: vid.clone(), request_id: String::new() }).await.unwrap();
     assert_eq!(c.get_identity(GetIdentityRequest { id: vid }).await.unwrap_err().code(), Code::NotFound);
     c.set_status(SetStatusRequest {
+        request_id: String::new(),
         uin: uin.clone(),
         status: IdentityStatus::Blocked as i32,
         reason: "test".into(),

@@ -211,7 +211,7 @@ async fn killing_the_leader_under_writes_loses_no_acknowledged_write() {
             http_get(&cell.nodes[(l - 1) as usize].metrics_addr, "/metrics").await.unwrap_or_default();
         let sweeps = metrics
             .lines()
-            .find_map(|line| line.strip_prefix("nid_auth_replay_sweeps_total "))
+            .find_map(|line| line.strip_prefix("nid_sweeps_total "))
             .and_then(|v| v.trim().parse::<f64>().ok())
             .unwrap_or(0.0);
         if sweeps > 0.0 {
@@ -351,6 +351,7 @@ async fn no_plaintext_identifier_or_personal_data_reaches_disk_or_logs() {
             // (whose factors ride in the Raft log), their audit records.
             let renamed = format!("Xochiquetzal Qwertyuiop{i:02}");
             let update = Operation::UpdateIdentity(UpdateIdentityRequest {
+                request_id: String::new(),
                 uin: uin.clone(),
                 expected_version: 1,
                 demographics: Some(Demographics {
@@ -362,6 +363,7 @@ async fn no_plaintext_identifier_or_personal_data_reaches_disk_or_logs() {
             });
             execute(&cell, CellRequest { route: None, operation: Some(update) }, WAIT).await.unwrap();
             let vid = Operation::CreateVid(CreateVidRequest {
+                request_id: String::new(),
                 uin: uin.clone(),
                 kind: VidKind::Perpetual as i32,
                 expires_at: None,
@@ -383,6 +385,7 @@ async fn no_plaintext_identifier_or_personal_data_reaches_disk_or_logs() {
                 }),
             });
             let route = RouteHeader {
+                bucket: u32::from(nid_proto::ids::IdScheme::dev().parse(&uin).unwrap().bucket().get()),
                 partner_id: "bank-a".into(),
                 partner_allowed: vec![1, 2, 3],
                 ..Default::default()

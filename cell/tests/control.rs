@@ -1,0 +1,121 @@
+//! The control state machine in an in-process control cell: cluster creation once, partners
+//! created once with only their verifier stored, and apply that stays total at the edges (a
+//! version or epoch at its maximum is refused on every replica, never a panic).
+
+use nid_control::commands::{CommitMove, Init, PutPartner, control_command};
+use nid_control::{Changed, ControlCommand, ControlMachine, ControlRejection, store};
+use nid_engine::KvRead as _;
+use nid_proto::v1::{CellInfo, ClusterConfig, Partner, PartnerRecord, ReplicaInfo, RoutingTable};
+use nid_testkit::Cluster;
+use std::sync::Arc;
+
+fn control(n: u64) -> Cluster<ControlMachine> {
+    Cluster::new(n, |_| ControlMachine::new(Arc::new(tokio::sync::watch::channel(0).0)))
+}
+
+fn cell_info(id: u64) -> CellInfo {
+    CellInfo {
+        cell_id: id,
+        replicas: vec![ReplicaInfo { node_id: 1, address: "h:1".into(), zone: "a".into() }],
+        weight: 1,
+        state: 2,
+    }
+}
+
+fn init(version: u64) -> ControlCommand {
+    let n = usize::from(nid_proto::bucket::BUCKETS);
+    ControlCommand::new(control_command::Kind::Init(Init {
+        config: Some(ClusterConfig { buckets: n as u32, id_scheme_seed: vec![7; 32], name: "t".into() }),
+        table: Some(RoutingTable {
+            version,
+            owner: vec![1; n],
+            epoch: vec![0; n],
+            cells: vec![cell_info(1)],
+        }),
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_cell_creates_a_partner_once_and_stores_only_its_verifier() {
+    let mut c = control(3);
+    c.start();
+    assert_eq!(c.must_propose(&init(1)).await, Ok(Changed { changed: true, version: 1 }));
+    assert_eq!(c.must_propose(&init(1)).await, Ok(Changed { changed: false, version: 1 }), "idempotent");
+    let record = |name: &str, revoked: bool| PartnerRecord {
+        partner: Some(Partner {
+            partner_id: "bank-a".into(),
+            name: name.into(),
+            revoked,
+            ..Default::default()
+        }),
+        secret_digest: vec![7; 32],
+    };
+    let put = |r: PartnerRecord, create_only: bool| {
+        ControlCommand::new(control_command::Kind::PutPartner(PutPartner { partner: Some(r), create_only }))
+    };
+    assert_eq!(
+        c.must_propose(&put(record("A", false), true)).await,
+        Ok(Changed { changed: true, version: 1 })
+    );
+    assert_eq!(
+        c.must_propose(&put(record("Impostor", false), true)).await,
+        Err(ControlRejection::PartnerExists),
+        "two concurrent adds cannot overwrite each other"
+    );
+    assert_eq!(
+        c.must_propose(&put(record("A", true), false)).await,
+        Ok(Changed { changed: true, version: 2 })
+    );
+    let leader = tokio::task::block_in_place(|| c.must_leader());
+    let list = c.node(leader).view(|v| store::partners(v)).unwrap();
+    assert_eq!(list.partners_version, 2);
+    assert_eq!(list.partners, vec![record("A", true)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_and_epochs_at_their_limit_are_refused_on_every_replica_never_a_panic() {
+    let mut c = control(3);
+    c.start();
+    // A cluster can only be created at version 1 with every epoch 0 (InitCluster used to take
+    // any version, and the next registration then overflowed inside apply on every replica).
+    assert!(matches!(c.must_propose(&init(u64::MAX)).await, Err(ControlRejection::Malformed(_))));
+    assert_eq!(c.must_propose(&init(1)).await, Ok(Changed { changed: true, version: 1 }));
+    let leader = tokio::task::block_in_place(|| c.must_leader());
+    let applied = c.status(leader).applied;
+    for id in 1..=3 {
+        tokio::task::block_in_place(|| c.must_applied(id, applied));
+    }
+    // Whatever is on disk, apply stays total: a table at the last version refuses to grow.
+    let n = usize::from(nid_proto::bucket::BUCKETS);
+    let mut exhausted = RoutingTable {
+        version: u64::MAX,
+        owner: vec![1; n],
+        epoch: vec![0; n],
+        cells: vec![cell_info(1), cell_info(2)],
+    };
+    exhausted.epoch[5] = u64::MAX;
+    for id in 1..=3 {
+        let db = c.node(id).db().clone();
+        let data = db.cf_handle(nid_engine::keys::CF_DATA).unwrap();
+        db.put_cf(data, store::TABLE, nid_proto::codec::encode(&exhausted)).unwrap();
+    }
+    let register = ControlCommand::new(control_command::Kind::RegisterCell(cell_info(3)));
+    assert_eq!(c.must_propose(&register).await, Err(ControlRejection::Exhausted));
+    let moved = ControlCommand::new(control_command::Kind::CommitMove(CommitMove {
+        bucket: 5,
+        from: 1,
+        to: 2,
+        expected_epoch: u64::MAX,
+    }));
+    assert_eq!(c.must_propose(&moved).await, Err(ControlRejection::Exhausted));
+    // Every replica is alive, agrees and still holds the table unchanged.
+    let leader = tokio::task::block_in_place(|| c.must_leader());
+    let applied = c.status(leader).applied;
+    for id in 1..=3 {
+        tokio::task::block_in_place(|| c.must_applied(id, applied));
+        assert!(!c.node(id).stopped().is_cancelled(), "replica {id} stopped");
+        let table = c.node(id).view(|v| store::table(v)).unwrap().unwrap();
+        assert_eq!(table.version, u64::MAX);
+        assert!(c.node(id).view(|v| v.get(store::CONFIG)).unwrap().is_some());
+    }
+}
