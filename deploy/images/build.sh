@@ -35,6 +35,8 @@ if [ "${NID_REBUILD_BASE:-0}" = 1 ] || ! docker image inspect "$base" >/dev/null
   # The mirror is the one this machine's apt uses.
   sources=/etc/apt/sources.list.d/debian.sources
   [ -f "$sources" ] || sources=/etc/apt/sources.list
+  # The hooks run inside mmdebstrap, which passes the root directory as $1.
+  # shellcheck disable=SC2016
   mmdebstrap --quiet --variant=extract \
     --include=libc6,libgcc-s1,libstdc++6,tzdata,netbase,ca-certificates \
     --customize-hook='rm -rf "$1"/usr/share/doc "$1"/usr/share/man "$1"/usr/share/locale "$1"/usr/share/lintian "$1"/var/cache/apt "$1"/var/lib/apt/lists' \
