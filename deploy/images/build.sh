@@ -35,14 +35,15 @@ if [ "${NID_REBUILD_BASE:-0}" = 1 ] || ! docker image inspect "$base" >/dev/null
   # The mirror is the one this machine's apt uses.
   sources=/etc/apt/sources.list.d/debian.sources
   [ -f "$sources" ] || sources=/etc/apt/sources.list
-  # The hooks run inside mmdebstrap, which passes the root directory as $1.
+  # The hooks run after extraction (the extract variant runs no customize hooks); mmdebstrap passes
+  # the root directory as $1.
   # shellcheck disable=SC2016
   mmdebstrap --quiet --variant=extract \
     --include=libc6,libgcc-s1,libstdc++6,tzdata,netbase,ca-certificates \
-    --customize-hook='rm -rf "$1"/usr/share/doc "$1"/usr/share/man "$1"/usr/share/locale "$1"/usr/share/lintian "$1"/var/cache/apt "$1"/var/lib/apt/lists' \
-    --customize-hook='printf "root:x:0:0:root:/root:/usr/sbin/nologin\nnid:x:10001:10001:nid:/var/lib/nid:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n" > "$1/etc/passwd"' \
-    --customize-hook='printf "root:x:0:\nnid:x:10001:\nnogroup:x:65534:\n" > "$1/etc/group"' \
-    --customize-hook='mkdir -p "$1/var/lib/nid" "$1/prometheus" "$1/tmp" && chown 10001:10001 "$1/var/lib/nid" && chown 65534:65534 "$1/prometheus" && chmod 0700 "$1/var/lib/nid" && chmod 1777 "$1/tmp"' \
+    --extract-hook='rm -rf "$1"/usr/share/doc "$1"/usr/share/man "$1"/usr/share/locale "$1"/usr/share/lintian "$1"/var/cache/apt "$1"/var/lib/apt/lists' \
+    --extract-hook='printf "root:x:0:0:root:/root:/usr/sbin/nologin\nnid:x:10001:10001:nid:/var/lib/nid:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n" > "$1/etc/passwd"' \
+    --extract-hook='printf "root:x:0:\nnid:x:10001:\nnogroup:x:65534:\n" > "$1/etc/group"' \
+    --extract-hook='mkdir -p "$1/var/lib/nid" "$1/prometheus" "$1/tmp" && chown 10001:10001 "$1/var/lib/nid" && chown 65534:65534 "$1/prometheus" && chmod 0700 "$1/var/lib/nid" && chmod 1777 "$1/tmp"' \
     bookworm "$stage/base.tar" "$sources"
   docker import \
     --change 'ENV PATH=/usr/local/bin:/usr/bin:/bin' \
