@@ -66,6 +66,17 @@ trap cleanup EXIT
 for b in nid-cell nid-router nidctl; do
   [ -x "$bin_dir/$b" ] || { fail "binary $bin_dir/$b exists (build the workspace first)"; finish; }
 done
+# The interfaces the compose cluster relies on; a binary without one fails here, by name.
+interfaces_present() {
+  local ok=0
+  "$nidctl" cluster init --help >/dev/null 2>&1 || { say "  nidctl has no 'cluster init'"; ok=1; }
+  "$nidctl" probe --help >/dev/null 2>&1 || { say "  nidctl has no 'probe'"; ok=1; }
+  "$bin_dir/nid-cell" --help 2>&1 | grep -q -- --log-format || { say "  nid-cell has no --log-format"; ok=1; }
+  "$bin_dir/nid-router" --help 2>&1 | grep -q -- --log-format || { say "  nid-router has no --log-format"; ok=1; }
+  return "$ok"
+}
+check "the binaries have nidctl cluster init, nidctl probe and --log-format" interfaces_present || true
+[ "$failed" -eq 0 ] || finish
 "${compose[@]}" down -v --remove-orphans >/dev/null 2>&1
 
 say "building images from $bin_dir"
