@@ -110,6 +110,9 @@ def build():
         (f'sum by (cell) (rate(nid_raft_proposals_committed_total{{{CELL}}}[{RI}]))', "cell {{cell}} committed"),
         (f'sum by (cell, reason) (rate(nid_raft_proposals_failed_total{{{CELL}}}[{RI}]))', "cell {{cell}} failed: {{reason}}", False),
     ], unit="ops", width=12)
+    d.panel("timeseries", "Raft log entries (compaction keeps it short)", [(f'nid_raft_log_entries{{{CELL}}}', "cell {{cell}} node {{node}}")], width=8)
+    d.panel("timeseries", "Client queue (proposals and reads waiting for the Raft loop)", [(f'nid_raft_client_queue{{{CELL}}}', "cell {{cell}} node {{node}}")], width=8)
+    d.panel("timeseries", "Voters per cell", [(f'max by (cell) (nid_raft_voters{{{CELL}}})', "cell {{cell}}")], width=8)
     d.panel("timeseries", "Group commit: commands per entry (p50)", [
         (f'histogram_quantile(0.5, sum by (cell, le) (rate(nid_raft_batch_commands_bucket{{{CELL}}}[{RI}])))', "cell {{cell}}"),
     ], width=12)
