@@ -162,6 +162,9 @@ say "healing $victim"
 for n in "${victim_networks[@]}"; do docker network connect --alias "$victim" "$n" "$victim_id"; done
 caught_up() { has_data "up{instance=\"$victim\"} == 1 and on (instance) nid:raft_apply_lag:entries{instance=\"$victim\"} == 0"; }
 check "$victim is scraped again and has caught up (apply lag 0)" eventually 90 caught_up
+status_shows_up() { "$nidctl" status --router "$router" 2>/dev/null | grep -E "^ +1 +2 +$victim:7000 " | grep -q ' up *$'; }
+check "nidctl status (through the router) shows $victim up again" eventually 60 status_shows_up
+"$nidctl" status --router "$router" 2>&1 | sed 's/^/        /'
 
 # Dashboard queries after traffic: every query that must have data has some.
 dashboard_data() {
@@ -219,9 +222,10 @@ check "zone-c replicas exit 0 on SIGTERM (stop took ${stop_secs}s, grace 30s)" e
 before=${#uins[@]}
 check "enrolment continues in both data cells with zone-c down (10 more)" enroll_many "E2E-$run-C" 10
 check "every person enrolled so far authenticates with zone-c down ($before + 10)" auth_all 0 2468
-check "the control cell serves with zone-c down (register a partner)" \
-  "$nidctl" partner add e2e-partner-2 --allow pin --router "$router" --admin-token-file "$admin_token"
-check "nidctl status answers with zone-c down" "$nidctl" status --router "$router"
+register_partner() { "$nidctl" partner add e2e-partner-2 --allow pin --router "$router" --admin-token-file "$admin_token" >/dev/null 2>&1; }
+check "the control cell serves with zone-c down (register a partner)" register_partner
+status_answers() { "$nidctl" status --router "$router" 2>&1 | sed 's/^/        /'; }
+check "nidctl status answers with zone-c down" status_answers
 written_after_zone_loss() { has_data 'count(sum by (cell) (increase(nid_raft_proposals_committed_total{job="nid-cell",role="data",zone!="zone-c"}[1m])) > 0) == 2'; }
 check "both data cells committed writes during the zone loss" eventually 30 written_after_zone_loss
 "${compose[@]}" start "${zone_c[@]}" >/dev/null 2>&1

@@ -66,10 +66,14 @@ cp "$here"/Dockerfile.* "$stage/"
 
 build() { # NAME DOCKERFILE
   log "building $1:$tag"
-  docker build --quiet --build-arg "BASE=$base" \
+  # The legacy builder warns that it is deprecated on every build; show its output only on failure.
+  if ! docker build --quiet --build-arg "BASE=$base" \
     --label "org.opencontainers.image.source=nid" \
     --label "org.opencontainers.image.version=$tag" \
-    -f "$stage/$2" -t "$1:$tag" "$stage" >/dev/null
+    -f "$stage/$2" -t "$1:$tag" "$stage" >"$stage/build.log" 2>&1; then
+    cat "$stage/build.log" >&2
+    return 1
+  fi
 }
 build nid-cell Dockerfile.cell
 build nid-router Dockerfile.router
