@@ -112,6 +112,7 @@ def build():
     ], unit="ops", width=12)
     d.panel("timeseries", "Raft log entries (compaction keeps it short)", [(f'nid_raft_log_entries{{{CELL}}}', "cell {{cell}} node {{node}}")], width=8)
     d.panel("timeseries", "Client queue (proposals and reads waiting for the Raft loop)", [(f'nid_raft_client_queue{{{CELL}}}', "cell {{cell}} node {{node}}")], width=8)
+    d.panel("timeseries", "Buckets per cell and state", [(f'max by (cell, state) (nid_buckets{{{CELL},state!="not_owned"}})', "cell {{cell}} {{state}}")], width=8)
     d.panel("timeseries", "Voters per cell", [(f'max by (cell) (nid_raft_voters{{{CELL}}})', "cell {{cell}}")], width=8)
     d.panel("timeseries", "Group commit: commands per entry (p50)", [
         (f'histogram_quantile(0.5, sum by (cell, le) (rate(nid_raft_batch_commands_bucket{{{CELL}}}[{RI}])))', "cell {{cell}}"),
@@ -121,7 +122,7 @@ def build():
     d.panel("timeseries", "Router requests / s by method", [(f'sum by (grpc_method) (rate(nid_router_requests_total{{{ROUTER}}}[{RI}]))', "{{grpc_method}}")], unit="reqps", width=8, stack=True)
     d.panel("timeseries", "Router requests / s by code", [(f'sum by (grpc_code) (rate(nid_router_requests_total{{{ROUTER}}}[{RI}]))', "{{grpc_code}}")], unit="reqps", width=8, stack=True)
     d.panel("timeseries", "Router p99 by method", [(f'histogram_quantile(0.99, sum by (grpc_method, le) (rate(nid_router_request_duration_seconds_bucket{{{ROUTER}}}[{RI}])))', "{{grpc_method}}")], unit="s", width=8)
-    d.panel("timeseries", "Cell requests / s by method", [(f'sum by (grpc_method) (rate(nid_grpc_server_handled_total{{{CELL}}}[{RI}]))', "{{grpc_method}}")], unit="reqps", width=12, stack=True)
+    d.panel("timeseries", "Cell requests / s by method", [(f'sum by (grpc_service, grpc_method) (rate(nid_grpc_server_handled_total{{{CELL}}}[{RI}]))', "{{grpc_service}}/{{grpc_method}}")], unit="reqps", width=12, stack=True)
     d.panel("timeseries", "Cell p99 by method", [(f'histogram_quantile(0.99, sum by (grpc_method, le) (rate(nid_grpc_server_handling_seconds_bucket{{{CELL}}}[{RI}])))', "{{grpc_method}}")], unit="s", width=12)
 
     d.row("Authentication")
