@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end test of the compose cluster with the already-built binaries (make compose-test):
 # images, a control cell and two data cells of three replicas over three zones, a router and
-# Prometheus; enrolment and authentication through the published router port; one replica cut
+# Prometheus; enrolment and authentication through the published router port; cell 1's leader cut
 # off its networks (enrolment goes on, Prometheus fires NidReplicaDown), healed (it catches up);
 # a whole zone stopped (every cell still serves; replicas exit 0 on SIGTERM); the dashboard's
 # queries return data; every log line on stderr is JSON. Then everything is torn down.
