@@ -14,7 +14,8 @@ DEV_DIR ?= $(CURDIR)/.nid/dev
 # with etcdctl from etcd-client).
 DEBIAN_PACKAGES := clang libclang-dev protobuf-compiler etcd-server etcd-client
 
-.PHONY: all deps build test run fmt lint ci clean-dev help bench bench-cell bench-router install
+.PHONY: all deps build test run fmt lint ci clean-dev help bench bench-cell bench-router install \
+	deploy-check compose-test images compose-up compose-down
 
 all: build
 
@@ -27,6 +28,10 @@ help:
 	@echo "make bench-cell  write throughput/latency of one 3-replica cell"
 	@echo "make bench-router  latency and CPU the router adds to a read"
 	@echo "make install  put nidctl, nid-cell, nid-router, nid-loadtest in PREFIX/bin (default /usr/local as root, ~/.local otherwise)"
+	@echo "make deploy-check  every offline check of deploy/ (lint, promtool, kustomize, structure)"
+	@echo "make compose-test  end-to-end test of the compose cluster (needs root, docker.io)"
+	@echo "make images        build the container images from the built binaries (BIN_DIR=...)"
+	@echo "make compose-up    start the compose cluster; make compose-down stops it"
 
 deps:
 	@missing=""; \
@@ -97,3 +102,30 @@ install: build
 
 clean-dev:
 	rm -rf $(DEV_DIR)
+
+# ---- deploy/ (images, compose, Kubernetes, monitoring); none of these builds Rust ----
+BIN_DIR ?= $(CARGO_TARGET_DIR)/debug
+COMPOSE := docker-compose -f deploy/compose/docker-compose.yml -p nid
+
+# Every offline check of deploy/ in seconds: shellcheck, hadolint, yamllint, compose config,
+# promtool, kustomize + kubernetes-validate + structure test, dashboard freshness. Installs its
+# tools when missing (Debian packages as root, a venv under ~/.cache/nid/venv).
+deploy-check:
+	bash deploy/scripts/deploy-check.sh
+
+# The compose cluster end to end with the built binaries (root; starts dockerd when needed).
+compose-test:
+	bash deploy/compose/test.sh $(BIN_DIR)
+
+images:
+	bash deploy/scripts/ensure-tools.sh --docker >/dev/null
+	bash deploy/scripts/dockerd.sh start >/dev/null
+	bash deploy/images/build.sh $(BIN_DIR)
+
+compose-up: images
+	bash deploy/compose/gen-secrets.sh
+	$(COMPOSE) up -d
+	@echo "router: $$($(COMPOSE) port router 7000)  prometheus: $$($(COMPOSE) port prometheus 9090)"
+
+compose-down:
+	$(COMPOSE) down

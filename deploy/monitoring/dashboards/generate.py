@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""Generates the nid Grafana dashboard (nid-overview.json beside this file) from code.
+
+    generate.py                 write nid-overview.json
+    generate.py --check         exit 1 when the committed JSON differs from what this script makes,
+                                or when the dashboard's structure is wrong
+    generate.py --queries       print every panel query as JSON lines: {"panel", "expr", "expect_data"},
+                                with Grafana variables replaced so promtool and Prometheus accept them
+
+Only the standard library: the output is plain Grafana dashboard JSON (schemaVersion 39).
+expect_data is false for series that exist only after an event (a failure, a snapshot, a retry) or
+that the binaries do not export yet; the compose test requires data from every other query.
+"""
+import json
+import sys
+from pathlib import Path
+
+OUT = Path(__file__).with_name("nid-overview.json")
+DS = {"type": "prometheus", "uid": "${datasource}"}
+CELL = 'job="nid-cell",cell=~"$cell"'
+ROUTER = 'job="nid-router"'
+RI = "$__rate_interval"
+# What the variables become for promtool and for the compose Prometheus.
+SUBSTITUTIONS = {"$__rate_interval": "1m", "$cell": ".*"}
+
+
+class Dashboard:
+    def __init__(self):
+        self.panels = []
+        self.expectations = []
+        self.y = 0
+        self.x = 0
+        self.row_height = 0
+
+    def row(self, title):
+        self._newline()
+        self.panels.append({
+            "type": "row", "title": title, "collapsed": False, "id": len(self.panels) + 1,
+            "gridPos": {"h": 1, "w": 24, "x": 0, "y": self.y}, "panels": [],
+        })
+        self.y += 1
+
+    def _newline(self):
+        if self.x:
+            self.y += self.row_height
+            self.x = 0
+            self.row_height = 0
+
+    def panel(self, kind, title, targets, unit="short", width=8, height=8, description="", stack=False):
+        """targets: (expr, legend) or (expr, legend, expect_data)."""
+        if self.x + width > 24:
+            self._newline()
+        built = []
+        for i, t in enumerate(targets):
+            expr, legend = t[0], t[1]
+            expect = t[2] if len(t) > 2 else True
+            built.append({"datasource": DS, "expr": expr, "legendFormat": legend, "refId": chr(ord("A") + i)})
+            self.expectations.append({"panel": title, "expr": expr, "expect_data": expect})
+        panel = {
+            "type": kind, "title": title, "description": description, "id": len(self.panels) + 1,
+            "datasource": DS, "targets": built,
+            "gridPos": {"h": height, "w": width, "x": self.x, "y": self.y},
+            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+            "options": {},
+        }
+        if kind == "timeseries":
+            panel["fieldConfig"]["defaults"]["custom"] = {
+                "drawStyle": "line", "lineWidth": 1, "fillOpacity": 10 if stack else 0,
+                "stacking": {"mode": "normal" if stack else "none"},
+            }
+            panel["options"] = {"legend": {"displayMode": "table", "placement": "bottom", "calcs": ["lastNotNull", "max"]},
+                                "tooltip": {"mode": "multi"}}
+        if kind == "stat":
+            panel["options"] = {"reduceOptions": {"calcs": ["lastNotNull"]}, "colorMode": "value", "graphMode": "area"}
+        self.panels.append(panel)
+        self.x += width
+        self.row_height = max(self.row_height, height)
+
+
+def build():
+    d = Dashboard()
+
+    d.row("Cluster overview")
+    d.panel("stat", "Cells with a leader", [(f'count(max by (cell) (nid_raft_has_leader{{{CELL}}}) == 1)', "cells")], width=4, height=5,
+            description="Cells (the control cell included) where some replica knows a leader.")
+    d.panel("stat", "Cells without a leader", [(f'count(max by (cell) (nid_raft_has_leader{{{CELL}}}) == 0) or vector(0)', "cells")], width=4, height=5)
+    d.panel("stat", "Replicas up", [(f'sum(up{{{CELL}}})', "up"), (f'count(up{{{CELL}}})', "configured")], width=4, height=5)
+    d.panel("stat", "Routers up", [(f'sum(up{{{ROUTER}}})', "up")], width=4, height=5)
+    d.panel("stat", "Requests / s", [(f'sum(rate(nid_router_requests_total{{{ROUTER}}}[{RI}]))', "req/s")], unit="reqps", width=4, height=5)
+    d.panel("stat", "Firing nid alerts", [('count(ALERTS{alertstate="firing",alertname=~"Nid.*"}) or vector(0)', "alerts")], width=4, height=5)
+    d.panel("timeseries", "Availability SLO: error ratio (budget 0.1%)", [
+        ("nid:router_request_errors:ratio_rate5m", "5m"),
+        ("nid:router_request_errors:ratio_rate1h", "1h"),
+        ("nid:router_request_errors:ratio_rate6h", "6h"),
+    ], unit="percentunit", width=12)
+    d.panel("timeseries", "Latency SLO: share slower than 250 ms (budget 1%)", [
+        ("nid:router_request_slow:ratio_rate5m", "5m"),
+        ("nid:router_request_slow:ratio_rate1h", "1h"),
+        ("nid:router_request_slow:ratio_rate6h", "6h"),
+    ], unit="percentunit", width=12)
+
+    d.row("Raft, per cell")
+    d.panel("timeseries", "Leaders", [(f'nid_raft_is_leader{{{CELL}}} == 1', "cell {{cell}} node {{node}} ({{zone}})")], width=8,
+            description="One line per cell: its leader's node and zone; a gap is a cell without a leader.")
+    d.panel("timeseries", "Term", [(f'max by (cell) (nid_raft_term{{{CELL}}})', "cell {{cell}}")], width=8)
+    d.panel("timeseries", "Leader changes (15 min)", [(f'max by (cell) (increase(nid_raft_leader_changes_seen_total{{{CELL}}}[15m]))', "cell {{cell}}")], width=8)
+    d.panel("timeseries", "Apply lag (entries behind the cell's commit index)", [("nid:raft_apply_lag:entries", "cell {{cell}} node {{node}}")], width=8)
+    d.panel("timeseries", "Commits / s", [(f'max by (cell) (rate(nid_raft_commit_index{{{CELL}}}[{RI}]))', "cell {{cell}}")], unit="ops", width=8)
+    d.panel("timeseries", "Proposals committed / failed", [
+        (f'sum by (cell) (rate(nid_raft_proposals_committed_total{{{CELL}}}[{RI}]))', "cell {{cell}} committed"),
+        (f'sum by (cell, reason) (rate(nid_raft_proposals_failed_total{{{CELL}}}[{RI}]))', "cell {{cell}} failed: {{reason}}", False),
+    ], unit="ops", width=12)
+    d.panel("timeseries", "Raft log entries (compaction keeps it short)", [(f'nid_raft_log_entries{{{CELL}}}', "cell {{cell}} node {{node}}")], width=8)
+    d.panel("timeseries", "Client queue (proposals and reads waiting for the Raft loop)", [(f'nid_raft_client_queue{{{CELL}}}', "cell {{cell}} node {{node}}")], width=8)
+    d.panel("timeseries", "Buckets per cell and state", [(f'max by (cell, state) (nid_buckets{{{CELL},state!="not_owned"}})', "cell {{cell}} {{state}}")], width=8)
+    d.panel("timeseries", "Voters per cell", [(f'max by (cell) (nid_raft_voters{{{CELL}}})', "cell {{cell}}")], width=8)
+    d.panel("timeseries", "Group commit: commands per entry (p50)", [
+        (f'histogram_quantile(0.5, sum by (cell, le) (rate(nid_raft_batch_commands_bucket{{{CELL}}}[{RI}])))', "cell {{cell}}"),
+    ], width=12)
+
+    d.row("Requests")
+    d.panel("timeseries", "Router requests / s by method", [(f'sum by (grpc_method) (rate(nid_router_requests_total{{{ROUTER}}}[{RI}]))', "{{grpc_method}}")], unit="reqps", width=8, stack=True)
+    d.panel("timeseries", "Router requests / s by code", [(f'sum by (grpc_code) (rate(nid_router_requests_total{{{ROUTER}}}[{RI}]))', "{{grpc_code}}")], unit="reqps", width=8, stack=True)
+    d.panel("timeseries", "Router p99 by method", [(f'histogram_quantile(0.99, sum by (grpc_method, le) (rate(nid_router_request_duration_seconds_bucket{{{ROUTER}}}[{RI}])))', "{{grpc_method}}")], unit="s", width=8)
+    d.panel("timeseries", "Cell requests / s by method", [(f'sum by (grpc_service, grpc_method) (rate(nid_grpc_server_handled_total{{{CELL}}}[{RI}]))', "{{grpc_service}}/{{grpc_method}}")], unit="reqps", width=12, stack=True)
+    d.panel("timeseries", "Cell p99 by method", [(f'histogram_quantile(0.99, sum by (grpc_method, le) (rate(nid_grpc_server_handling_seconds_bucket{{{CELL}}}[{RI}])))', "{{grpc_method}}")], unit="s", width=12)
+
+    d.row("Authentication")
+    d.panel("timeseries", "Decisions / s: yes and no", [
+        (f'sum by (result) (rate(nid_auth_decisions_total{{{CELL}}}[{RI}]))', "{{result}}"),
+        (f'sum(rate(nid_auth_repeated_answers_total{{{CELL}}}[{RI}]))', "repeated (retry answered)", False),
+    ], unit="ops", width=8, stack=True)
+    d.panel("timeseries", "Partner calls refused at the router, by code", [
+        (f'sum by (grpc_code) (rate(nid_router_requests_total{{{ROUTER},grpc_method="Authenticate",grpc_code!="OK"}}[{RI}]))', "{{grpc_code}}", False),
+    ], unit="reqps", width=8,
+        description="Authenticate calls that ended without a decision: Unauthenticated and PermissionDenied are bad or revoked API keys. "
+                    "Decisions by reason need a reason label on nid_auth_decisions_total (requested).")
+    d.panel("timeseries", "Share of no", [("nid:auth_decisions_no:ratio_rate10m", "no / all")], unit="percentunit", width=8)
+
+    d.row("Storage and latency inside the cell")
+    d.panel("timeseries", "Raft log fsync p99 / p50", [
+        ("nid:raft_fsync_duration_seconds:p99_rate5m", "p99 cell {{cell}} node {{node}}"),
+        (f'histogram_quantile(0.5, sum by (cell, node, le) (rate(nid_raft_fsync_duration_seconds_bucket{{{CELL}}}[{RI}])))', "p50 cell {{cell}} node {{node}}"),
+    ], unit="s", width=8)
+    d.panel("timeseries", "Apply p99 per Ready", [
+        (f'histogram_quantile(0.99, sum by (cell, node, le) (rate(nid_raft_apply_duration_seconds_bucket{{{CELL}}}[{RI}])))', "cell {{cell}} node {{node}}"),
+    ], unit="s", width=8)
+    d.panel("timeseries", "RocksDB size", [(f'nid_rocksdb_size_bytes{{{CELL}}}', "cell {{cell}} node {{node}}")], unit="bytes", width=8)
+    d.panel("timeseries", "Log entries compacted / s", [(f'sum by (cell, node) (rate(nid_raft_log_compacted_entries_total{{{CELL}}}[{RI}]))', "cell {{cell}} node {{node}}")], unit="ops", width=8)
+    d.panel("timeseries", "Snapshots by operation", [(f'sum by (cell, op) (increase(nid_raft_snapshots_total{{{CELL}}}[{RI}]))', "cell {{cell}} {{op}}", False)], width=8)
+    d.panel("timeseries", "Data disk free", [("nid:disk_available:ratio", "cell {{cell}} node {{node}}", False)], unit="percentunit", width=8,
+            description="Needs nid_disk_available_bytes and nid_disk_capacity_bytes (requested from the cell).")
+
+    d.row("Router")
+    d.panel("timeseries", "Forwarding retries / s by reason", [(f'sum by (reason) (rate(nid_router_retries_total{{{ROUTER}}}[{RI}]))', "{{reason}}", False)], unit="ops", width=12, stack=True)
+    d.panel("timeseries", "Routing-table version", [(f'nid_router_table_version{{{ROUTER}}}', "{{instance}}")], width=12)
+
+    return d
+
+
+def dashboard_json(d):
+    return {
+        "uid": "nid-overview",
+        "title": "nid overview",
+        "description": "Generated by deploy/monitoring/dashboards/generate.py; do not edit by hand.",
+        "tags": ["nid"],
+        "schemaVersion": 39,
+        "version": 1,
+        "editable": False,
+        "graphTooltip": 1,
+        "time": {"from": "now-1h", "to": "now"},
+        "refresh": "30s",
+        "timezone": "utc",
+        "annotations": {"list": []},
+        "templating": {"list": [
+            {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Data source",
+             "current": {}, "hide": 0},
+            {"name": "cell", "type": "query", "label": "Cell", "datasource": DS,
+             "query": {"query": 'label_values(nid_raft_term{job="nid-cell"}, cell)', "refId": "cell"},
+             "definition": 'label_values(nid_raft_term{job="nid-cell"}, cell)',
+             "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2, "current": {}, "hide": 0},
+        ]},
+        "panels": d.panels,
+    }
+
+
+def structure_errors(dash):
+    errors = []
+    ids = [p["id"] for p in dash["panels"]]
+    if len(ids) != len(set(ids)):
+        errors.append("panel ids are not unique")
+    for p in dash["panels"]:
+        g = p["gridPos"]
+        if g["x"] < 0 or g["w"] <= 0 or g["x"] + g["w"] > 24:
+            errors.append(f"panel {p['title']!r}: gridPos outside the 24 columns")
+        if p["type"] == "row":
+            continue
+        if not p.get("targets"):
+            errors.append(f"panel {p['title']!r}: no query")
+        for t in p.get("targets", []):
+            if not t.get("expr") or not t.get("refId") or t.get("datasource") != DS:
+                errors.append(f"panel {p['title']!r}: a target lacks expr, refId or the datasource variable")
+    titles = [p["title"] for p in dash["panels"]]
+    if len(titles) != len(set(titles)):
+        errors.append("panel titles are not unique")
+    return errors
+
+
+def render(dash):
+    return json.dumps(dash, indent=2, sort_keys=True) + "\n"
+
+
+def substitute(expr):
+    for k, v in SUBSTITUTIONS.items():
+        expr = expr.replace(k, v)
+    return expr
+
+
+def main(argv):
+    d = build()
+    dash = dashboard_json(d)
+    errors = structure_errors(dash)
+    if errors:
+        for e in errors:
+            print(f"dashboard: {e}", file=sys.stderr)
+        return 1
+    text = render(dash)
+    if argv[1:] == ["--check"]:
+        if not OUT.exists() or OUT.read_text() != text:
+            print(f"dashboard: {OUT.name} is stale or edited by hand; run {Path(__file__).name} and commit the result",
+                  file=sys.stderr)
+            return 1
+        # The committed file must also be what Grafana would load: parse it back.
+        json.loads(OUT.read_text())
+        return 0
+    if argv[1:] == ["--queries"]:
+        for e in d.expectations:
+            print(json.dumps({**e, "expr": substitute(e["expr"])}))
+        return 0
+    if argv[1:]:
+        print(__doc__, file=sys.stderr)
+        return 2
+    OUT.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
