@@ -82,9 +82,14 @@ impl BucketAdmin for BucketAdminService {
         request: Request<ChecksumBucketRequest>,
     ) -> Result<Response<ChecksumBucketResponse>, Status> {
         let cell = &self.0;
-        let bucket = BucketId::new(request.into_inner().bucket)
-            .ok_or_else(|| CellError::field("bucket", "must be < 16384"))?;
-        let applied_index = cell.node.read_barrier(RAFT_TIMEOUT).await.map_err(|e| cell.engine_error(e))?;
+        let req = request.into_inner();
+        let bucket =
+            BucketId::new(req.bucket).ok_or_else(|| CellError::field("bucket", "must be < 16384"))?;
+        let applied_index = if req.local {
+            cell.node.applied()
+        } else {
+            cell.node.read_barrier(RAFT_TIMEOUT).await.map_err(|e| cell.engine_error(e))?
+        };
         let (records, digest) = cell
             .node
             .view(|v| bucket_data::digest(v, bucket))

@@ -136,6 +136,32 @@ impl CellProcess {
         self.alive.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Sets `flag` to `value` for the next [`CellProcess::spawn`] (replacing it, or adding it).
+    pub fn set_flag(&mut self, flag: &str, value: &str) {
+        match self.args.iter().position(|a| a == flag) {
+            Some(i) if i + 1 < self.args.len() => self.args[i + 1] = value.to_owned(),
+            _ => self.args.extend([flag.to_owned(), value.to_owned()]),
+        }
+    }
+
+    /// Waits (up to `timeout`) for the process to exit by itself; its exit code (None for a signal
+    /// or when it still runs).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<Option<i32>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                self.alive.store(false, std::sync::atomic::Ordering::SeqCst);
+                return Some(status.code());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL: no shutdown hooks, no flush.
     pub fn kill9(&mut self) {
         self.sigkill();

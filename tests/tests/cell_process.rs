@@ -422,3 +422,170 @@ async fn no_plaintext_identifier_or_personal_data_reaches_disk_or_logs() {
     let (_, hits) = scan(&root, &needles);
     assert!(hits.is_empty(), "plaintext found at rest:\n{}", hits.join("\n"));
 }
+
+fn keyring_file(dir: &std::path::Path, name: &str, generations: &[(u32, u8)]) -> String {
+    let path = dir.join(name);
+    let text: String =
+        generations.iter().map(|(id, byte)| format!("{id}:{}\n", format!("{byte:02x}").repeat(32))).collect();
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+async fn client_of(cell: &ProcessCell, id: u64) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{}", cell.nodes[(id - 1) as usize].addr))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_other_root_keys_stops_serving_and_exits_non_zero() {
+    // A replica that cannot apply what the others applied (here: its keyring's root differs, an
+    // operator's mistake) must not limp on answering health SERVING, nor diverge: it stops, says
+    // why, and exits non-zero so a supervisor notices.
+    let keys = tempfile::tempdir().unwrap();
+    let right = keyring_file(keys.path(), "right", &[(1, 0x11)]);
+    let wrong = keyring_file(keys.path(), "wrong", &[(1, 0x22)]);
+    let mut cell = ProcessCell::start(3, &["--keyring-file", &right, "--txn-sweep-secs", "0"]);
+    own_all_buckets(&cell).await;
+    write_many(&cell, "KEYS-BEFORE", 3).await;
+    let l = leader(&cell).await;
+    let victim = (1..=3).find(|&id| id != l).unwrap();
+    cell.node(victim).kill9();
+    cell.node(victim).set_flag("--keyring-file", &wrong);
+    cell.node(victim).spawn();
+    let (acked, _) = write_many(&cell, "KEYS-AFTER", 3).await;
+    assert_eq!(acked.len(), 3, "the other two keep serving");
+    let code = tokio::task::block_in_place(|| cell.node(victim).wait_exit(WAIT));
+    assert_eq!(
+        code,
+        Some(Some(3)),
+        "exit status 3: the replica stopped on a failure; log:\n{}",
+        cell.node(victim).log()
+    );
+    let log = cell.node(victim).log();
+    assert!(log.contains("fingerprint"), "it says why: {log}");
+    assert!(!log.contains("RID-KEYS"), "no identifier in the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_key_rotation_under_load_keeps_every_replica_identical_and_old_data_readable() {
+    use nid_proto::v1::cell_client::CellClient;
+    use nid_proto::v1::{ActivateKeyGenerationRequest, ChecksumBucketRequest};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let keys = tempfile::tempdir().unwrap();
+    let file = keyring_file(keys.path(), "keyring", &[(1, 0x31)]);
+    let cell = Arc::new(tokio::sync::RwLock::new(ProcessCell::start(3, &["--keyring-file", &file])));
+    own_all_buckets(&*cell.read().await).await;
+    let (old, _) = write_many(&*cell.read().await, "ROT-OLD", 20).await;
+
+    // Load through the whole rotation: enrolments, one after another, retried across restarts.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (cell, stop) = (cell.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut k = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let rid = format!("RID-ROT-LOAD-{k}");
+                k += 1;
+                let cell = cell.read().await;
+                if let Ok(r) = execute(&cell, enroll(&rid), Duration::from_secs(20)).await {
+                    acked.push((rid, uin_of(r).0));
+                }
+            }
+            acked
+        })
+    };
+    // Every replica gets generation 2, one restart at a time, the leader last.
+    keyring_file(keys.path(), "keyring", &[(1, 0x31), (2, 0x32)]);
+    let l = leader(&*cell.read().await).await;
+    for id in (1..=3).filter(|&id| id != l).chain([l]) {
+        let mut c = cell.write().await;
+        assert!(c.node(id).terminate(Duration::from_secs(15)), "node {id} stops cleanly");
+        c.node(id).spawn();
+        drop(c);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let c = cell.read().await;
+        leader(&c).await;
+    }
+    // Activate it on the leader (it asks every voter first).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let c = cell.read().await;
+        let l = leader(&c).await;
+        let r = CellClient::new(client_of(&c, l).await)
+            .activate_key_generation(ActivateKeyGenerationRequest { id: 2 })
+            .await;
+        match r {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "activation kept failing: {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let loaded = load.await.unwrap();
+    assert!(loaded.len() > 5, "load ran through the rotation: {} enrolments", loaded.len());
+
+    let c = cell.read().await;
+    let (after, _) = write_many(&c, "ROT-NEW", 5).await;
+    // Old and new data readable through the leader.
+    for (_, uin) in old.iter().chain(loaded.iter()).chain(after.iter()) {
+        let get = CellRequest {
+            route: None,
+            operation: Some(Operation::GetIdentity(GetIdentityRequest { id: uin.clone() })),
+        };
+        assert!(matches!(execute(&c, get, WAIT).await, Ok(CellResult::GetIdentity(_))), "{uin} unreadable");
+    }
+    // Once every replica applied the same index, every bucket that holds data is byte-identical.
+    let l = leader(&c).await;
+    let target = CellClient::new(client_of(&c, l).await)
+        .get_cell_status(GetCellStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let want = target.replicas.iter().map(|r| r.applied_index).max().unwrap();
+    let buckets: std::collections::BTreeSet<u32> = old
+        .iter()
+        .chain(loaded.iter())
+        .chain(after.iter())
+        .map(|(rid, _)| {
+            u32::from(
+                nid_proto::bucket::bucket_of_key(nid_proto::bucket::KeyDomain::Rid, rid.as_bytes()).get(),
+            )
+        })
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    let digests = loop {
+        let mut per_replica = Vec::new();
+        for id in 1..=3u64 {
+            let mut admin = BucketAdminClient::new(client_of(&c, id).await);
+            let mut digest = Vec::new();
+            let mut applied = Vec::new();
+            for &b in &buckets {
+                let r = admin
+                    .checksum_bucket(ChecksumBucketRequest { bucket: b, local: true })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                applied.push(r.applied_index);
+                digest.push((b, r.records, r.sha256));
+            }
+            per_replica.push((applied, digest));
+        }
+        let settled = per_replica.iter().all(|(a, _)| a.iter().all(|&i| i >= want));
+        if settled && per_replica.iter().all(|(a, _)| *a == per_replica[0].0) {
+            break per_replica;
+        }
+        assert!(Instant::now() < deadline, "replicas never reached the same applied index");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(digests.iter().all(|(_, d)| *d == digests[0].1), "replicas diverged across the rotation");
+    assert!(digests[0].1.iter().all(|(_, records, _)| *records > 0));
+}
