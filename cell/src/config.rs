@@ -20,8 +20,8 @@ pub struct Flags {
     /// This replica's Raft node id (unique within the cell, > 0).
     #[arg(long)]
     pub node_id: Option<u64>,
-    /// This replica's availability zone.
-    #[arg(long)]
+    /// This replica's availability zone (or NID_ZONE, e.g. from a Kubernetes topology label).
+    #[arg(long, env = "NID_ZONE")]
     pub zone: Option<String>,
     /// gRPC listen address (cell API, Raft transport, health, reflection).
     #[arg(long)]

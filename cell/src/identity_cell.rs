@@ -433,7 +433,7 @@ impl IdentityCell {
             self.metrics.auth_repeated.inc();
         } else {
             let result = if outcome.authenticated { "yes" } else { "no" };
-            self.metrics.auth_decisions.with_label_values(&[result]).inc();
+            self.metrics.auth_decisions.with_label_values(&[result, reason_label(&outcome.reasons)]).inc();
         }
         Ok(response)
     }
@@ -474,6 +474,14 @@ impl IdentityCell {
     /// The published decision-signing keys.
     pub fn signing_keys(&self) -> GetSigningKeysResponse {
         views::signing_keys(&self.keys.keyring())
+    }
+}
+
+/// The metric label of a decision's first reason (a bounded set: the `AuthReason` names).
+fn reason_label(reasons: &[i32]) -> &'static str {
+    match reasons.first().and_then(|r| AuthReason::try_from(*r).ok()) {
+        None => "none",
+        Some(r) => r.as_str_name().trim_start_matches("AUTH_REASON_"),
     }
 }
 

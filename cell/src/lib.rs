@@ -8,7 +8,7 @@
 //! - [`cell_service`], [`bucket_admin`], [`control_service`]: the gRPC services; [`replica`]: what
 //!   every replica answers about itself.
 //! - [`error`]: the one error type, mapped to gRPC statuses in one place.
-//! - [`server`], [`config`], [`metrics`]: the process.
+//! - [`server`], [`config`], [`metrics`], [`readiness`]: the process.
 //!
 //! Invariant: handlers never build statuses themselves; every failure is a [`error::CellError`].
 
@@ -20,6 +20,7 @@ pub mod error;
 pub mod identity_cell;
 pub mod key_rotation;
 pub mod metrics;
+pub mod readiness;
 pub mod replica;
 pub mod server;
 pub mod sweeper;

@@ -36,8 +36,8 @@ impl CellMetrics {
         Ok(CellMetrics {
             auth_decisions: counter_vec(
                 "nid_auth_decisions_total",
-                "Authentication decisions signed by this replica, by result.",
-                &["result"],
+                "Authentication decisions signed by this replica, by result and first reason (none on a yes).",
+                &["result", "reason"],
             )?,
             auth_repeated: counter(
                 "nid_auth_repeated_answers_total",

@@ -55,10 +55,10 @@ pub fn main() -> std::process::ExitCode {
     nid_support::logging::init(
         config.log_format,
         &[
-            ("role", role.to_owned()),
-            ("cell", config.cell_id.to_string()),
-            ("node", config.node_id.to_string()),
-            ("zone", config.zone.clone()),
+            ("role", role.into()),
+            ("cell", config.cell_id.into()),
+            ("node", config.node_id.into()),
+            ("zone", config.zone.clone().into()),
         ],
     );
     let runtime =
@@ -204,7 +204,12 @@ pub async fn run(config: CellConfig, shutdown: CancellationToken) -> anyhow::Res
                 identity: Some(cell.clone()),
                 voter_keys: Arc::new(GrpcVoterKeys(dialer.clone())),
             };
-            health.set_serving::<BucketAdminServer<BucketAdminService>>().await;
+            tasks.spawn(crate::readiness::watch(
+                node.clone(),
+                health.clone(),
+                vec!["nid.v1.Cell", "nid.v1.BucketAdmin"],
+                shutdown.clone(),
+            ));
             let routes = tonic::service::Routes::new(CellServer::new(cell_service))
                 .add_service(BucketAdminServer::new(BucketAdminService(cell)));
             Started::new(&config, node, thread, routes)
@@ -222,7 +227,12 @@ pub async fn run(config: CellConfig, shutdown: CancellationToken) -> anyhow::Res
                 identity: None,
                 voter_keys: Arc::new(GrpcVoterKeys(dialer.clone())),
             };
-            health.set_serving::<ControlServer<ControlService>>().await;
+            tasks.spawn(crate::readiness::watch(
+                node.clone(),
+                health.clone(),
+                vec!["nid.v1.Cell", "nid.v1.Control"],
+                shutdown.clone(),
+            ));
             let routes = tonic::service::Routes::new(CellServer::new(cell_service))
                 .add_service(ControlServer::new(ControlService(control)));
             Started::new(&config, node, thread, routes)
@@ -230,13 +240,26 @@ pub async fn run(config: CellConfig, shutdown: CancellationToken) -> anyhow::Res
     };
     let Started { stopped, failure, hand_over, stop_node, thread, routes: role_routes, raft: raft_service } =
         started;
-    health.set_serving::<CellServer<CellService>>().await;
     health.set_serving::<RaftTransportServer<RaftTransportService>>().await;
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
 
     if let Some(addr) = config.metrics_listen {
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind metrics {addr}"))?;
+        let disk = DiskGauges::new(&registry, &config.data_dir)?;
+        let info = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new("nid_replica_info", "1 per replica: its cell, node, zone and role."),
+            &["cell", "node", "zone", "role"],
+        )?;
+        registry.register(Box::new(info.clone()))?;
+        let role = if config.role == Role::Control { "control" } else { "data" };
+        info.with_label_values(&[
+            &config.cell_id.to_string(),
+            &config.node_id.to_string(),
+            &config.zone,
+            role,
+        ])
+        .set(1);
         let db_size = {
             let registry = registry.clone();
             let size = prometheus::IntGauge::new(
@@ -249,6 +272,7 @@ pub async fn run(config: CellConfig, shutdown: CancellationToken) -> anyhow::Res
         };
         let render: nid_support::metrics_http::Render = Arc::new(move || {
             db_size();
+            disk.update();
             use prometheus::Encoder as _;
             let mut out = Vec::new();
             let _ = prometheus::TextEncoder::new().encode(&registry.gather(), &mut out);
@@ -312,10 +336,11 @@ pub async fn run(config: CellConfig, shutdown: CancellationToken) -> anyhow::Res
             tracing::error!(reason = %reason, "the replica can no longer serve; stopping (a supervisor should restart it)");
         }
     }
-    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-    health.set_not_serving::<CellServer<CellService>>().await;
-    health.set_not_serving::<RaftTransportServer<RaftTransportService>>().await;
+    // Stop the background tasks first, so readiness cannot turn a service back to SERVING.
     shutdown.cancel();
+    for service in ["", "nid.v1.Cell", "nid.v1.BucketAdmin", "nid.v1.Control", "nid.v1.RaftTransport"] {
+        health.set_service_status(service, tonic_health::ServingStatus::NotServing).await;
+    }
     server_stop.cancel();
     // Peers hold long-lived Raft streams open; give in-flight calls a moment, then close.
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
@@ -392,6 +417,41 @@ fn leader_hand_over<SM: StateMachine>(node: Node<SM>) -> HandOver {
             tracing::warn!("leadership transfer did not finish within the grace period");
         })
     })
+}
+
+/// Free and total bytes of the filesystem holding the data directory.
+struct DiskGauges {
+    available: prometheus::IntGauge,
+    capacity: prometheus::IntGauge,
+    path: std::ffi::CString,
+}
+
+impl DiskGauges {
+    fn new(registry: &prometheus::Registry, dir: &std::path::Path) -> anyhow::Result<DiskGauges> {
+        use std::os::unix::ffi::OsStrExt as _;
+        let available = prometheus::IntGauge::new(
+            "nid_disk_available_bytes",
+            "Bytes available to the replica on its data filesystem.",
+        )?;
+        let capacity = prometheus::IntGauge::new(
+            "nid_disk_capacity_bytes",
+            "Size of the replica's data filesystem in bytes.",
+        )?;
+        registry.register(Box::new(available.clone()))?;
+        registry.register(Box::new(capacity.clone()))?;
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).context("data dir path")?;
+        Ok(DiskGauges { available, capacity, path })
+    }
+
+    fn update(&self) {
+        // SAFETY: statvfs writes only into the zeroed struct we own; the path is NUL-terminated.
+        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(self.path.as_ptr(), &mut stat) } == 0 {
+            let block = stat.f_frsize as u64;
+            self.available.set((stat.f_bavail as u64).saturating_mul(block) as i64);
+            self.capacity.set((stat.f_blocks as u64).saturating_mul(block) as i64);
+        }
+    }
 }
 
 fn dir_size(dir: &std::path::Path) -> u64 {

@@ -33,8 +33,8 @@ struct Flags {
     /// Control-cell replica addresses, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     control: Vec<String>,
-    /// This router's availability zone.
-    #[arg(long, default_value = "zone-a")]
+    /// This router's availability zone (or NID_ZONE).
+    #[arg(long, env = "NID_ZONE", default_value = "zone-a")]
     zone: String,
     /// Prometheus metrics listen address (HTTP, GET /metrics).
     #[arg(long)]
@@ -72,7 +72,10 @@ struct Flags {
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
-    nid_support::logging::init(flags.log_format, &[("role", "router".into()), ("zone", flags.zone.clone())]);
+    nid_support::logging::init(
+        flags.log_format,
+        &[("role", "router".into()), ("zone", flags.zone.clone().into())],
+    );
     if !flags.insecure {
         eprintln!(
             "nid-router: mTLS is not implemented yet; start with --insecure on a trusted network (development)"

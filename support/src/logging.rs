@@ -3,7 +3,8 @@
 //! syntax, default `info`).
 //!
 //! A JSON line carries `timestamp` (RFC 3339, UTC), `level`, `target`, the process's static fields
-//! (role, cell, node, zone) and the event's own fields, `message` included. Events never carry
+//! (role, cell, node, zone; numbers as numbers, as events carry them) and the event's own fields,
+//! `message` included. Events never carry
 //! identifiers or personal data (ARCHITECTURE.md), so neither do the lines.
 
 use std::fmt;
@@ -38,7 +39,7 @@ impl std::str::FromStr for LogFormat {
 
 /// Installs the process's subscriber. `statics` are fields every JSON line carries (the text
 /// format leaves them out: a terminal shows one process at a time).
-pub fn init(format: LogFormat, statics: &[(&'static str, String)]) {
+pub fn init(format: LogFormat, statics: &[(&'static str, serde_json::Value)]) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("NID_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
@@ -50,12 +51,12 @@ pub fn init(format: LogFormat, statics: &[(&'static str, String)]) {
 
 /// The JSON event format.
 pub struct JsonLines {
-    statics: Vec<(&'static str, String)>,
+    statics: Vec<(&'static str, serde_json::Value)>,
 }
 
 impl JsonLines {
     /// A format adding `statics` to every line.
-    pub fn new(statics: Vec<(&'static str, String)>) -> JsonLines {
+    pub fn new(statics: Vec<(&'static str, serde_json::Value)>) -> JsonLines {
         JsonLines { statics }
     }
 
@@ -70,7 +71,7 @@ impl JsonLines {
         map.insert("level".into(), meta.level().as_str().to_ascii_lowercase().into());
         map.insert("target".into(), meta.target().into());
         for (k, v) in &self.statics {
-            map.insert((*k).into(), v.clone().into());
+            map.insert((*k).into(), v.clone());
         }
         event.record(&mut Fields(&mut map));
         map
@@ -145,7 +146,7 @@ mod tests {
         let sink = buffer.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || sink.clone())
-            .event_format(JsonLines::new(vec![("role", "cell".into()), ("node", "2".into())]))
+            .event_format(JsonLines::new(vec![("role", "cell".into()), ("node", 2.into())]))
             .finish();
         tracing::subscriber::with_default(subscriber, || {
             tracing::warn!(target: "nid::test", term = 7u64, leader = true, "leader changed");
@@ -159,7 +160,11 @@ mod tests {
         assert_eq!(first["target"], "nid::test");
         assert_eq!(first["message"], "leader changed");
         assert_eq!((first["term"].as_u64(), first["leader"].as_bool()), (Some(7), Some(true)));
-        assert_eq!((first["role"].as_str(), first["node"].as_str()), (Some("cell"), Some("2")));
+        assert_eq!(
+            (first["role"].as_str(), first["node"].as_u64()),
+            (Some("cell"), Some(2)),
+            "numbers stay numbers"
+        );
         assert!(first["timestamp"].as_str().is_some_and(|t| t.ends_with('Z') && t.contains('T')), "{first}");
         assert_eq!(lines[1]["message"], "second \"quoted\" line");
         assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));

@@ -589,3 +589,47 @@ async fn a_rolling_key_rotation_under_load_keeps_every_replica_identical_and_old
     assert!(digests.iter().all(|(_, d)| *d == digests[0].1), "replicas diverged across the rotation");
     assert!(digests[0].1.iter().all(|(_, records, _)| *records > 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_is_ready_only_while_it_knows_a_leader_and_is_live_all_along() {
+    let mut cell = ProcessCell::start(3, &[]);
+    // Alone, a replica cannot elect a leader: live, not ready.
+    cell.node(2).kill9();
+    cell.node(3).kill9();
+    let addr = cell.nodes[0].addr.clone();
+    wait_health(&addr, "", ServingStatus::Serving).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_health(&addr, "nid.v1.Cell", ServingStatus::NotServing).await;
+    cell.node(2).spawn();
+    cell.node(3).spawn();
+    wait_health(&addr, "nid.v1.Cell", ServingStatus::Serving).await;
+    wait_health(&addr, "nid.v1.BucketAdmin", ServingStatus::Serving).await;
+}
+
+use tonic_health::pb::health_check_response::ServingStatus;
+
+/// Waits until `service`'s health on `addr` is `want`.
+async fn wait_health(addr: &str, service: &str, want: ServingStatus) {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = match tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            Ok(channel) => HealthClient::new(channel)
+                .check(HealthCheckRequest { service: service.into() })
+                .await
+                .ok()
+                .map(|r| r.into_inner().status()),
+            Err(_) => None,
+        };
+        if got == Some(want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{service} on {addr} stayed {got:?}, want {want:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
