@@ -102,18 +102,28 @@ impl IdentityCell {
         validate::enroll(&req, now)?;
         Self::check_route(route, prepare::bucket_of_rid(&req.rid))?;
         let keyring = self.keys.keyring();
+        let creator = match route {
+            Some(r) => prepare::call_key(&keyring, &r.caller, &r.request_id),
+            None => Vec::new(),
+        };
         let mut rng = random()?;
         for _ in 0..3 {
-            let prepared = prepare::enroll(&req, &self.sealer(&keyring), &self.scheme, now, &mut rng)
-                .map_err(|e| CellError::Internal(e.to_string()))?;
+            let prepared =
+                prepare::enroll(&req, &creator, &self.sealer(&keyring), &self.scheme, now, &mut rng)
+                    .map_err(|e| CellError::Internal(e.to_string()))?;
             let command = Command::new(command::Kind::Enroll(prepared.command));
             match self.propose_raw(&command).await? {
                 Ok(outcome) => {
                     let e = Enrolled::from_outcome(outcome).ok_or_else(|| {
                         CellError::Internal("the outcome does not match the command".into())
                     })?;
-                    let (uin, totp_secret) =
-                        if e.created { (prepared.uin, prepared.totp_secret) } else { (e.uin, e.totp_secret) };
+                    // An empty UIN: this command created it; otherwise the existing identity answers
+                    // (created again when this is a retry of the call that created it).
+                    let (uin, totp_secret) = if e.uin.is_empty() {
+                        (prepared.uin, prepared.totp_secret)
+                    } else {
+                        (e.uin, e.totp_secret)
+                    };
                     return Ok(EnrollResponse {
                         uin,
                         created: e.created,
@@ -168,6 +178,7 @@ impl IdentityCell {
     ) -> Result<T, CellError> {
         Self::check_route(route, id.bucket())?;
         let keyring = self.keys.keyring();
+        let request_id = effective_request_id(request_id, route);
         let request = (!request_id.is_empty()).then(|| {
             let caller = route.map(|r| r.caller.as_str()).unwrap_or("");
             prepare::request_key(&keyring, caller, request_id, &prepare::op_content(id, &op))
@@ -257,6 +268,7 @@ impl IdentityCell {
     ) -> Result<T, Retry> {
         Self::check_route(route, id.bucket())?;
         let keyring = self.keys.keyring();
+        let request_id = effective_request_id(request_id, route);
         let request = (!request_id.is_empty()).then(|| {
             let caller = route.map(|r| r.caller.as_str()).unwrap_or("");
             let mut c = id.to_digits().into_bytes();
@@ -475,6 +487,11 @@ impl IdentityCell {
     pub fn signing_keys(&self) -> GetSigningKeysResponse {
         views::signing_keys(&self.keys.keyring())
     }
+}
+
+/// The request id a write is keyed by: its own, or the one its route carries for the call.
+fn effective_request_id<'a>(own: &'a str, route: Option<&'a RouteHeader>) -> &'a str {
+    if own.is_empty() { route.map(|r| r.request_id.as_str()).unwrap_or("") } else { own }
 }
 
 /// The metric label of a decision's first reason (a bounded set: the `AuthReason` names).

@@ -105,6 +105,35 @@ async fn a_rid_retried_ten_times_concurrently_yields_one_uin() {
     assert_eq!(reason_of(&err).as_deref(), Some("RID_CONFLICT"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_retrying_the_creating_call_still_hears_created() {
+    let c = cell().await;
+    let req = sample_request("RID-ROUTED");
+    let routed = |id: &'static str| {
+        let op = Operation::Enroll(req.clone());
+        let c = &c;
+        async move {
+            match c.execute_routed(op, None, Some(id)).await.expect("enrol") {
+                CellResult::Enroll(r) => r,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let first = routed("call-1").await;
+    assert!(first.created);
+    // The router's retry of that same call (same route id): created, same UIN.
+    let retry = routed("call-1").await;
+    assert!(retry.created, "a retry of the creating call is told it created the identity");
+    assert_eq!(retry.uin, first.uin);
+    // Another call (another id, or none): not created, same UIN.
+    let other = routed("call-2").await;
+    assert!(!other.created);
+    assert_eq!(other.uin, first.uin);
+    let bare = enroll(&c, req.clone()).await;
+    assert!(!bare.created);
+    assert_eq!(bare.uin, first.uin);
+}
+
 /// Runs the futures concurrently on this task and collects their outputs in order.
 async fn futures_join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
     let mut pinned: Vec<_> = futures.map(Box::pin).collect();
@@ -910,6 +939,7 @@ async fn one_uin_never_names_two_people() {
     let mut rng = nid_domain::random::Stream::new().unwrap();
     let mut prepared = prepare::enroll(
         &sample_request(&same_bucket_rid),
+        &[],
         &sealer,
         &nid_proto::ids::IdScheme::dev(),
         c.clock.now_ms(),

@@ -99,6 +99,10 @@ pub struct EnrollCommand {
     /// The keyring's index fingerprint.
     #[prost(bytes = "vec", tag = "11")]
     pub index_fingerprint: Vec<u8>,
+    /// Keyed hash of the (caller, request id) of this call (empty: none), see
+    /// [`crate::records::RidRecord::creator`].
+    #[prost(bytes = "vec", tag = "12")]
+    pub creator: Vec<u8>,
 }
 
 /// How an identity command names its identity.

@@ -135,6 +135,7 @@ pub struct PreparedEnrollment {
 /// Prepares the enrolment of a validated request with one UIN candidate inside the RID's bucket.
 pub fn enroll(
     req: &EnrollRequest,
+    creator: &[u8],
     sealer: &Sealer<'_>,
     scheme: &IdScheme,
     now_ms: u64,
@@ -175,7 +176,8 @@ pub fn enroll(
         biometrics: stored_biometrics(&req.biometrics),
     };
     let history = crate::lifecycle::history_entry(&profile, &cold);
-    let rid_record = RidRecord { uin: uin.clone(), payload_mac: payload_mac.to_vec() };
+    let rid_record =
+        RidRecord { uin: uin.clone(), payload_mac: payload_mac.to_vec(), creator: creator.to_vec() };
     let identity_key = keys::hashed(bucket, Table::Identity, &uin_hash);
     let command = EnrollCommand {
         bucket: u32::from(bucket.get()),
@@ -189,6 +191,7 @@ pub fn enroll(
         state: sealer.seal(&keys::hashed(bucket, Table::State, &uin_hash), &AuthState::default(), rng)?,
         history: sealer.seal(&keys::sequenced(bucket, Table::History, &uin_hash, 1), &history, rng)?,
         index_fingerprint: keyring.index_fingerprint().to_vec(),
+        creator: creator.to_vec(),
     };
     Ok(PreparedEnrollment { command, uin, totp_secret })
 }
@@ -213,6 +216,14 @@ pub fn request_key(keyring: &Keyring, caller: &str, request_id: &str, content: &
         hash: keyring.index_hash(keys::REQUEST_DOMAIN, &natural).to_vec(),
         content_mac: keyring.index_hash(keys::REQUEST_CONTENT_DOMAIN, content).to_vec(),
     }
+}
+
+/// The keyed hash of (caller, request id) that names one client call (empty without a request id).
+pub fn call_key(keyring: &Keyring, caller: &str, request_id: &str) -> Vec<u8> {
+    if request_id.is_empty() {
+        return Vec::new();
+    }
+    request_key(keyring, caller, request_id, &[]).hash
 }
 
 /// The canonical content of an identity operation on `id`, for [`request_key`] (the operation's
@@ -392,7 +403,8 @@ mod tests {
         let sealer = Sealer { keyring: &keyring, generation: 0 };
         let scheme = IdScheme::dev();
         let mut rng = Stream::new().unwrap();
-        let p = enroll(&request("RID-SECRET-42"), &sealer, &scheme, 1_700_000_000_000, &mut rng).unwrap();
+        let p =
+            enroll(&request("RID-SECRET-42"), &[], &sealer, &scheme, 1_700_000_000_000, &mut rng).unwrap();
         let bytes = nid_proto::codec::encode(&crate::commands::Command::new(
             crate::commands::command::Kind::Enroll(p.command.clone()),
         ));

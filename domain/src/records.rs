@@ -377,6 +377,10 @@ pub struct RidRecord {
     /// Keyed digest of the enrolment ([`StoredEnrollment`]).
     #[prost(bytes = "vec", tag = "2")]
     pub payload_mac: Vec<u8>,
+    /// Keyed hash of the (caller, request id) of the call that created the identity (empty when
+    /// that call had none): a retry of that call answers "created", any other "already existed".
+    #[prost(bytes = "vec", tag = "3")]
+    pub creator: Vec<u8>,
 }
 
 /// The value of a VID index key: the UIN the VID belongs to.

@@ -37,11 +37,13 @@ pub fn apply(
         if !ct_eq(&existing.payload_mac, &c.payload_mac) {
             return Ok(Err(Rejection::RidConflict));
         }
+        // The call that created it, retried, still hears "created"; any other call, "existed".
+        let created = !c.creator.is_empty() && ct_eq(&existing.creator, &c.creator);
         let existing_hash = keyring.index_hash(UIN_DOMAIN, existing.uin.as_bytes());
         let profile = lookup::profile(ctx, &keyring, bucket, &existing_hash)?
             .ok_or(ReadError::Corrupt("auth profile (missing beside its RID)"))?;
         return Ok(Ok(Outcome::Enrolled(Enrolled {
-            created: false,
+            created,
             uin: existing.uin,
             totp_secret: profile.totp_secret,
         })));

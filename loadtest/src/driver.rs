@@ -10,7 +10,7 @@ use nid_proto::v1::diagnostics_client::DiagnosticsClient;
 use nid_proto::v1::enrollment_client::EnrollmentClient;
 use nid_proto::v1::{
     AuthFactors, AuthenticateRequest, DemographicFactor, Demographics, EchoRequest, EnrollRequest,
-    GetIdentityRequest,
+    GetIdentityRequest, UpdateIdentityRequest,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -47,6 +47,15 @@ pub enum Scenario {
         run: u64,
         /// Share of requests with wrong factors, 0..=100.
         wrong_percent: u64,
+    },
+    /// Versioned updates of populated people (a new e-mail each time). The harness remembers each
+    /// person's version (1 after populate); a VERSION_MISMATCH (another writer, an earlier run)
+    /// takes the current version from the answer and counts as an error.
+    Update {
+        /// The populated people.
+        people: Arc<Vec<Person>>,
+        /// The version each person is believed to be at.
+        versions: Arc<Vec<AtomicU64>>,
     },
     /// The no-op path: Diagnostics.Echo through the router to the leader of the bucket's cell,
     /// without Raft or disk. Buckets go round so every cell answers its share.
@@ -199,6 +208,33 @@ pub async fn one(conn: &mut Conn, scenario: &Scenario, k: u64) -> Result<Outcome
         Scenario::Get { uins } => {
             let id = uins[(k % uins.len() as u64) as usize].clone();
             client.get_identity(GetIdentityRequest { id }).await.map(|_| Outcome::Done)
+        }
+        Scenario::Update { people, versions } => {
+            let i = (k % people.len() as u64) as usize;
+            let p = &people[i];
+            let expected = versions[i].load(Ordering::Relaxed);
+            let mut demographics = enroll_request(p).demographics.unwrap_or_default();
+            demographics.email = format!("update-{k}@example.org");
+            let request = UpdateIdentityRequest {
+                uin: p.uin.clone(),
+                expected_version: expected,
+                demographics: Some(demographics),
+                ..Default::default()
+            };
+            match client.update_identity(request).await {
+                Ok(r) => {
+                    versions[i].store(r.into_inner().version, Ordering::Relaxed);
+                    Ok(Outcome::Done)
+                }
+                Err(e) => {
+                    let current =
+                        nid_proto::error::metadata_of(&e, "current_version").and_then(|v| v.parse().ok());
+                    if let Some(v) = current {
+                        versions[i].store(v, Ordering::Relaxed);
+                    }
+                    Err(e)
+                }
+            }
         }
         Scenario::Echo { payload } => {
             let request = EchoRequest { payload: payload.to_vec(), bucket: (k % 16384) as u32 };

@@ -26,6 +26,7 @@ struct Cli {
 enum ScenarioArg {
     Enroll,
     Get,
+    Update,
     Mixed,
     Auth,
     Echo,
@@ -259,6 +260,11 @@ async fn main() -> anyhow::Result<()> {
                 Ok(match name {
                     "enroll" => driver::Scenario::Enroll { seed, next: next.clone() },
                     "get" => driver::Scenario::Get { uins: load_uins(&people)? },
+                    "update" => {
+                        let people = load_people(&people)?;
+                        let versions = Arc::new((0..people.len()).map(|_| AtomicU64::new(1)).collect());
+                        driver::Scenario::Update { people, versions }
+                    }
                     "auth" => {
                         let key = api_key.as_deref().context("auth needs --api-key (or NID_API_KEY)")?;
                         let bearer =
@@ -284,6 +290,7 @@ async fn main() -> anyhow::Result<()> {
             let (name, scenario) = match scenario {
                 ScenarioArg::Enroll => ("enroll".to_owned(), build("enroll")?),
                 ScenarioArg::Get => ("get".to_owned(), build("get")?),
+                ScenarioArg::Update => ("update".to_owned(), build("update")?),
                 ScenarioArg::Auth => ("auth".to_owned(), build("auth")?),
                 ScenarioArg::Echo => ("echo".to_owned(), build("echo")?),
                 ScenarioArg::Mixed => {

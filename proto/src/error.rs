@@ -6,7 +6,7 @@
 //! | bad field | INVALID_ARGUMENT | (INVALID_IDENTIFIER for ids) | no |
 //! | replica is not leader | UNAVAILABLE | NOT_LEADER | yes, at the hinted leader |
 //! | cell does not own bucket | UNAVAILABLE | WRONG_OWNER | yes, after a table refresh |
-//! | bucket migrating | UNAVAILABLE | RETRY_LATER + RetryInfo | yes, after the delay |
+//! | bucket migrating, proposal discarded | UNAVAILABLE | RETRY_LATER + RetryInfo | yes, after the delay |
 //! | proposal/read timed out | DEADLINE_EXCEEDED | TIMEOUT | writes: outcome unknown |
 //! | expected version stale | ABORTED | VERSION_MISMATCH | re-read, then retry |
 //! | RID reused with other data | ALREADY_EXISTS | RID_CONFLICT | no |
@@ -43,7 +43,8 @@ pub enum RoutingHint {
         /// The routing-table version behind the cell's belief.
         table_version: u64,
     },
-    /// The bucket is migrating: retry after the delay.
+    /// Not applied, for now (a migrating bucket, a proposal a leader change discarded): retry
+    /// after the delay.
     RetryLater {
         /// How long to wait.
         after: Duration,
@@ -100,7 +101,11 @@ impl RoutingHint {
                 let mut details = ErrorDetails::new();
                 details.set_error_info(reason_name(ErrorReason::RetryLater), ERROR_DOMAIN, HashMap::new());
                 details.set_retry_info(Some(after));
-                Status::with_error_details(Code::Unavailable, "bucket is migrating; retry shortly", details)
+                Status::with_error_details(
+                    Code::Unavailable,
+                    "not applied (a bucket migrating, a leader change); retry after the delay",
+                    details,
+                )
             }
         }
     }
@@ -141,6 +146,13 @@ pub fn reason_of(status: &Status) -> Option<String> {
     let details = status.get_error_details();
     let info = details.error_info()?;
     (info.domain == ERROR_DOMAIN).then(|| info.reason.clone())
+}
+
+/// Returns one ErrorInfo metadata entry of a nid status (e.g. "current_version"), if any.
+pub fn metadata_of(status: &Status, key: &str) -> Option<String> {
+    let details = status.get_error_details();
+    let info = details.error_info()?;
+    (info.domain == ERROR_DOMAIN).then(|| info.metadata.get(key).cloned()).flatten()
 }
 
 /// Collects field violations and turns them into one INVALID_ARGUMENT status.

@@ -269,7 +269,6 @@ impl Admin for AdminService {
         });
         crate::service::by_bucket(
             &self.router,
-            "VerifyAuditChain",
             id,
             nid_proto::v1::cell_request::Operation::VerifyAuditChain(req),
             deadline,

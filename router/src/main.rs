@@ -8,6 +8,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod admin;
+mod descriptors;
 mod metrics;
 mod partners;
 mod routing;
@@ -65,6 +66,11 @@ struct Flags {
     /// Log lines as `text` or `json` (one object per line, for log shippers).
     #[arg(long, default_value = "text")]
     log_format: nid_support::logging::LogFormat,
+    /// Benchmarks only: assign no request id to client calls that bring none, so that a retried
+    /// write can apply twice or be answered as failed after it applied. Measures what the
+    /// exactly-once bookkeeping costs (make bench); never in production.
+    #[arg(long, hide = true)]
+    unsafe_no_request_ids: bool,
     /// Serve plaintext gRPC (required until mTLS lands; development only).
     #[arg(long)]
     insecure: bool,
@@ -100,7 +106,12 @@ fn main() -> ExitCode {
 
 async fn run(flags: Flags) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::RouterMetrics::new()?);
-    let router = Arc::new(routing::Router::new(flags.control.clone(), metrics.clone()));
+    let mut router = routing::Router::new(flags.control.clone(), metrics.clone());
+    if flags.unsafe_no_request_ids {
+        tracing::warn!("--unsafe-no-request-ids: retried writes may apply twice (benchmarks only)");
+        router.assign_request_ids = false;
+    }
+    let router = Arc::new(router);
     router.spawn_refresher(Duration::from_millis(flags.refresh_ms.max(50)), !flags.no_watch);
     let partner_key = match &flags.partner_key_file {
         Some(path) => partners::read_secret_file(path)?,
@@ -127,29 +138,64 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         ));
     }
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<EnrollmentServer<service::EnrollmentService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(nid_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // The public face: only the public services are listed, answer health, accept gzip.
+    let mut public = vec!["nid.v1.Enrollment", "nid.v1.Authentication", "nid.v1.Admin"];
+    if !flags.disable_echo {
+        public.push("nid.v1.Diagnostics");
+    }
+    for service in public.iter().chain([&""]) {
+        health.set_service_status(*service, tonic_health::ServingStatus::Serving).await;
+    }
+    // Reflection describes the public services, health and itself, nothing internal.
+    let described = descriptors::public_descriptors(nid_proto::FILE_DESCRIPTOR_SET, &public)?;
+    let reflection = |reflection_service: &'static str| {
+        public
+            .iter()
+            .chain(&["grpc.health.v1.Health", reflection_service])
+            .fold(tonic_reflection::server::Builder::configure(), |b, s| b.with_service_name(*s))
+            .register_file_descriptor_set(described.clone())
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection("grpc.reflection.v1.ServerReflection").build_v1()?;
+    let reflection_v1alpha = reflection("grpc.reflection.v1alpha.ServerReflection").build_v1alpha()?;
     let listener = tokio::net::TcpListener::bind(flags.listen).await?;
     let local = listener.local_addr()?;
     tracing::info!(%local, zone = %flags.zone, "router serving");
     println!("nid-router ready listen={local}");
+    let gzip = tonic::codec::CompressionEncoding::Gzip;
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        // Outermost first: the metrics see the code the client sees.
+        .layer(nid_support::grpc_metrics::GrpcMetricsLayer(metrics.grpc.clone()))
+        .layer(nid_support::oversized::OversizedLayer)
+        .layer(nid_support::accept_encoding::AdvertiseEncodingLayer("gzip"))
         .add_service(health_service)
-        .add_service(reflection)
-        .add_service(EnrollmentServer::new(service::EnrollmentService(router.clone())))
-        .add_service(AuthenticationServer::new(service::AuthenticationService {
-            router: router.clone(),
-            partners: partners.clone(),
-            keys: tokio::sync::RwLock::default(),
-        }))
-        .add_service(AdminServer::new(admin::AdminService { router: router.clone(), partners, admin_token }))
-        .add_optional_service(
-            (!flags.disable_echo)
-                .then(|| DiagnosticsServer::new(service::DiagnosticsService(router.clone()))),
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            EnrollmentServer::new(service::EnrollmentService(router.clone()))
+                .accept_compressed(gzip)
+                .send_compressed(gzip),
         )
+        .add_service(
+            AuthenticationServer::new(service::AuthenticationService {
+                router: router.clone(),
+                partners: partners.clone(),
+                keys: tokio::sync::RwLock::default(),
+            })
+            .accept_compressed(gzip)
+            .send_compressed(gzip),
+        )
+        .add_service(
+            AdminServer::new(admin::AdminService { router: router.clone(), partners, admin_token })
+                .accept_compressed(gzip)
+                .send_compressed(gzip),
+        )
+        .add_optional_service((!flags.disable_echo).then(|| {
+            DiagnosticsServer::new(service::DiagnosticsService(router.clone()))
+                .accept_compressed(gzip)
+                .send_compressed(gzip)
+        }))
         .serve_with_incoming_shutdown(nid_support::incoming(listener), async {
             nid_support::shutdown_signal().await;
             tracing::info!("router stopping");

@@ -28,6 +28,70 @@ pub struct Authenticated {
     pub allowed: Vec<i32>,
 }
 
+/// The longest a first attempt at a replica may take; the client's deadline bounds the whole
+/// call. A replica that lets an attempt run out is probed: a live one (slow, busy, answering a
+/// long read) gets the rest of the deadline on the next attempt; one that does not answer the
+/// probe is suspect.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1000);
+/// How long a liveness probe may take before the replica counts as paused, partitioned or dead.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
+/// How long a replica that failed at the transport or did not answer a probe is avoided, by every
+/// call of this router.
+pub const SUSPECT_FOR: Duration = Duration::from_millis(2000);
+/// How often a call waits out a cell's OVERLOADED answer before passing it to the client.
+const OVERLOAD_RETRIES: u32 = 1;
+
+/// A failure at the transport or inside the cell whose outcome is unknown: another attempt (at
+/// another replica) may succeed, and every operation is safe to repeat. Raw transport statuses
+/// (h2 errors, client-side timeouts, cancellations) never reach the client.
+fn transient(status: &Status) -> bool {
+    match status.code() {
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => true,
+        // h2 maps its protocol failures (a GOAWAY, "enhance your calm" after a resumed pause) to
+        // INTERNAL or RESOURCE_EXHAUSTED; the cells' own INTERNAL answers carry no transport source.
+        Code::Internal | Code::ResourceExhausted => {
+            !overloaded(status)
+                && (std::error::Error::source(status).is_some()
+                    || status.message().starts_with("h2 protocol error")
+                    || status.message().contains("transport error"))
+        }
+        _ => false,
+    }
+}
+
+/// A cell's explicit load shedding (RESOURCE_EXHAUSTED with reason OVERLOADED).
+fn overloaded(status: &Status) -> bool {
+    status.code() == Code::ResourceExhausted
+        && nid_proto::error::reason_of(status).as_deref() == Some("OVERLOADED")
+}
+
+/// What the client is told when its deadline passes. When no replica could even be reached
+/// (connections refused: the cell is down), UNAVAILABLE; otherwise DEADLINE_EXCEEDED with reason
+/// TIMEOUT. Either way the outcome of a write is unknown and retrying it is safe.
+fn past_deadline(last: &Status, reached: bool) -> Status {
+    if !reached && last.code() == Code::Unavailable {
+        return Status::unavailable("no replica of the owning cell is reachable; retrying is safe");
+    }
+    nid_proto::error::status_with_reason(
+        Code::DeadlineExceeded,
+        "no answer from the owning cell within the deadline; the outcome of a write is unknown, \
+         and retrying it is safe",
+        nid_proto::v1::ErrorReason::Timeout,
+        &[],
+    )
+}
+
+/// A fresh request id (128 random bits, hex) for a client call that brought none; UNAVAILABLE
+/// when the system's random source fails (a write must not go out without one).
+pub fn new_request_id() -> Result<String, Status> {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| Status::unavailable("the router cannot draw a request id; retry"))?;
+    Ok(hex::encode(bytes))
+}
+
 /// The routing table as the router uses it.
 #[derive(Debug, Default)]
 pub struct Table {
@@ -59,8 +123,13 @@ pub struct Router {
     scheme: RwLock<Option<Arc<IdScheme>>>,
     leaders: RwLock<HashMap<u64, String>>,
     channels: Mutex<HashMap<String, Channel>>,
+    /// Replicas that failed at the transport or did not answer a probe, until when.
+    suspects: Mutex<HashMap<String, Instant>>,
     /// Metrics.
     pub metrics: Arc<RouterMetrics>,
+    /// Whether client calls without a request id get one (always, but for benchmarks measuring
+    /// what the exactly-once bookkeeping costs).
+    pub assign_request_ids: bool,
 }
 
 impl Router {
@@ -72,7 +141,9 @@ impl Router {
             scheme: RwLock::default(),
             leaders: RwLock::default(),
             channels: Mutex::default(),
+            suspects: Mutex::default(),
             metrics,
+            assign_request_ids: true,
         }
     }
 
@@ -100,7 +171,10 @@ impl Router {
             .map_err(|_| Status::internal("bad replica address in the routing table"))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
+            // A paused or partitioned replica's connection is declared dead within seconds.
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(2))
+            .keep_alive_while_idle(true)
             .connect_lazy();
         channels.insert(address.to_owned(), channel.clone());
         Ok(channel)
@@ -190,16 +264,9 @@ impl Router {
         self.leaders.read().ok()?.get(&cell).cloned()
     }
 
-    fn set_leader(&self, cell: u64, address: Option<String>) {
+    fn set_leader(&self, cell: u64, address: String) {
         if let Ok(mut l) = self.leaders.write() {
-            match address {
-                Some(a) => {
-                    l.insert(cell, a);
-                }
-                None => {
-                    l.remove(&cell);
-                }
-            }
+            l.insert(cell, address);
         }
     }
 
@@ -274,7 +341,10 @@ impl Router {
         self.forward_as(bucket, operation, deadline, None).await
     }
 
-    /// [`Router::forward`] on behalf of an authenticated partner.
+    /// [`Router::forward`] on behalf of an authenticated partner. Every operation is safe to send
+    /// again after an ambiguous failure: reads change nothing, an enrolment is keyed by its RID,
+    /// an authentication by its transaction id, and every other write by its request id (the
+    /// client's, or one the router assigns here, once per client call, in `request_id`).
     pub async fn forward_as(
         &self,
         bucket: u16,
@@ -284,7 +354,8 @@ impl Router {
     ) -> Result<CellResult, Status> {
         let partner_id = partner.map(|p| p.partner_id.clone()).unwrap_or_default();
         let partner_allowed = partner.map(|p| p.allowed.clone()).unwrap_or_default();
-        self.forward_call(bucket, deadline, |mut client, table_version, remaining| {
+        let request_id = if self.assign_request_ids { new_request_id()? } else { String::new() };
+        self.forward_call(bucket, deadline, true, |mut client, table_version, remaining| {
             let mut request = tonic::Request::new(CellRequest {
                 route: Some(RouteHeader {
                     bucket: u32::from(bucket),
@@ -292,6 +363,7 @@ impl Router {
                     partner_id: partner_id.clone(),
                     partner_allowed: partner_allowed.clone(),
                     caller: String::new(),
+                    request_id: request_id.clone(),
                 }),
                 operation: Some(operation.clone()),
             });
@@ -307,7 +379,8 @@ impl Router {
     /// Echoes `payload` through the leader of the cell owning `bucket` (no Raft, no disk): the same
     /// table lookup, leader cache and pooled channel as a real request.
     pub async fn echo(&self, bucket: u16, payload: Vec<u8>, deadline: Instant) -> Result<Vec<u8>, Status> {
-        self.forward_call(bucket, deadline, |mut client, _, remaining| {
+        // Any replica echoes: the answer says nothing about who leads.
+        self.forward_call(bucket, deadline, false, |mut client, _, remaining| {
             let mut request = tonic::Request::new(EchoRequest { payload: payload.clone(), bucket: 0 });
             request.set_timeout(remaining);
             async move { Ok(client.echo(request).await?.into_inner().payload) }
@@ -315,78 +388,196 @@ impl Router {
         .await
     }
 
-    /// Calls the owning cell's leader of `bucket` with `call(client, table version, time left)`,
-    /// following routing hints and retrying transient failures until `deadline`.
-    async fn forward_call<T, F, Fut>(&self, bucket: u16, deadline: Instant, mut call: F) -> Result<T, Status>
+    /// Calls the owning cell's leader of `bucket` with `call(client, table version, time left for
+    /// this attempt)`, following routing hints and retrying transient failures until `deadline`.
+    /// `leader_only`: a success proves the replica leads (not so for an echo).
+    ///
+    /// A first attempt at a replica gets at most [`ATTEMPT_TIMEOUT`]. When it runs out, a
+    /// [`PROBE_TIMEOUT`] liveness probe tells a slow replica (it answers; the next attempt gets
+    /// the rest of the deadline) from a paused, partitioned or dead one (suspect for
+    /// [`SUSPECT_FOR`], router-wide, as is one whose connection fails). Calls go to the other
+    /// replicas meanwhile, which answer not-leader with the leader they know; a hint naming a
+    /// suspect is not followed (the election under way will name another) unless every other
+    /// replica has been tried and names it too. A lost leader so costs about one election.
+    async fn forward_call<T, F, Fut>(
+        &self,
+        bucket: u16,
+        deadline: Instant,
+        leader_only: bool,
+        mut call: F,
+    ) -> Result<T, Status>
     where
         F: FnMut(CellClient<Channel>, u64, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let mut attempt = 0usize;
+        let mut patient: Vec<String> = Vec::new();
+        let mut overloads = 0u32;
+        let mut reached = false;
+        let mut last = Status::unavailable("the owning cell did not answer");
         loop {
             attempt += 1;
+            if Instant::now() >= deadline {
+                return Err(past_deadline(&last, reached));
+            }
             let table = self.table();
             if table.version == 0 {
-                self.refresh().await?;
-                continue;
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left, self.refresh()).await {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => {
+                        tracing::warn!(code = ?e.code(), "no routing table yet");
+                        return Err(Status::unavailable("the router has no routing table yet; retry"));
+                    }
+                    Err(_) => return Err(past_deadline(&last, reached)),
+                }
             }
             let cell = *table
                 .owner
                 .get(usize::from(bucket))
                 .ok_or_else(|| Status::internal("bucket outside table"))?;
-            let address = match self.leader_of(cell) {
+            let replicas = match table.replicas.get(&cell) {
+                Some(r) if !r.is_empty() => r,
+                _ => return Err(Status::unavailable("the owning cell has no replicas in the routing table")),
+            };
+            let suspects = self.suspects();
+            let address = match self.leader_of(cell).filter(|a| !suspects.contains(a)) {
                 Some(a) => a,
-                None => match table.replicas.get(&cell) {
-                    Some(r) if !r.is_empty() => r[attempt % r.len()].clone(),
-                    _ => {
-                        return Err(Status::unavailable(
-                            "the owning cell has no replicas in the routing table",
-                        ));
-                    }
-                },
+                None => {
+                    let healthy: Vec<&String> = replicas.iter().filter(|r| !suspects.contains(*r)).collect();
+                    let pool = if healthy.is_empty() { replicas.iter().collect() } else { healthy };
+                    pool[attempt % pool.len()].clone()
+                }
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(Status::deadline_exceeded("no answer from the owning cell within the deadline"));
-            }
+            let budget = if patient.contains(&address) { remaining } else { remaining.min(ATTEMPT_TIMEOUT) };
             let client = CellClient::new(self.channel(&address)?);
-            let err = match call(client, table.version, remaining).await {
-                Ok(result) => {
-                    if self.leader_of(cell).as_deref() != Some(address.as_str()) {
-                        self.set_leader(cell, Some(address));
+            let err = match tokio::time::timeout(budget, call(client, table.version, budget)).await {
+                Ok(Ok(result)) => {
+                    self.clear_suspect(&address);
+                    if leader_only && self.leader_of(cell).as_deref() != Some(address.as_str()) {
+                        self.set_leader(cell, address);
                     }
                     return Ok(result);
                 }
-                Err(e) => e,
+                Ok(Err(e)) => e,
+                Err(_) => Status::cancelled("attempt timed out"),
             };
+            let timed_out = err.code() == Code::Cancelled && err.message() == "attempt timed out";
+            if !transient(&err) || timed_out {
+                reached = true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
             match RoutingHint::from_status(&err) {
                 Some(RoutingHint::NotLeader { leader, .. }) => {
                     self.metrics.retries.with_label_values(&["not_leader"]).inc();
                     let hint = leader.map(|(_, a)| a).filter(|a| *a != address);
-                    if hint.is_none() {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    let others_tried = attempt >= replicas.len();
+                    match hint {
+                        Some(h) if !suspects.contains(&h) || others_tried => self.set_leader(cell, h),
+                        _ => {
+                            // No leader known yet, or the one named is suspect: an election is
+                            // under way; ask again shortly.
+                            self.forget_leader(cell, &address);
+                            tokio::time::sleep(Duration::from_millis(25).min(left)).await;
+                        }
                     }
-                    self.set_leader(cell, hint);
+                    last = err;
                 }
                 Some(RoutingHint::WrongOwner { .. }) => {
                     self.metrics.retries.with_label_values(&["wrong_owner"]).inc();
-                    if let Err(e) = self.refresh().await {
-                        tracing::warn!(code = ?e.code(), "refresh after wrong-owner failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    match tokio::time::timeout(left, self.refresh()).await {
+                        Ok(Ok(_)) => {}
+                        _ => {
+                            tracing::warn!("refresh after wrong-owner failed");
+                            tokio::time::sleep(Duration::from_millis(50).min(left)).await;
+                        }
                     }
+                    last = Status::unavailable("the bucket's owner changed; retry");
                 }
                 Some(RoutingHint::RetryLater { after }) => {
                     self.metrics.retries.with_label_values(&["retry_later"]).inc();
-                    tokio::time::sleep(after.min(remaining)).await;
+                    tokio::time::sleep(after.min(left)).await;
+                    last = err;
                 }
-                None if matches!(err.code(), Code::Unavailable | Code::Unknown) => {
-                    // The replica is down or unreachable: try another one.
+                None if overloaded(&err) => {
+                    overloads += 1;
+                    if overloads > OVERLOAD_RETRIES {
+                        // Shed load reaches the client, which backs off by the delay it carries.
+                        return Err(err);
+                    }
+                    self.metrics.retries.with_label_values(&["overloaded"]).inc();
+                    let wait = nid_proto::error::retry_delay(&err).unwrap_or(Duration::from_millis(20));
+                    tokio::time::sleep(wait.min(left)).await;
+                    last = err;
+                }
+                None if timed_out => {
+                    self.metrics.retries.with_label_values(&["timeout"]).inc();
+                    if self.probe(&address, left.min(PROBE_TIMEOUT)).await {
+                        // Alive and slow (busy, or a long read): give it the rest of the deadline.
+                        patient.push(address.clone());
+                        if leader_only && self.leader_of(cell).is_none() {
+                            self.set_leader(cell, address);
+                        }
+                    } else {
+                        self.suspect(&address);
+                        self.forget_leader(cell, &address);
+                    }
+                    last = err;
+                }
+                None if transient(&err) => {
+                    // The replica is down, unreachable or lost its quorum: try the others.
                     self.metrics.retries.with_label_values(&["unavailable"]).inc();
-                    self.set_leader(cell, None);
-                    tokio::time::sleep(Duration::from_millis(10 * attempt.min(10) as u64)).await;
+                    self.suspect(&address);
+                    self.forget_leader(cell, &address);
+                    tokio::time::sleep(Duration::from_millis(5 * attempt.min(10) as u64).min(left)).await;
+                    last = err;
                 }
                 None => return Err(err),
             }
+        }
+    }
+
+    /// Whether the replica at `address` answers a cheap call within `timeout` (a paused process,
+    /// a partitioned host or a dead one does not).
+    async fn probe(&self, address: &str, timeout: Duration) -> bool {
+        let Ok(channel) = self.channel(address) else { return false };
+        let request = EchoRequest { payload: Vec::new(), bucket: 0 };
+        matches!(tokio::time::timeout(timeout, CellClient::new(channel).echo(request)).await, Ok(Ok(_)))
+    }
+
+    fn suspects(&self) -> Vec<String> {
+        let now = Instant::now();
+        match self.suspects.lock() {
+            Ok(mut s) => {
+                s.retain(|_, until| *until > now);
+                s.keys().cloned().collect()
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn suspect(&self, address: &str) {
+        if let Ok(mut s) = self.suspects.lock() {
+            s.insert(address.to_owned(), Instant::now() + SUSPECT_FOR);
+        }
+    }
+
+    fn clear_suspect(&self, address: &str) {
+        if let Ok(mut s) = self.suspects.lock()
+            && !s.is_empty()
+        {
+            s.remove(address);
+        }
+    }
+
+    /// Forgets the cached leader of `cell` if it is still `address` (another call may have found
+    /// the new one meanwhile).
+    fn forget_leader(&self, cell: u64, address: &str) {
+        if let Ok(mut l) = self.leaders.write()
+            && l.get(&cell).is_some_and(|a| a == address)
+        {
+            l.remove(&cell);
         }
     }
 }

@@ -27,6 +27,10 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
 /// The public `Enrollment` service.
 pub struct EnrollmentService(pub Arc<Router>);
 
+/// When the router gives up on a request: a little before the client's `grpc-timeout` (a tenth of
+/// it, at least 50 ms and at most 250 ms, never more than half), so that the answer is the model's
+/// DEADLINE_EXCEEDED (reason TIMEOUT) and not the CANCELLED "Timeout expired" the gRPC server
+/// answers once the header's time is up.
 fn deadline_of<T>(request: &Request<T>) -> Instant {
     let timeout = request
         .metadata()
@@ -35,7 +39,8 @@ fn deadline_of<T>(request: &Request<T>) -> Instant {
         .and_then(parse_grpc_timeout)
         .unwrap_or(DEFAULT_DEADLINE)
         .min(Duration::from_secs(60));
-    Instant::now() + timeout
+    let margin = (timeout / 10).clamp(Duration::from_millis(50), Duration::from_millis(250)).min(timeout / 2);
+    Instant::now() + timeout - margin
 }
 
 /// Parses a `grpc-timeout` header (up to 8 digits and a unit); anything else is ignored.
@@ -56,20 +61,9 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
-async fn observed<T>(
-    router: &Router,
-    method: &'static str,
-    f: impl Future<Output = Result<T, Status>>,
-) -> Result<Response<T>, Status> {
-    nid_support::observed(
-        method,
-        |method, code, secs| {
-            router.metrics.requests.with_label_values(&[method, code]).inc();
-            router.metrics.latency.with_label_values(&[method]).observe(secs);
-        },
-        f,
-    )
-    .await
+/// Wraps a handler's result in a response (the gRPC metrics layer records every call).
+pub async fn respond<T>(body: impl Future<Output = Result<T, Status>>) -> Result<Response<T>, Status> {
+    body.await.map(Response::new)
 }
 
 fn unexpected() -> Status {
@@ -81,7 +75,7 @@ impl Enrollment for EnrollmentService {
     async fn enroll(&self, request: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
         let deadline = deadline_of(&request);
         let req = request.into_inner();
-        observed(&self.0, "Enroll", async {
+        respond(async {
             validate::enroll(&req, now_ms()).map_err(invalid)?;
             let bucket = bucket_of_key(KeyDomain::Rid, req.rid.as_bytes()).get();
             match self.0.forward(bucket, Operation::Enroll(req), deadline).await? {
@@ -98,7 +92,7 @@ impl Enrollment for EnrollmentService {
     ) -> Result<Response<GetIdentityResponse>, Status> {
         let deadline = deadline_of(&request);
         let req = request.into_inner();
-        observed(&self.0, "GetIdentity", async {
+        respond(async {
             let bucket = checked(&self.0, |scheme| validate::get_identity(scheme, &req))?.bucket().get();
             match self.0.forward(bucket, Operation::GetIdentity(req), deadline).await? {
                 CellResult::GetIdentity(r) => Ok(r),
@@ -115,11 +109,9 @@ impl Enrollment for EnrollmentService {
         let deadline = deadline_of(&request);
         let req = request.into_inner();
         let bucket = checked(&self.0, |scheme| validate::update(scheme, &req, now_ms()));
-        by_bucket(&self.0, "UpdateIdentity", bucket, Operation::UpdateIdentity(req), deadline, None, |r| {
-            match r {
-                CellResult::UpdateIdentity(r) => Some(r),
-                _ => None,
-            }
+        by_bucket(&self.0, bucket, Operation::UpdateIdentity(req), deadline, None, |r| match r {
+            CellResult::UpdateIdentity(r) => Some(r),
+            _ => None,
         })
         .await
     }
@@ -131,7 +123,7 @@ impl Enrollment for EnrollmentService {
         let deadline = deadline_of(&request);
         let req = request.into_inner();
         let bucket = checked(&self.0, |scheme| validate::set_status(scheme, &req));
-        by_bucket(&self.0, "SetStatus", bucket, Operation::SetStatus(req), deadline, None, |r| match r {
+        by_bucket(&self.0, bucket, Operation::SetStatus(req), deadline, None, |r| match r {
             CellResult::SetStatus(r) => Some(r),
             _ => None,
         })
@@ -145,7 +137,7 @@ impl Enrollment for EnrollmentService {
         let deadline = deadline_of(&request);
         let req = request.into_inner();
         let bucket = checked(&self.0, |scheme| validate::get_history(scheme, &req).map(|(id, _)| id));
-        by_bucket(&self.0, "GetHistory", bucket, Operation::GetHistory(req), deadline, None, |r| match r {
+        by_bucket(&self.0, bucket, Operation::GetHistory(req), deadline, None, |r| match r {
             CellResult::GetHistory(r) => Some(r),
             _ => None,
         })
@@ -159,7 +151,7 @@ impl Enrollment for EnrollmentService {
         let deadline = deadline_of(&request);
         let req = request.into_inner();
         let bucket = checked(&self.0, |scheme| validate::create_vid(scheme, &req, now_ms()).map(|v| v.uin));
-        by_bucket(&self.0, "CreateVid", bucket, Operation::CreateVid(req), deadline, None, |r| match r {
+        by_bucket(&self.0, bucket, Operation::CreateVid(req), deadline, None, |r| match r {
             CellResult::CreateVid(r) => Some(r),
             _ => None,
         })
@@ -173,7 +165,7 @@ impl Enrollment for EnrollmentService {
         let deadline = deadline_of(&request);
         let req = request.into_inner();
         let bucket = checked(&self.0, |scheme| validate::revoke_vid(scheme, &req));
-        by_bucket(&self.0, "RevokeVid", bucket, Operation::RevokeVid(req), deadline, None, |r| match r {
+        by_bucket(&self.0, bucket, Operation::RevokeVid(req), deadline, None, |r| match r {
             CellResult::RevokeVid(r) => Some(r),
             _ => None,
         })
@@ -188,18 +180,10 @@ impl Enrollment for EnrollmentService {
         let req = request.into_inner();
         let bucket =
             checked(&self.0, |scheme| validate::lock_auth_types(scheme, &req, now_ms()).map(|l| l.id));
-        by_bucket(
-            &self.0,
-            "LockAuthTypes",
-            bucket,
-            Operation::LockAuthTypes(req),
-            deadline,
-            None,
-            |r| match r {
-                CellResult::LockAuthTypes(r) => Some(r),
-                _ => None,
-            },
-        )
+        by_bucket(&self.0, bucket, Operation::LockAuthTypes(req), deadline, None, |r| match r {
+            CellResult::LockAuthTypes(r) => Some(r),
+            _ => None,
+        })
         .await
     }
 }
@@ -209,14 +193,13 @@ impl Enrollment for EnrollmentService {
 #[allow(clippy::too_many_arguments)]
 pub async fn by_bucket<T>(
     router: &Router,
-    method: &'static str,
     id: Result<Identifier, Status>,
     operation: Operation,
     deadline: Instant,
     partner: Option<&Authenticated>,
     extract: impl FnOnce(CellResult) -> Option<T>,
 ) -> Result<Response<T>, Status> {
-    observed(router, method, async {
+    respond(async {
         let bucket = id?.bucket().get();
         let result = router.forward_as(bucket, operation, deadline, partner).await?;
         extract(result).ok_or_else(unexpected)
@@ -269,21 +252,13 @@ impl Authentication for AuthenticationService {
         let req = request.into_inner();
         let partner = match partner {
             Ok(p) => p,
-            Err(e) => return observed(&self.router, "Authenticate", async { Err(e) }).await,
+            Err(e) => return respond(async { Err(e) }).await,
         };
         let bucket = checked(&self.router, |scheme| validate::authenticate(scheme, &req).map(|a| a.id));
-        by_bucket(
-            &self.router,
-            "Authenticate",
-            bucket,
-            Operation::Authenticate(req),
-            deadline,
-            Some(&partner),
-            |r| match r {
-                CellResult::Authenticate(r) => Some(r),
-                _ => None,
-            },
-        )
+        by_bucket(&self.router, bucket, Operation::Authenticate(req), deadline, Some(&partner), |r| match r {
+            CellResult::Authenticate(r) => Some(r),
+            _ => None,
+        })
         .await
     }
 
@@ -291,7 +266,7 @@ impl Authentication for AuthenticationService {
         &self,
         _request: Request<GetSigningKeysRequest>,
     ) -> Result<Response<GetSigningKeysResponse>, Status> {
-        observed(&self.router, "GetSigningKeys", async {
+        respond(async {
             if let Some((at, keys)) = self.keys.read().await.as_ref()
                 && at.elapsed() < Duration::from_secs(60)
             {
@@ -323,18 +298,10 @@ impl Authentication for AuthenticationService {
         let req = request.into_inner();
         let bucket =
             checked(&self.router, |scheme| validate::get_auth_history(scheme, &req).map(|(id, _, _)| id));
-        by_bucket(
-            &self.router,
-            "GetAuthHistory",
-            bucket,
-            Operation::GetAuthHistory(req),
-            deadline,
-            None,
-            |r| match r {
-                CellResult::GetAuthHistory(r) => Some(r),
-                _ => None,
-            },
-        )
+        by_bucket(&self.router, bucket, Operation::GetAuthHistory(req), deadline, None, |r| match r {
+            CellResult::GetAuthHistory(r) => Some(r),
+            _ => None,
+        })
         .await
     }
 }
@@ -350,7 +317,7 @@ impl Diagnostics for DiagnosticsService {
     async fn echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoResponse>, Status> {
         let deadline = deadline_of(&request);
         let req = request.into_inner();
-        observed(&self.0, "Echo", async {
+        respond(async {
             if req.payload.len() > MAX_ECHO_PAYLOAD {
                 return Err(invalid_field("payload", "must be at most 64 KiB"));
             }

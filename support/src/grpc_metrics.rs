@@ -18,18 +18,19 @@ pub struct GrpcMetrics {
 }
 
 impl GrpcMetrics {
-    /// Creates the metrics and registers them in `registry`.
+    /// Creates the metrics under their standard names and registers them in `registry`.
     pub fn new(registry: &Registry) -> prometheus::Result<GrpcMetrics> {
+        GrpcMetrics::named(registry, "nid_grpc_server_handled_total", "nid_grpc_server_handling_seconds")
+    }
+
+    /// Creates the metrics under the given names (the router keeps its `nid_router_*` names).
+    pub fn named(registry: &Registry, handled: &str, seconds: &str) -> prometheus::Result<GrpcMetrics> {
         let handled = IntCounterVec::new(
-            Opts::new("nid_grpc_server_handled_total", "gRPC calls handled, by service, method and code."),
+            Opts::new(handled, "gRPC calls handled, by service, method and code."),
             &["grpc_service", "grpc_method", "grpc_code"],
         )?;
         let seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "nid_grpc_server_handling_seconds",
-                "gRPC handling latency to the response headers.",
-            )
-            .buckets(vec![
+            HistogramOpts::new(seconds, "gRPC handling latency to the response headers.").buckets(vec![
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                 5.0, 10.0,
             ]),

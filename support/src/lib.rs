@@ -3,9 +3,11 @@
 //! tests' scan for plaintext at rest. Kept out of `nid-proto`, which does no I/O,
 //! and free of storage dependencies, so every binary may use it.
 
+pub mod accept_encoding;
 pub mod grpc_metrics;
 pub mod logging;
 pub mod metrics_http;
+pub mod oversized;
 
 use tokio::net::TcpListener;
 
@@ -49,23 +51,6 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
         0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
         n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
     }
-}
-
-/// Runs a gRPC handler body, then reports its method, gRPC code and duration to `record` (which
-/// feeds the caller's own counters and histograms) and wraps the result in a response.
-pub async fn observed<T>(
-    method: &'static str,
-    record: impl FnOnce(&'static str, &'static str, f64),
-    body: impl std::future::Future<Output = Result<T, tonic::Status>>,
-) -> Result<tonic::Response<T>, tonic::Status> {
-    let started = std::time::Instant::now();
-    let result = body.await;
-    let code = match &result {
-        Ok(_) => tonic::Code::Ok,
-        Err(s) => s.code(),
-    };
-    record(method, code_name(code), started.elapsed().as_secs_f64());
-    result.map(tonic::Response::new)
 }
 
 /// The label value of a gRPC code (the names grpc-go's Prometheus middleware uses).

@@ -151,16 +151,30 @@ impl IdentityCluster {
         operation: Operation,
         partner: Option<(&str, &[i32])>,
     ) -> Result<CellResult, tonic::Status> {
+        self.execute_routed(operation, partner, None).await
+    }
+
+    /// [`IdentityCluster::execute`] with the request id a router assigns to the client call
+    /// (`RouteHeader.request_id`).
+    pub async fn execute_routed(
+        &self,
+        operation: Operation,
+        partner: Option<(&str, &[i32])>,
+        route_request_id: Option<&str>,
+    ) -> Result<CellResult, tonic::Status> {
         let deadline = Instant::now() + WAIT;
         loop {
             let leader = tokio::task::block_in_place(|| self.cluster.must_leader());
+            let routed = partner.is_some() || route_request_id.is_some();
+            let (partner_id, allowed) = partner.unwrap_or(("", &[]));
             let request = CellRequest {
-                route: partner.map(|(id, allowed)| RouteHeader {
+                route: routed.then(|| RouteHeader {
                     bucket: bucket_of(&operation, &self.scheme),
                     table_version: 1,
-                    partner_id: id.to_owned(),
+                    partner_id: partner_id.to_owned(),
                     partner_allowed: allowed.to_vec(),
                     caller: String::new(),
+                    request_id: route_request_id.unwrap_or_default().to_owned(),
                 }),
                 operation: Some(operation.clone()),
             };

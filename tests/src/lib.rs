@@ -531,3 +531,125 @@ pub fn http_get_blocking(address: &str, path: &str) -> Option<String> {
     s.read_to_string(&mut out).ok()?;
     Some(out)
 }
+
+/// A replica of a `nidctl dev up` cluster that a test kills, pauses and starts again by itself:
+/// its command line is read from `/proc` when adopted, and a restart runs the same command on the
+/// same data directory. Replicas this handle started are SIGKILLed on drop.
+pub struct DevReplica {
+    /// Node id.
+    pub node_id: u64,
+    /// gRPC address.
+    pub address: String,
+    pid: u32,
+    command: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl DevReplica {
+    /// Adopts the running replica described by a `cluster.json` entry; its restarts log to `logs`.
+    pub fn adopt(entry: &serde_json::Value, logs: &std::path::Path) -> DevReplica {
+        let pid = entry["pid"].as_u64().expect("replica pid") as u32;
+        let raw = std::fs::read(format!("/proc/{pid}/cmdline")).expect("replica command line");
+        let command: Vec<String> = raw
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let name = entry["name"].as_str().unwrap_or("replica");
+        DevReplica {
+            node_id: entry["node_id"].as_u64().expect("node id"),
+            address: entry["address"].as_str().expect("address").to_owned(),
+            pid,
+            command,
+            log: logs.join(format!("{name}.restarted.log")),
+            child: None,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn signal(&self, signal: &str) {
+        let _ = Command::new("kill").arg(format!("-{signal}")).arg(self.pid.to_string()).status();
+    }
+
+    /// SIGKILL, and reap it when this handle started it.
+    pub fn kill9(&mut self) {
+        self.signal("KILL");
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP: the process stays, frozen (a GC-like pause, a stuck VM).
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// SIGCONT after [`DevReplica::pause`].
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    /// Starts the replica again with its original command line (same data directory and ports).
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("open log");
+        let child = Command::new(&self.command[0])
+            .args(&self.command[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("restart replica");
+        self.pid = child.id();
+        self.child = Some(child);
+    }
+
+    /// This replica's view of its cell (None while it does not answer within `timeout`).
+    pub async fn status(&self, timeout: Duration) -> Option<nid_proto::v1::CellStatus> {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.address)).ok()?;
+        let channel = endpoint.connect_timeout(timeout).timeout(timeout).connect().await.ok()?;
+        let request = nid_proto::v1::GetCellStatusRequest {};
+        Some(CellClient::new(channel).get_cell_status(request).await.ok()?.into_inner())
+    }
+}
+
+impl Drop for DevReplica {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.signal("CONT");
+            self.kill9();
+        }
+    }
+}
+
+/// The replicas of data cell `index` in a dev cluster's `cluster.json`, adopted.
+pub fn adopt_cell(dev: &DevCluster, index: usize) -> Vec<DevReplica> {
+    let logs = dev.dir.path().join("logs");
+    dev.info["cells"][index]["replicas"]
+        .as_array()
+        .expect("cell replicas")
+        .iter()
+        .map(|r| DevReplica::adopt(r, &logs))
+        .collect()
+}
+
+/// The index in `replicas` of the leader they agree on, asking each in turn, for up to `timeout`.
+pub async fn leader_of(replicas: &[DevReplica], timeout: Duration) -> Option<usize> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        for r in replicas {
+            if let Some(status) = r.status(Duration::from_millis(500)).await
+                && let Some(leader) = status.replicas.iter().find(|x| x.is_leader)
+                && let Some(i) = replicas.iter().position(|x| x.node_id == leader.node_id)
+            {
+                return Some(i);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}

@@ -97,6 +97,59 @@ fn loadtest(options: &Options, tag: &str, args: &[&str]) -> anyhow::Result<serde
     Ok(serde_json::from_str(&std::fs::read_to_string(&report)?)?)
 }
 
+/// A second router on the bench cluster that assigns no request ids (killed on drop).
+struct BareRouter {
+    address: String,
+    child: std::process::Child,
+}
+
+impl BareRouter {
+    fn start(cluster: &serde_json::Value) -> anyhow::Result<BareRouter> {
+        let control: Vec<&str> = cluster["control"]["replicas"]
+            .as_array()
+            .context("control replicas in cluster.json")?
+            .iter()
+            .filter_map(|r| r["address"].as_str())
+            .collect();
+        let address = format!("127.0.0.1:{}", nid_tests::free_port());
+        let child = Command::new(binary("nid-router"))
+            .args(["--listen", &address, "--control", &control.join(","), "--insecure", "--threads", "1"])
+            .arg("--unsafe-no-request-ids")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start the router without request ids")?;
+        let mut router = BareRouter { address, child };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect(&router.address).is_err() {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "the second router never listened");
+            if let Some(status) = router.child.try_wait()? {
+                anyhow::bail!("the second router exited: {status}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Ok(router)
+    }
+}
+
+impl Drop for BareRouter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Splits a people file into two halves (disjoint identities for two update runs).
+fn split_people(people: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let text = std::fs::read_to_string(people)?;
+    let lines: Vec<&str> = text.lines().collect();
+    let (a, b) = lines.split_at(lines.len() / 2);
+    let (pa, pb) = (dir.join("people-a.jsonl"), dir.join("people-b.jsonl"));
+    std::fs::write(&pa, a.join("\n") + "\n")?;
+    std::fs::write(&pb, b.join("\n") + "\n")?;
+    Ok((pa, pb))
+}
+
 /// Machine facts for the header: cores, CPU model, RAM, kernel.
 fn machine() -> String {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
@@ -440,6 +493,43 @@ async fn main() -> anyhow::Result<()> {
     let (target_rate, target_p99) = (row.throughput, row.p99);
     rows.push(row);
 
+    // (2b) What exactly-once costs: the same cluster through a second router that assigns no
+    // request ids (a hidden benchmark-only flag), enrolments and versioned updates, one after the
+    // other in this run. Updates go to two disjoint halves of the populated people.
+    println!("\n== (2b) exactly-once bookkeeping: request ids on vs off, same cluster");
+    let bare = BareRouter::start(&cluster.info)?;
+    let (half_a, half_b) = split_people(&people, &options.results)?;
+    let mut once = Vec::new();
+    for (tag, target, seed, half) in
+        [("on", router.as_str(), "21", &half_a), ("off", bare.address.as_str(), "22", &half_b)]
+    {
+        let e = loadtest(
+            &options,
+            &format!("2b-enroll-ids-{tag}"),
+            &["--target", target, "--scenario", "enroll", "--concurrency", &c, "--seed", seed],
+        )?;
+        let half = half.display().to_string();
+        let u = loadtest(
+            &options,
+            &format!("2b-update-ids-{tag}"),
+            &["--target", target, "--scenario", "update", "--concurrency", &c, "--people", &half],
+        )?;
+        once.push((tag, e, u));
+    }
+    drop(bare);
+    let rate = |r: &serde_json::Value| r["throughput"].as_f64().unwrap_or(0.0);
+    let (enroll_on, enroll_off) = (rate(&once[0].1), rate(&once[1].1).max(1.0));
+    let (update_on, update_off) = (rate(&once[0].2), rate(&once[1].2).max(1.0));
+    for (tag, e, u) in &once {
+        let mut row = Row::from_report("2b exactly-once", &format!("enroll, request ids {tag}"), e);
+        row.ratio = format!("{:.2} of ids off", rate(e) / enroll_off);
+        rows.push(row);
+        let mut row = Row::from_report("2b exactly-once", &format!("versioned update, request ids {tag}"), u);
+        row.ratio = format!("{:.2} of ids off", rate(u) / update_off);
+        rows.push(row);
+    }
+    let exactly_once = (enroll_on / enroll_off, update_on / update_off);
+
     let mut profiles: Vec<(&str, String)> = Vec::new();
     if options.profile
         && let Some((_, pid)) = cell_leader(&cluster.info, 0).await
@@ -580,6 +670,13 @@ async fn main() -> anyhow::Result<()> {
             verdict(enroll_max >= 3.0 * etcd_rate && enroll_p99 < etcd_p99)
         );
     }
+    let _ = writeln!(
+        targets,
+        "| request-id bookkeeping costs < 10% | enrol {:.2}, versioned update {:.2} of the same with ids off | {} |",
+        exactly_once.0,
+        exactly_once.1,
+        verdict(exactly_once.0 > 0.9 && exactly_once.1 > 0.9)
+    );
     let _ = writeln!(
         targets,
         "| >= 50% of the no-op ceiling | enrol {:.2}, auth {:.2} of {ceiling:.0}/s | {} |",
