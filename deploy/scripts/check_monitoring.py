@@ -8,10 +8,15 @@
 - every alert has a promtool test case in which it fires, and every recording rule is exercised by
   a test (as an expression under test or through an alert whose test fires);
 - every dashboard query parses (promtool check rules on a scratch file) and every recording rule it
-  names exists.
+  names exists;
+- every nid_* metric a rule or a dashboard query reads is registered somewhere in the Rust sources
+  (a "nid_..." string literal; histograms also as _bucket, _count, _sum), but for the metrics in
+  AWAITED, which rules watch ahead of the code and which must not be exported yet (once they are,
+  drop them from AWAITED and check the rules against the real labels).
 Exit 1 with one line per problem.
 """
 import json
+import os
 import re
 import subprocess
 import sys
@@ -21,7 +26,32 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1] / "monitoring"
+REPO = ROOT.parents[1]
 RECORD = re.compile(r"\bnid:[a-z0-9_:]+")
+METRIC = re.compile(r"\bnid_[a-z0-9_]+")
+EXPORTED = re.compile(r'"(nid_[a-z0-9_]+)"')
+HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
+# Read by rules before any process exports them: name -> why.
+AWAITED = {
+    "nid_tls_certificate_expiry_timestamp_seconds": "rules/tls.rules.yml, for when TLS lands (mTLS is not built)",
+}
+
+
+def exported_metrics():
+    names = set()
+    for top, dirs, files in os.walk(REPO):
+        # Not into build output, deploy/ or hidden directories (.git, caches).
+        dirs[:] = [d for d in dirs if d not in ("target", "deploy") and not d.startswith(".")]
+        for name in files:
+            if name.endswith(".rs"):
+                names.update(EXPORTED.findall(Path(top, name).read_text(errors="replace")))
+    return names
+
+
+def unknown_metric(name, exported):
+    if name in exported:
+        return False
+    return not any(name.endswith(s) and name[: -len(s)] in exported for s in HISTOGRAM_SUFFIXES)
 
 
 def anchors(markdown):
@@ -40,12 +70,16 @@ def main():
             problems.append(f"{f}: only *.rules.yml files belong in rules/ (Prometheus loads rules/*.rules.yml)")
     runbook = anchors((ROOT / "RUNBOOK.md").read_text())
     alerts, records = {}, {}
+    exported = exported_metrics()
+    read = {}  # metric -> where it is read
     for f in sorted(rules_dir.glob("*.rules.yml")):
         doc = yaml.safe_load(f.read_text())
         for group in doc["groups"]:
             seen = set()
             for rule in group["rules"]:
                 used = set(RECORD.findall(rule["expr"]))
+                for metric in METRIC.findall(rule["expr"]):
+                    read.setdefault(metric, f"{f.name}: {rule.get('alert') or rule.get('record')}")
                 for name in sorted(used - seen):
                     where = "another group or later" if name in records or name in {
                         r.get("record") for r in group["rules"]} else "nowhere"
@@ -92,6 +126,19 @@ def main():
         for name in RECORD.findall(q["expr"]):
             if name not in records:
                 problems.append(f"dashboard panel {q['panel']!r} reads {name}, which no rule records")
+    for q in queries:
+        for metric in METRIC.findall(q["expr"]):
+            read.setdefault(metric, f"dashboard panel {q['panel']!r}")
+    for metric, where in sorted(read.items()):
+        if metric in AWAITED:
+            continue
+        if unknown_metric(metric, exported):
+            problems.append(f"{where} reads {metric}, which no Rust source registers (renamed or removed?)")
+    for metric, why in sorted(AWAITED.items()):
+        if not unknown_metric(metric, exported):
+            problems.append(f"{metric} is exported now: remove it from AWAITED ({why}) and check its rules' labels")
+    if len(exported) < 10:
+        problems.append(f"found only {len(exported)} metric names in the Rust sources under {REPO}: is the search broken?")
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp) / "dashboard.rules.yml"
         scratch.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": [
@@ -103,7 +150,8 @@ def main():
     for p in problems:
         print(f"check_monitoring: {p}")
     print(f"check_monitoring: {len(alerts)} alerts, {len(records)} recording rules, "
-          f"{len(queries)} dashboard queries, {len(problems)} problems")
+          f"{len(queries)} dashboard queries, {len(read)} metrics read ({len(exported)} registered in the code), "
+          f"{len(problems)} problems")
     return 1 if problems else 0
 
 

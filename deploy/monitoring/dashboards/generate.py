@@ -19,6 +19,10 @@ OUT = Path(__file__).with_name("nid-overview.json")
 DS = {"type": "prometheus", "uid": "${datasource}"}
 CELL = 'job="nid-cell",cell=~"$cell"'
 ROUTER = 'job="nid-router"'
+# Client traffic: the router also counts grpc.health.v1.Health probes, grpc.reflection.* calls and
+# calls to services it does not have (grpc_service="unknown"); request panels leave them out, as the
+# SLO rules do.
+CLIENT = ROUTER + r',grpc_service=~"nid\\.v1\\..*"'
 RI = "$__rate_interval"
 # What the variables become for promtool and for the compose Prometheus.
 SUBSTITUTIONS = {"$__rate_interval": "1m", "$cell": ".*"}
@@ -86,7 +90,8 @@ def build():
     d.panel("stat", "Cells without a leader", [(f'count(max by (cell) (nid_raft_has_leader{{{CELL}}}) == 0) or vector(0)', "cells")], width=4, height=5)
     d.panel("stat", "Replicas up", [(f'sum(up{{{CELL}}})', "up"), (f'count(up{{{CELL}}})', "configured")], width=4, height=5)
     d.panel("stat", "Routers up", [(f'sum(up{{{ROUTER}}})', "up")], width=4, height=5)
-    d.panel("stat", "Requests / s", [(f'sum(rate(nid_router_requests_total{{{ROUTER}}}[{RI}]))', "req/s")], unit="reqps", width=4, height=5)
+    d.panel("stat", "Requests / s", [(f'sum(rate(nid_router_requests_total{{{CLIENT}}}[{RI}]))', "req/s")], unit="reqps", width=4, height=5,
+            description="Client requests (nid.v1 services) through the routers; health probes and reflection are not counted.")
     d.panel("stat", "Firing nid alerts", [('count(ALERTS{alertstate="firing",alertname=~"Nid.*"}) or vector(0)', "alerts")], width=4, height=5)
     d.panel("timeseries", "Availability SLO: error ratio (budget 0.1%)", [
         ("nid:router_request_errors:ratio_rate5m", "5m"),
@@ -117,13 +122,19 @@ def build():
     d.panel("timeseries", "Group commit: commands per entry (p50)", [
         (f'histogram_quantile(0.5, sum by (cell, le) (rate(nid_raft_batch_commands_bucket{{{CELL}}}[{RI}])))', "cell {{cell}}"),
     ], width=12)
+    d.panel("timeseries", "Replicas per zone and role", [(f'count by (zone, role) (nid_replica_info{{{CELL}}})', "{{zone}} {{role}}")], width=12, stack=True,
+            description="From nid_replica_info. The replica's own cell, node, zone and role are its exported_* labels "
+                        "(Prometheus renames them beside the scrape's target labels of the same names).")
 
     d.row("Requests")
-    d.panel("timeseries", "Router requests / s by method", [(f'sum by (grpc_method) (rate(nid_router_requests_total{{{ROUTER}}}[{RI}]))', "{{grpc_method}}")], unit="reqps", width=8, stack=True)
-    d.panel("timeseries", "Router requests / s by code", [(f'sum by (grpc_code) (rate(nid_router_requests_total{{{ROUTER}}}[{RI}]))', "{{grpc_code}}")], unit="reqps", width=8, stack=True)
-    d.panel("timeseries", "Router p99 by method", [(f'histogram_quantile(0.99, sum by (grpc_method, le) (rate(nid_router_request_duration_seconds_bucket{{{ROUTER}}}[{RI}])))', "{{grpc_method}}")], unit="s", width=8)
+    d.panel("timeseries", "Router requests / s by method", [(f'sum by (grpc_service, grpc_method) (rate(nid_router_requests_total{{{CLIENT}}}[{RI}]))', "{{grpc_service}}/{{grpc_method}}")], unit="reqps", width=8, stack=True,
+            description="Client requests (nid.v1 services); health probes and reflection are left out.")
+    d.panel("timeseries", "Router requests / s by code", [(f'sum by (grpc_code) (rate(nid_router_requests_total{{{CLIENT}}}[{RI}]))', "{{grpc_code}}")], unit="reqps", width=8, stack=True,
+            description="Client requests (nid.v1 services) by gRPC code (OK, InvalidArgument, Unavailable, DeadlineExceeded...).")
+    d.panel("timeseries", "Router p99 by method", [(f'histogram_quantile(0.99, sum by (grpc_method, le) (rate(nid_router_request_duration_seconds_bucket{{{CLIENT}}}[{RI}])))', "{{grpc_method}}")], unit="s", width=8,
+            description="Time to the response headers of client requests (nid.v1 services).")
     d.panel("timeseries", "Cell requests / s by method", [(f'sum by (grpc_service, grpc_method) (rate(nid_grpc_server_handled_total{{{CELL}}}[{RI}]))', "{{grpc_service}}/{{grpc_method}}")], unit="reqps", width=12, stack=True)
-    d.panel("timeseries", "Cell p99 by method", [(f'histogram_quantile(0.99, sum by (grpc_method, le) (rate(nid_grpc_server_handling_seconds_bucket{{{CELL}}}[{RI}])))', "{{grpc_method}}")], unit="s", width=12)
+    d.panel("timeseries", "Cell p99 by method", [(f'histogram_quantile(0.99, sum by (grpc_service, grpc_method, le) (rate(nid_grpc_server_handling_seconds_bucket{{{CELL}}}[{RI}])))', "{{grpc_service}}/{{grpc_method}}")], unit="s", width=12)
 
     d.row("Authentication")
     d.panel("timeseries", "Decisions / s: yes and no", [
@@ -131,11 +142,18 @@ def build():
         (f'sum(rate(nid_auth_repeated_answers_total{{{CELL}}}[{RI}]))', "repeated (retry answered)", False),
     ], unit="ops", width=8, stack=True)
     d.panel("timeseries", "Partner calls refused at the router, by code", [
-        (f'sum by (grpc_code) (rate(nid_router_requests_total{{{ROUTER},grpc_method="Authenticate",grpc_code!="OK"}}[{RI}]))', "{{grpc_code}}", False),
+        (f'sum by (grpc_code) (rate(nid_router_requests_total{{{ROUTER},grpc_service="nid.v1.Authentication",grpc_method="Authenticate",grpc_code!="OK"}}[{RI}]))', "{{grpc_code}}", False),
     ], unit="reqps", width=8,
-        description="Authenticate calls that ended without a decision: Unauthenticated and PermissionDenied are bad or revoked API keys. "
-                    "Decisions by reason need a reason label on nid_auth_decisions_total (requested).")
+        description="Authenticate calls that ended without a decision: Unauthenticated and PermissionDenied are bad or revoked API keys.")
     d.panel("timeseries", "Share of no", [("nid:auth_decisions_no:ratio_rate10m", "no / all")], unit="percentunit", width=8)
+    d.panel("timeseries", "No decisions / s by reason", [
+        (f'sum by (reason) (rate(nid_auth_decisions_total{{{CELL},result="no"}}[{RI}]))', "{{reason}}", False),
+    ], unit="ops", width=12, stack=True,
+        description="The first reason of each no (PIN_MISMATCH, UNKNOWN_ID, TOO_MANY_FAILURES, AUTH_TYPE_LOCKED...).")
+    d.panel("timeseries", "Unknown identifiers / s by partner", [
+        (f'sum by (partner) (rate(nid_auth_unknown_identity_total{{{CELL}}}[{RI}]))', "{{partner}}", False),
+    ], unit="ops", width=12, stack=True,
+        description="Authentications of identifiers no identity has, per partner id: a broken integration or enumeration.")
 
     d.row("Storage and latency inside the cell")
     d.panel("timeseries", "Raft log fsync p99 / p50", [
@@ -148,12 +166,23 @@ def build():
     d.panel("timeseries", "RocksDB size", [(f'nid_rocksdb_size_bytes{{{CELL}}}', "cell {{cell}} node {{node}}")], unit="bytes", width=8)
     d.panel("timeseries", "Log entries compacted / s", [(f'sum by (cell, node) (rate(nid_raft_log_compacted_entries_total{{{CELL}}}[{RI}]))', "cell {{cell}} node {{node}}")], unit="ops", width=8)
     d.panel("timeseries", "Snapshots by operation", [(f'sum by (cell, op) (increase(nid_raft_snapshots_total{{{CELL}}}[{RI}]))', "cell {{cell}} {{op}}", False)], width=8)
-    d.panel("timeseries", "Data disk free", [("nid:disk_available:ratio", "cell {{cell}} node {{node}}", False)], unit="percentunit", width=8,
-            description="Needs nid_disk_available_bytes and nid_disk_capacity_bytes (requested from the cell).")
+    d.panel("timeseries", "Data disk free", [("nid:disk_available:ratio", "cell {{cell}} node {{node}}")], unit="percentunit", width=8,
+            description="nid_disk_available_bytes / nid_disk_capacity_bytes of the filesystem holding the data directory.")
+    d.panel("timeseries", "Sweeps: expired entries deleted / s", [
+        (f'sum by (cell) (rate(nid_swept_entries_total{{{CELL}}}[{RI}]))', "cell {{cell}} entries"),
+        (f'sum by (cell) (rate(nid_sweeps_total{{{CELL}}}[{RI}]))', "cell {{cell}} sweeps"),
+    ], unit="ops", width=8,
+        description="Replay markers and request records past their window deleted by the leader's sweeps (nid_swept_entries_total), and the sweeps (nid_sweeps_total).")
 
     d.row("Router")
-    d.panel("timeseries", "Forwarding retries / s by reason", [(f'sum by (reason) (rate(nid_router_retries_total{{{ROUTER}}}[{RI}]))', "{{reason}}", False)], unit="ops", width=12, stack=True)
-    d.panel("timeseries", "Routing-table version", [(f'nid_router_table_version{{{ROUTER}}}', "{{instance}}")], width=12)
+    d.panel("timeseries", "Forwarding retries / s by reason", [(f'sum by (reason) (rate(nid_router_retries_total{{{ROUTER}}}[{RI}]))', "{{reason}}", False)], unit="ops", width=8, stack=True,
+            description="not_leader (a follower answered; elections), wrong_owner (a bucket moved; the table is refreshed), "
+                        "retry_later (the cell asked to wait), overloaded (the cell shed load), timeout (an attempt ran out; the replica is probed), "
+                        "unavailable (replica down or unreachable; the next one is tried).")
+    d.panel("timeseries", "Retries per client request", [
+        (f'sum(rate(nid_router_retries_total{{{ROUTER}}}[{RI}])) / sum(rate(nid_router_requests_total{{{CLIENT}}}[{RI}]))', "retries / request", False),
+    ], unit="percentunit", width=8)
+    d.panel("timeseries", "Routing-table version", [(f'nid_router_table_version{{{ROUTER}}}', "{{instance}}")], width=8)
 
     return d
 
