@@ -1,5 +1,7 @@
-//! The `nid.v1.BucketAdmin` service of a data cell: ownership changes through the log and bucket
-//! checksums from one view. Bucket export, import and deletion come with online migration.
+//! The `nid.v1.BucketAdmin` service of a data cell, what a bucket move drives (DESIGN.md §7):
+//! ownership changes through the log (and change tracking at a source), export of a bucket as of
+//! one view (a full copy, or the changes after an index), import into an IMPORTING bucket through
+//! this cell's log in chunks, checksums from one view, and deletion of a bucket's range.
 
 use crate::error::CellError;
 use crate::identity_cell::{IdentityCell, RAFT_TIMEOUT};
@@ -52,12 +54,16 @@ impl BucketAdmin for BucketAdminService {
         if req.table_version == 0 {
             v.add("table_version", "must be > 0");
         }
+        if req.track_changes && (state != Some(BucketState::Owned) || req.buckets.len() != 1) {
+            v.add("track_changes", "only with state OWNED and one bucket");
+        }
         let Some(state) = state.filter(|_| v.is_empty()) else { return Err(CellError::Invalid(v).into()) };
-        let applied_index = cell
-            .node
-            .set_buckets(req.buckets, state, req.table_version, RAFT_TIMEOUT)
-            .await
-            .map_err(|e| cell.engine_error(e))?;
+        let applied_index = if req.track_changes {
+            cell.node.track_bucket(req.buckets[0], req.table_version, RAFT_TIMEOUT).await
+        } else {
+            cell.node.set_buckets(req.buckets, state, req.table_version, RAFT_TIMEOUT).await
+        }
+        .map_err(|e| cell.engine_error(e))?;
         Ok(Response::new(SetBucketStateResponse { applied_index }))
     }
 
@@ -65,16 +71,84 @@ impl BucketAdmin for BucketAdminService {
 
     async fn export_bucket(
         &self,
-        _request: Request<ExportBucketRequest>,
+        request: Request<ExportBucketRequest>,
     ) -> Result<Response<ExportStream>, Status> {
-        Err(Status::unimplemented("bucket export arrives with online migration"))
+        let cell = self.0.clone();
+        let req = request.into_inner();
+        let bucket =
+            BucketId::new(req.bucket).ok_or_else(|| CellError::field("bucket", "must be < 16384"))?;
+        // Read on the leader, after everything committed before the call.
+        cell.node.read_barrier(RAFT_TIMEOUT).await.map_err(|e| cell.engine_error(e))?;
+        let record = cell.node.bucket(bucket);
+        let state = record.state();
+        if !matches!(state, BucketState::Owned | BucketState::Frozen) {
+            return Err(
+                CellError::NotAllowed("the bucket is not served here; nothing to export".into()).into()
+            );
+        }
+        if req.after_index > 0 && !record.tracking && state == BucketState::Owned {
+            return Err(CellError::NotAllowed(
+                "the bucket's changes are not tracked (set track_changes first)".into(),
+            )
+            .into());
+        }
+        let node = cell.node.clone();
+        let after = req.after_index;
+        let (index, pairs) = tokio::task::spawn_blocking(move || {
+            node.view(|v| {
+                let index = v.applied_index()?;
+                let pairs = if after == 0 {
+                    bucket_data::export(v, bucket)?
+                } else {
+                    bucket_data::changes_since(v, bucket, after)?
+                };
+                Ok::<_, nid_engine::StorageError>((index, pairs))
+            })
+        })
+        .await
+        .map_err(|_| CellError::Internal("export task failed".into()))?
+        .map_err(|_| CellError::Internal("storage error".into()))?;
+        let chunks = chunk(req.bucket, index, after == 0, pairs);
+        cell.metrics.migration_exported(chunks.iter().map(chunk_bytes).sum());
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok)))))
     }
 
     async fn import_bucket(
         &self,
-        _request: Request<Streaming<BucketExportChunk>>,
+        request: Request<Streaming<BucketExportChunk>>,
     ) -> Result<Response<ImportBucketResponse>, Status> {
-        Err(Status::unimplemented("bucket import arrives with online migration"))
+        let cell = &self.0;
+        let mut stream = request.into_inner();
+        let (mut records, mut source_index, mut bucket) = (0u64, 0u64, None);
+        while let Some(c) = stream.message().await? {
+            if c.keys.len() != c.values.len() || c.keys.len() != c.deleted.len() {
+                return Err(CellError::field("keys", "keys, values and deleted must be parallel").into());
+            }
+            if bucket.is_some_and(|b| b != c.bucket) {
+                return Err(
+                    CellError::field("bucket", "every chunk of one import names the same bucket").into()
+                );
+            }
+            let id = BucketId::new(c.bucket).ok_or_else(|| CellError::field("bucket", "must be < 16384"))?;
+            if c.keys.iter().any(|k| nid_engine::keys::bucket_of_data_key(k) != Some(id)) {
+                return Err(CellError::field("keys", "every key must lie in the bucket's range").into());
+            }
+            bucket = Some(c.bucket);
+            let n = c.keys.len() as u64;
+            let bytes = chunk_bytes(&c);
+            let ingest = nid_engine::buckets::IngestBucket {
+                bucket: c.bucket,
+                reset: c.reset,
+                keys: c.keys,
+                values: c.values,
+                deleted: c.deleted,
+            };
+            cell.node.ingest(ingest, RAFT_TIMEOUT).await.map_err(|e| cell.engine_error(e))?;
+            cell.metrics.migration_imported(bytes);
+            records += n;
+            source_index = source_index.max(c.source_index);
+        }
+        Ok(Response::new(ImportBucketResponse { records, source_index }))
     }
 
     async fn checksum_bucket(
@@ -85,22 +159,84 @@ impl BucketAdmin for BucketAdminService {
         let req = request.into_inner();
         let bucket =
             BucketId::new(req.bucket).ok_or_else(|| CellError::field("bucket", "must be < 16384"))?;
-        let applied_index = if req.local {
-            cell.node.applied()
-        } else {
-            cell.node.read_barrier(RAFT_TIMEOUT).await.map_err(|e| cell.engine_error(e))?
-        };
-        let (records, digest) = cell
+        if !req.local {
+            cell.node.read_barrier(RAFT_TIMEOUT).await.map_err(|e| cell.engine_error(e))?;
+        }
+        let (applied_index, records, digest) = cell
             .node
-            .view(|v| bucket_data::digest(v, bucket))
+            .view(|v| {
+                let index = v.applied_index()?;
+                bucket_data::digest(v, bucket).map(|(n, d)| (index, n, d))
+            })
             .map_err(|_| CellError::Internal("storage error".into()))?;
         Ok(Response::new(ChecksumBucketResponse { records, sha256: digest.to_vec(), applied_index }))
     }
 
     async fn delete_bucket(
         &self,
-        _request: Request<DeleteBucketRequest>,
+        request: Request<DeleteBucketRequest>,
     ) -> Result<Response<DeleteBucketResponse>, Status> {
-        Err(Status::unimplemented("bucket cleanup arrives with online migration"))
+        let cell = &self.0;
+        let req = request.into_inner();
+        if BucketId::new(req.bucket).is_none() {
+            return Err(CellError::field("bucket", "must be < 16384").into());
+        }
+        cell.node.drop_bucket(req.bucket, RAFT_TIMEOUT).await.map_err(|e| cell.engine_error(e))?;
+        Ok(Response::new(DeleteBucketResponse {}))
+    }
+}
+
+/// The most one chunk (one Raft entry at the importer) carries.
+const CHUNK_BYTES: usize = 512 << 10;
+
+fn chunk_bytes(c: &BucketExportChunk) -> u64 {
+    c.keys.iter().chain(&c.values).map(|x| x.len() as u64).sum()
+}
+
+/// Cuts exported pairs into chunks of at most [`CHUNK_BYTES`]; a full copy always has a first
+/// chunk (with `reset`), even for an empty bucket.
+fn chunk(bucket: u32, index: u64, full: bool, pairs: Vec<bucket_data::Pair>) -> Vec<BucketExportChunk> {
+    let new = |reset: bool| BucketExportChunk { bucket, source_index: index, reset, ..Default::default() };
+    let mut out = Vec::new();
+    let mut current = new(full);
+    let mut size = 0usize;
+    for (k, v) in pairs {
+        let len = k.len() + v.as_ref().map_or(0, Vec::len);
+        if size > 0 && size + len > CHUNK_BYTES {
+            out.push(std::mem::replace(&mut current, new(false)));
+            size = 0;
+        }
+        size += len;
+        current.keys.push(k);
+        current.deleted.push(v.is_none());
+        current.values.push(v.unwrap_or_default());
+    }
+    if !current.keys.is_empty() || full {
+        out.push(current);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_stay_under_the_budget_and_a_full_copy_always_has_a_reset_chunk() {
+        let empty = chunk(7, 9, true, Vec::new());
+        assert_eq!(empty.len(), 1);
+        assert!(empty[0].reset && empty[0].keys.is_empty());
+        assert!(chunk(7, 9, false, Vec::new()).is_empty());
+        let big = vec![0u8; 200 << 10];
+        let pairs: Vec<bucket_data::Pair> =
+            (0..7u8).map(|i| (vec![0, 7, i], if i == 3 { None } else { Some(big.clone()) })).collect();
+        let chunks = chunk(7, 9, true, pairs);
+        assert!(chunks.len() >= 3);
+        assert!(chunks[0].reset && chunks[1..].iter().all(|c| !c.reset));
+        assert!(chunks.iter().all(|c| chunk_bytes(c) as usize <= CHUNK_BYTES));
+        let all: Vec<&Vec<u8>> = chunks.iter().flat_map(|c| &c.keys).collect();
+        assert_eq!(all.len(), 7);
+        let deleted: Vec<bool> = chunks.iter().flat_map(|c| c.deleted.clone()).collect();
+        assert_eq!(deleted.iter().filter(|d| **d).count(), 1);
     }
 }

@@ -1,6 +1,6 @@
 //! The identity metrics of a data cell replica (the replication metrics are the engine's, the gRPC
 //! ones `nid_support::grpc_metrics`'): authentication decisions, repeated answers, unknown
-//! identifiers per partner, and sweeps. Labels never carry identifiers or personal data; partner ids
+//! identifiers per partner, sweeps, and bytes moved by bucket migrations. Labels never carry identifiers or personal data; partner ids
 //! are operator-assigned names of a bounded set.
 
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
@@ -18,6 +18,8 @@ pub struct CellMetrics {
     pub sweeps: IntCounter,
     /// Replay markers and request records past their window deleted by those sweeps.
     pub swept: IntCounter,
+    /// Bucket bytes (keys and values) exported from and imported into this cell by migrations.
+    pub migration_bytes: IntCounterVec,
 }
 
 impl CellMetrics {
@@ -56,6 +58,21 @@ impl CellMetrics {
                 "nid_swept_entries_total",
                 "Replay markers and request records past their window deleted by sweeps this replica proposed.",
             )?,
+            migration_bytes: counter_vec(
+                "nid_migration_bytes_total",
+                "Bucket bytes (keys and values) this replica exported or imported for bucket moves, by direction.",
+                &["direction"],
+            )?,
         })
+    }
+
+    /// Counts bytes exported for a bucket move.
+    pub fn migration_exported(&self, bytes: u64) {
+        self.migration_bytes.with_label_values(&["export"]).inc_by(bytes);
+    }
+
+    /// Counts bytes imported for a bucket move.
+    pub fn migration_imported(&self, bytes: u64) {
+        self.migration_bytes.with_label_values(&["import"]).inc_by(bytes);
     }
 }

@@ -47,6 +47,10 @@ pub struct BucketRecord {
     /// Routing-table version that set it.
     #[prost(uint64, tag = "2")]
     pub table_version: u64,
+    /// An owned bucket a migration is copying out: every change to it also writes a change
+    /// marker, which the migration's catch-up reads.
+    #[prost(bool, tag = "3")]
+    pub tracking: bool,
 }
 
 /// The engine command that changes bucket states.
@@ -61,6 +65,38 @@ pub struct SetBuckets {
     /// The routing-table version that decided it; a bucket recorded at a newer version refuses it.
     #[prost(uint64, tag = "3")]
     pub table_version: u64,
+    /// With state OWNED: track changes for a migration's catch-up (markers start afresh).
+    #[prost(bool, tag = "4")]
+    pub track_changes: bool,
+}
+
+/// The engine command that writes a migrating bucket's copied data at the destination.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct IngestBucket {
+    /// The bucket; it must be IMPORTING here.
+    #[prost(uint32, tag = "1")]
+    pub bucket: u32,
+    /// Drop whatever the bucket's range holds first (the first chunk of a copy).
+    #[prost(bool, tag = "2")]
+    pub reset: bool,
+    /// Keys, each inside the bucket's range.
+    #[prost(bytes = "vec", repeated, tag = "3")]
+    pub keys: Vec<Vec<u8>>,
+    /// Values, parallel to `keys` (ignored where `deleted`).
+    #[prost(bytes = "vec", repeated, tag = "4")]
+    pub values: Vec<Vec<u8>>,
+    /// Deletions, parallel to `keys`.
+    #[prost(bool, repeated, tag = "5")]
+    pub deleted: Vec<bool>,
+}
+
+/// The engine command that deletes a bucket's data and change markers: at the source once the
+/// move committed (the bucket is NOT_OWNED), at the destination of an aborted move.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct DropBucket {
+    /// The bucket; it must be NOT_OWNED or IMPORTING here.
+    #[prost(uint32, tag = "1")]
+    pub bucket: u32,
 }
 
 /// The in-memory ownership table of a replica.
@@ -174,7 +210,8 @@ mod tests {
     #[test]
     fn fences_by_state() {
         let b = BucketId::new(7).unwrap();
-        let rec = |state: BucketState| BucketRecord { state: state as i32, table_version: 3 };
+        let rec =
+            |state: BucketState| BucketRecord { state: state as i32, table_version: 3, tracking: false };
         assert_eq!(write_fence(b, rec(BucketState::Owned)), Ok(()));
         assert_eq!(write_fence(b, rec(BucketState::Frozen)), Err(EngineError::RetryLater { bucket: 7 }));
         assert_eq!(write_fence(b, rec(BucketState::Importing)), Err(EngineError::RetryLater { bucket: 7 }));

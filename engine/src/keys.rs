@@ -5,7 +5,10 @@
 //!
 //! - `raft`: `0x01 | index (u64 BE)` -> entry; `0x02` -> [`crate::state::RaftLocalState`].
 //! - `meta`: `0x03` -> [`crate::state::ApplyState`]; `0x04` -> the snapshot-install marker;
-//!   `0x05` -> the address book; `0x10 | bucket (u16 BE)` -> [`crate::buckets::BucketRecord`].
+//!   `0x05` -> the address book; `0x10 | bucket (u16 BE)` -> [`crate::buckets::BucketRecord`];
+//!   `0x11 | data key` -> the log index that last changed that key of a bucket whose changes are
+//!   tracked for a migration's catch-up (the data key starts with its bucket, so one bucket's
+//!   markers form one range).
 
 use nid_proto::bucket::BucketId;
 
@@ -29,6 +32,7 @@ pub const SNAPSHOT_APPLYING: &[u8] = &[0x04];
 /// Key of the address book in the `meta` CF.
 pub const ADDRESS_BOOK: &[u8] = &[0x05];
 const BUCKET_STATE_PREFIX: u8 = 0x10;
+const CHANGE_PREFIX: u8 = 0x11;
 
 /// Key of log entry `index` in the `raft` CF.
 pub fn entry_key(index: u64) -> [u8; 9] {
@@ -63,6 +67,36 @@ pub fn bucket_of_state_key(key: &[u8]) -> Option<BucketId> {
 /// The range `[start, end)` of all bucket-state keys in the `meta` CF.
 pub fn bucket_state_range() -> ([u8; 1], [u8; 1]) {
     ([BUCKET_STATE_PREFIX], [BUCKET_STATE_PREFIX + 1])
+}
+
+/// The range of the `meta` CF a Raft snapshot carries besides the data: bucket-state records and
+/// change markers.
+pub fn ownership_range() -> ([u8; 1], [u8; 1]) {
+    ([BUCKET_STATE_PREFIX], [CHANGE_PREFIX + 1])
+}
+
+/// Key of the change marker of data key `key` (which starts with its bucket).
+pub fn change_key(key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(key.len() + 1);
+    out.push(CHANGE_PREFIX);
+    out.extend_from_slice(key);
+    out
+}
+
+/// The `[start, end)` range of one bucket's change markers.
+pub fn change_range(bucket: BucketId) -> ([u8; 3], [u8; 3]) {
+    let (s, e) = bucket_range(bucket);
+    ([CHANGE_PREFIX, s[0], s[1]], [CHANGE_PREFIX, e[0], e[1]])
+}
+
+/// The bucket a data key belongs to (None for keys above every bucket prefix).
+pub fn bucket_of_data_key(key: &[u8]) -> Option<BucketId> {
+    match key {
+        [hi, lo, ..] if [*hi, *lo] < BUCKET_KEYS_END => {
+            BucketId::new(u32::from(u16::from_be_bytes([*hi, *lo])))
+        }
+        _ => None,
+    }
 }
 
 /// The `[start, end)` range of one bucket's data keys.

@@ -6,7 +6,7 @@
 //! never delays a heartbeat or a vote; the client channel is bounded on its own and a full one
 //! refuses at once ([`crate::EngineError::Busy`]), which is the backpressure callers see.
 
-use crate::buckets::SetBuckets;
+use crate::buckets::{DropBucket, IngestBucket, SetBuckets};
 use crate::error::EngineError;
 use raft::prelude::{ConfChangeV2, ConfState, Message};
 use std::time::{Duration, Instant};
@@ -24,6 +24,10 @@ pub enum Payload {
     Machine(Vec<u8>),
     /// An ownership change.
     SetBuckets(SetBuckets),
+    /// Copied data of a bucket being imported.
+    Ingest(IngestBucket),
+    /// Deletion of a bucket's data.
+    Drop(DropBucket),
 }
 
 impl Payload {
@@ -32,6 +36,10 @@ impl Payload {
         match self {
             Payload::Machine(bytes) => bytes.len() + 8,
             Payload::SetBuckets(s) => s.buckets.len() * 3 + 16,
+            Payload::Ingest(i) => {
+                i.keys.iter().zip(&i.values).map(|(k, v)| k.len() + v.len() + 8).sum::<usize>() + 16
+            }
+            Payload::Drop(_) => 8,
         }
     }
 }

@@ -4,7 +4,7 @@
 //! thread; async ones never block a runtime worker.
 
 use crate::address_book::AddressBook;
-use crate::buckets::{BucketRecord, BucketState, Buckets, SetBuckets};
+use crate::buckets::{BucketRecord, BucketState, Buckets, DropBucket, IngestBucket, SetBuckets};
 use crate::error::{EngineError, StorageError};
 use crate::mailbox::{CONTROL_CAPACITY, Client, Control, Inbox, Payload, ReplyTo};
 use crate::metrics::RaftMetrics;
@@ -164,8 +164,39 @@ impl<SM: StateMachine> Node<SM> {
         table_version: u64,
         timeout: Duration,
     ) -> Result<u64, EngineError> {
+        let set = SetBuckets { buckets, state: state as i32, table_version, track_changes: false };
+        self.propose_engine(Payload::SetBuckets(set), timeout).await
+    }
+
+    /// Keeps `bucket` OWNED and starts tracking its changes for a migration's catch-up (markers
+    /// start afresh); returns the index it applied at: every change after it is marked.
+    pub async fn track_bucket(
+        &self,
+        bucket: u32,
+        table_version: u64,
+        timeout: Duration,
+    ) -> Result<u64, EngineError> {
+        let set = SetBuckets {
+            buckets: vec![bucket],
+            state: BucketState::Owned as i32,
+            table_version,
+            track_changes: true,
+        };
+        self.propose_engine(Payload::SetBuckets(set), timeout).await
+    }
+
+    /// Writes a chunk of an IMPORTING bucket's copied data through the log; returns its index.
+    pub async fn ingest(&self, chunk: IngestBucket, timeout: Duration) -> Result<u64, EngineError> {
+        self.propose_engine(Payload::Ingest(chunk), timeout).await
+    }
+
+    /// Deletes the data and change markers of a NOT_OWNED or IMPORTING bucket through the log.
+    pub async fn drop_bucket(&self, bucket: u32, timeout: Duration) -> Result<u64, EngineError> {
+        self.propose_engine(Payload::Drop(DropBucket { bucket }), timeout).await
+    }
+
+    async fn propose_engine(&self, payload: Payload, timeout: Duration) -> Result<u64, EngineError> {
         let (reply, rx) = oneshot::channel();
-        let payload = Payload::SetBuckets(SetBuckets { buckets, state: state as i32, table_version });
         self.submit(Client::Propose {
             payload,
             reply: ReplyTo::Buckets(reply),

@@ -12,7 +12,7 @@
 //! itself stopped ([`crate::Node::stopped`]) instead of limping on or diverging.
 
 use crate::address_book::AddressBook;
-use crate::buckets::{self, BucketRecord, BucketState, Buckets, SetBuckets};
+use crate::buckets::{self, BucketRecord, BucketState, Buckets, DropBucket, IngestBucket, SetBuckets};
 use crate::db::cf;
 use crate::error::{EngineError, StorageError};
 use crate::mailbox::{Client, Control, Payload, Reply, ReplyTo};
@@ -46,7 +46,7 @@ pub struct EntryBatch {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct EntryProposal {
     /// What it is.
-    #[prost(oneof = "entry_proposal::Kind", tags = "1, 2")]
+    #[prost(oneof = "entry_proposal::Kind", tags = "1, 2, 3, 4")]
     pub kind: Option<entry_proposal::Kind>,
 }
 
@@ -61,6 +61,12 @@ pub mod entry_proposal {
         /// An ownership change.
         #[prost(message, tag = "2")]
         SetBuckets(super::SetBuckets),
+        /// Copied data of an importing bucket.
+        #[prost(message, tag = "3")]
+        Ingest(super::IngestBucket),
+        /// Deletion of a bucket's data.
+        #[prost(message, tag = "4")]
+        Drop(super::DropBucket),
     }
 }
 
@@ -464,6 +470,8 @@ impl<SM: StateMachine, T: Transport> Peer<SM, T> {
                     kind: Some(match payload {
                         Payload::Machine(b) => entry_proposal::Kind::Machine(b),
                         Payload::SetBuckets(s) => entry_proposal::Kind::SetBuckets(s),
+                        Payload::Ingest(i) => entry_proposal::Kind::Ingest(i),
+                        Payload::Drop(d) => entry_proposal::Kind::Drop(d),
                     }),
                 });
                 replies.push(Some((reply, deadline)));
@@ -759,6 +767,20 @@ impl<SM: StateMachine, T: Transport> Peer<SM, T> {
                                     apply_set_buckets(&s, &db, &mut wb, &mut overlay, &self.buckets)?
                                         .map(|()| Applied::Buckets(entry.index))
                                 }
+                                Some(entry_proposal::Kind::Ingest(i)) => {
+                                    let mut ctx = ApplyContext {
+                                        db: &db,
+                                        batch: &mut wb,
+                                        overlay: &mut overlay,
+                                        buckets: &self.buckets,
+                                        index: entry.index,
+                                    };
+                                    apply_ingest(&i, &mut ctx)?.map(|()| Applied::Buckets(entry.index))
+                                }
+                                Some(entry_proposal::Kind::Drop(d)) => {
+                                    apply_drop(&d, &db, &mut wb, &overlay, &self.buckets)?
+                                        .map(|()| Applied::Buckets(entry.index))
+                                }
                                 None => Err(EngineError::Malformed("empty proposal".into())),
                             };
                             results.push(result);
@@ -939,11 +961,74 @@ fn apply_set_buckets(
         ids.push(id);
     }
     let meta = cf(db, crate::keys::CF_META)?;
-    let record = BucketRecord { state: state as i32, table_version: s.table_version };
+    let tracking = s.track_changes && state == BucketState::Owned;
+    let record = BucketRecord { state: state as i32, table_version: s.table_version, tracking };
     for id in ids {
+        if tracking {
+            // Markers start afresh: leftovers of an earlier, aborted move mean nothing now.
+            let (start, end) = crate::keys::change_range(id);
+            wb.delete_range_cf(meta, start, end);
+        }
         wb.put_cf(meta, crate::keys::bucket_state_key(id), buckets::encode(&record));
         overlay.set_bucket(id, record);
     }
+    Ok(Ok(()))
+}
+
+/// Writes a chunk of copied data into an IMPORTING bucket. Every key must lie in the bucket's
+/// range and the lists must be parallel; otherwise nothing is written.
+fn apply_ingest(
+    i: &IngestBucket,
+    ctx: &mut ApplyContext<'_>,
+) -> Result<Result<(), EngineError>, StorageError> {
+    let Some(bucket) = BucketId::new(i.bucket) else {
+        return Ok(Err(EngineError::Malformed("bucket out of range".into())));
+    };
+    if i.values.len() != i.keys.len() || i.deleted.len() != i.keys.len() {
+        return Ok(Err(EngineError::Malformed("ingest lists of different lengths".into())));
+    }
+    if i.keys.iter().any(|k| crate::keys::bucket_of_data_key(k) != Some(bucket)) {
+        return Ok(Err(EngineError::Malformed("ingest key outside its bucket".into())));
+    }
+    if ctx.bucket(bucket).state() != BucketState::Importing {
+        return Ok(Err(EngineError::Invalid("the bucket is not importing here".into())));
+    }
+    if i.reset {
+        let (start, end) = crate::keys::bucket_range(bucket);
+        ctx.batch.delete_range_cf(cf(ctx.db, crate::keys::CF_DATA)?, start, end);
+        ctx.overlay.forget_range(&start, &end);
+    }
+    for ((k, v), deleted) in i.keys.iter().zip(&i.values).zip(&i.deleted) {
+        if *deleted {
+            ctx.delete(k)?;
+        } else {
+            ctx.put(k, v.clone())?;
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// Deletes a bucket's data and change markers; only a bucket that is not served here.
+fn apply_drop(
+    d: &DropBucket,
+    db: &rocksdb::DB,
+    wb: &mut WriteBatch,
+    overlay: &Overlay,
+    committed: &Buckets,
+) -> Result<Result<(), EngineError>, StorageError> {
+    let Some(bucket) = BucketId::new(d.bucket) else {
+        return Ok(Err(EngineError::Malformed("bucket out of range".into())));
+    };
+    match overlay.bucket(bucket, committed).state() {
+        BucketState::NotOwned | BucketState::Importing => {}
+        BucketState::Owned | BucketState::Frozen => {
+            return Ok(Err(EngineError::Invalid("the bucket is served here; it cannot be dropped".into())));
+        }
+    }
+    let (start, end) = crate::keys::bucket_range(bucket);
+    wb.delete_range_cf(cf(db, crate::keys::CF_DATA)?, start, end);
+    let (start, end) = crate::keys::change_range(bucket);
+    wb.delete_range_cf(cf(db, crate::keys::CF_META)?, start, end);
     Ok(Ok(()))
 }
 

@@ -51,7 +51,7 @@ pub struct SnapshotManifest {
     /// Apply state at the snapshot point (index, term, conf state).
     #[prost(message, optional, tag = "1")]
     pub apply_state: Option<ApplyState>,
-    /// Bucket-ownership records of the `meta` CF.
+    /// Bucket-ownership records and change markers of the `meta` CF.
     #[prost(message, repeated, tag = "2")]
     pub buckets: Vec<KeyValue>,
     /// The SST files of the `data` CF (none when the CF was empty).
@@ -163,7 +163,7 @@ pub fn generate(db: &DB, root: &Path) -> Result<SnapshotManifest, StorageError> 
         let _ = std::fs::remove_file(&path);
     }
 
-    let (start, end) = keys::bucket_state_range();
+    let (start, end) = keys::ownership_range();
     let mut ro = ReadOptions::default();
     ro.set_iterate_upper_bound(end.to_vec());
     ro.set_snapshot(&view);

@@ -80,6 +80,15 @@ impl Overlay {
         &self.buckets
     }
 
+    /// Forgets pending writes in `[start, end)` (the range was just deleted wholesale).
+    pub fn forget_range(&mut self, start: &[u8], end: &[u8]) {
+        let doomed: Vec<Vec<u8>> =
+            self.data.range(start.to_vec()..end.to_vec()).map(|(k, _)| k.clone()).collect();
+        for k in doomed {
+            self.data.insert(k, None);
+        }
+    }
+
     /// Records a bucket change.
     pub fn set_bucket(&mut self, bucket: BucketId, record: BucketRecord) {
         self.buckets.retain(|(b, _)| *b != bucket);
@@ -114,6 +123,7 @@ impl ApplyContext<'_> {
     /// Writes `value` under `key`.
     pub fn put(&mut self, key: &[u8], value: Vec<u8>) -> Result<(), StorageError> {
         self.batch.put_cf(cf(self.db, CF_DATA)?, key, &value);
+        self.mark(key)?;
         self.overlay.data.insert(key.to_vec(), Some(value));
         Ok(())
     }
@@ -121,7 +131,19 @@ impl ApplyContext<'_> {
     /// Deletes `key`.
     pub fn delete(&mut self, key: &[u8]) -> Result<(), StorageError> {
         self.batch.delete_cf(cf(self.db, CF_DATA)?, key);
+        self.mark(key)?;
         self.overlay.data.insert(key.to_vec(), None);
+        Ok(())
+    }
+
+    /// Records a change to a key of a bucket whose changes are tracked (a migration copying it).
+    fn mark(&mut self, key: &[u8]) -> Result<(), StorageError> {
+        if let Some(bucket) = crate::keys::bucket_of_data_key(key)
+            && self.bucket(bucket).tracking
+        {
+            let meta = cf(self.db, crate::keys::CF_META)?;
+            self.batch.put_cf(meta, crate::keys::change_key(key), self.index.to_be_bytes());
+        }
         Ok(())
     }
 
@@ -215,6 +237,16 @@ impl<'a> View<'a> {
     /// A view of `db` as of now.
     pub fn new(db: &'a DB) -> View<'a> {
         View { db, snapshot: db.snapshot() }
+    }
+
+    /// The log index this view's state was applied up to.
+    pub fn applied_index(&self) -> Result<u64, StorageError> {
+        match self.snapshot.get_cf(cf(self.db, crate::keys::CF_META)?, crate::keys::APPLY_STATE)? {
+            Some(bytes) => nid_proto::codec::decode::<crate::state::ApplyState>(&bytes)
+                .map(|a| a.applied_index)
+                .map_err(|source| StorageError::Corrupt { what: "apply state", source }),
+            None => Ok(0),
+        }
     }
 }
 

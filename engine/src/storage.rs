@@ -451,7 +451,7 @@ fn install_files(db: &DB, root: &Path, manifest: &SnapshotManifest) -> Result<()
     }
     let meta_cf = cf(db, CF_META)?;
     let mut wb = WriteBatch::default();
-    let (bs, be) = keys::bucket_state_range();
+    let (bs, be) = keys::ownership_range();
     wb.delete_range_cf(meta_cf, bs, be);
     for kv in &manifest.buckets {
         wb.put_cf(meta_cf, &kv.key, &kv.value);

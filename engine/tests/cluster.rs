@@ -566,3 +566,78 @@ async fn join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) 
     out.extend(results.into_iter().flatten());
     out
 }
+
+/// A toy bucket move between two in-process cells with the engine's primitives: the source
+/// tracks changes, a full copy and then the changes since it reach the destination through its
+/// log, the destination's digest equals the source's once frozen, and dropping a bucket removes
+/// its range and markers (and is refused while the bucket is served).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_copies_then_catches_up_and_drops_through_the_log() {
+    let t = Duration::from_secs(5);
+    let (mut source, mut dest) = (cell(3), cell(3));
+    source.start();
+    dest.start();
+    source.must_set_buckets(vec![5], BucketState::Owned, 1).await;
+    for i in 0..50 {
+        source.must_propose(&ToyCommand::put(5, &format!("k{i:02}"), "v1")).await;
+    }
+    let s = tokio::task::block_in_place(|| source.node(source.must_leader()));
+    let d = tokio::task::block_in_place(|| dest.node(dest.must_leader()));
+    let b5 = BucketId::new(5).unwrap();
+
+    // Changes are not tracked until asked; then every write after the returned index is marked.
+    assert!(s.view(|v| bucket_data::changes_since(v, b5, 0)).unwrap().is_empty());
+    let tracked_at = s.track_bucket(5, 1, t).await.unwrap();
+    assert!(s.bucket(b5).tracking);
+    let (copy_index, copy) = s.view(|v| (v.applied_index().unwrap(), bucket_data::export(v, b5).unwrap()));
+    assert!(copy_index >= tracked_at);
+    assert_eq!(copy.len(), 50);
+    // Writes after the copy: an update, a new key and a deletion.
+    source.must_propose(&ToyCommand::put(5, "k03", "v2")).await;
+    source.must_propose(&ToyCommand::put(5, "new", "n")).await;
+    source.must_propose(&ToyCommand { bucket: 5, key: b"k07".to_vec(), value: None, halt: false }).await;
+
+    // The destination refuses data for a bucket it is not importing.
+    let chunk = |reset: bool, pairs: Vec<bucket_data::Pair>| nid_engine::buckets::IngestBucket {
+        bucket: 5,
+        reset,
+        keys: pairs.iter().map(|(k, _)| k.clone()).collect(),
+        deleted: pairs.iter().map(|(_, v)| v.is_none()).collect(),
+        values: pairs.into_iter().map(|(_, v)| v.unwrap_or_default()).collect(),
+    };
+    assert!(matches!(d.ingest(chunk(true, copy.clone()), t).await, Err(EngineError::Invalid(_))));
+    dest.must_set_buckets(vec![5], BucketState::Importing, 1).await;
+    // Leftovers of an earlier attempt are dropped by the reset chunk.
+    d.ingest(chunk(false, vec![(toy_key(5, b"stale"), Some(b"old".to_vec()))]), t).await.unwrap();
+    d.ingest(chunk(true, copy), t).await.unwrap();
+    // A key outside the bucket is refused whole.
+    let mut bad = chunk(false, vec![(toy_key(6, b"x"), Some(b"y".to_vec()))]);
+    bad.bucket = 5;
+    assert!(matches!(d.ingest(bad, t).await, Err(EngineError::Malformed(_))));
+
+    // Freeze the source, send the changes since the copy, compare.
+    let frozen_at = s.set_buckets(vec![5], BucketState::Frozen, 1, t).await.unwrap();
+    let changes = s.view(|v| bucket_data::changes_since(v, b5, copy_index)).unwrap();
+    assert_eq!(changes.len(), 3, "k03 updated, new added, k07 deleted");
+    assert!(changes.iter().any(|(k, v)| k == &toy_key(5, b"k07") && v.is_none()));
+    d.ingest(chunk(false, changes), t).await.unwrap();
+    let at_source = s.view(|v| bucket_data::digest(v, b5)).unwrap();
+    let read = d.read_barrier(t).await.unwrap();
+    assert!(read > 0 && frozen_at > 0);
+    let at_dest = d.view(|v| bucket_data::digest(v, b5)).unwrap();
+    assert_eq!(at_source, at_dest);
+    assert_eq!(at_source.0, 50, "50 copied + 1 new - 1 deleted");
+
+    // A served bucket cannot be dropped; once not owned, its data and markers go.
+    assert!(matches!(s.drop_bucket(5, t).await, Err(EngineError::Invalid(_))));
+    s.set_buckets(vec![5], BucketState::NotOwned, 2, t).await.unwrap();
+    s.drop_bucket(5, t).await.unwrap();
+    assert_eq!(s.view(|v| bucket_data::digest(v, b5)).unwrap().0, 0);
+    assert!(s.view(|v| bucket_data::changes_since(v, b5, 0)).unwrap().is_empty());
+    // The destination's replicas all hold the copy.
+    dest.must_set_buckets(vec![5], BucketState::Owned, 2).await;
+    for id in 1..=3 {
+        tokio::task::block_in_place(|| dest.must_applied(id, d.applied()));
+        assert_eq!(dest.node(id).view(|v| bucket_data::digest(v, b5)).unwrap(), at_dest);
+    }
+}
