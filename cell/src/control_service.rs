@@ -52,6 +52,19 @@ impl ControlCell {
             .ok_or_else(|| CellError::NotAllowed("the cluster has not been initialized".into()))
     }
 
+    /// A linearizable read of the control state, for the rebalancer.
+    pub async fn read_state<T>(
+        &self,
+        f: impl FnOnce(&dyn nid_engine::KvRead) -> Result<T, nid_engine::StorageError>,
+    ) -> Result<T, Status> {
+        Ok(self.read(f).await?)
+    }
+
+    /// Proposes a control command, for the rebalancer.
+    pub async fn propose_kind(&self, kind: control_command::Kind) -> Result<Changed, Status> {
+        Ok(self.propose(kind).await?)
+    }
+
     async fn propose(&self, kind: control_command::Kind) -> Result<Changed, CellError> {
         let command = ControlCommand::new(kind);
         Ok(self.node.propose(&command, RAFT_TIMEOUT).await.map_err(|e| self.engine_error(e))??)
@@ -195,16 +208,69 @@ impl Control for ControlService {
 
     async fn record_migration(
         &self,
-        _request: Request<RecordMigrationRequest>,
+        request: Request<RecordMigrationRequest>,
     ) -> Result<Response<RecordMigrationResponse>, Status> {
-        Err(Status::unimplemented("migrations arrive with the rebalancer"))
+        let m = request.into_inner().migration.ok_or_else(|| CellError::field("migration", "is required"))?;
+        if BucketId::new(m.bucket).is_none() {
+            return Err(CellError::field("migration.bucket", "must be < 16384").into());
+        }
+        if m.from_cell == m.to_cell {
+            return Err(CellError::field("migration.to_cell", "must differ from from_cell").into());
+        }
+        self.0.propose(control_command::Kind::RecordMigration(m)).await?;
+        Ok(Response::new(RecordMigrationResponse {}))
     }
 
     async fn list_migrations(
         &self,
-        _request: Request<ListMigrationsRequest>,
+        request: Request<ListMigrationsRequest>,
     ) -> Result<Response<ListMigrationsResponse>, Status> {
-        Err(Status::unimplemented("migrations arrive with the rebalancer"))
+        let include_finished = request.into_inner().include_finished;
+        let (log, settings) = self.0.read(|v| Ok((store::migrations(v)?, store::rebalance(v)?))).await?;
+        let mut migrations = log.active;
+        if include_finished {
+            migrations.extend(log.finished.into_iter().rev());
+        }
+        Ok(Response::new(ListMigrationsResponse { migrations, settings: Some(settings) }))
+    }
+
+    async fn set_cell_state(
+        &self,
+        request: Request<SetCellStateRequest>,
+    ) -> Result<Response<SetCellStateResponse>, Status> {
+        let req = request.into_inner();
+        if !matches!(
+            CellState::try_from(req.state),
+            Ok(CellState::Joining | CellState::Active | CellState::Draining)
+        ) {
+            return Err(CellError::field("state", "must be JOINING, ACTIVE or DRAINING").into());
+        }
+        let changed = self
+            .0
+            .propose(control_command::Kind::SetCellState(nid_control::commands::SetCellState {
+                cell_id: req.cell_id,
+                state: req.state,
+            }))
+            .await?;
+        Ok(Response::new(SetCellStateResponse { table_version: changed.version }))
+    }
+
+    async fn remove_cell(
+        &self,
+        request: Request<RemoveCellRequest>,
+    ) -> Result<Response<RemoveCellResponse>, Status> {
+        let changed = self.0.propose(control_command::Kind::RemoveCell(request.into_inner().cell_id)).await?;
+        Ok(Response::new(RemoveCellResponse { table_version: changed.version }))
+    }
+
+    async fn set_rebalance(
+        &self,
+        request: Request<SetRebalanceRequest>,
+    ) -> Result<Response<RebalanceSettings>, Status> {
+        let req = request.into_inner();
+        checked(nid_control::commands::check_rebalance(&req))?;
+        self.0.propose(control_command::Kind::SetRebalance(req)).await?;
+        Ok(Response::new(self.0.read(store::rebalance).await?))
     }
 
     async fn put_partner(

@@ -21,6 +21,7 @@ pub mod identity_cell;
 pub mod key_rotation;
 pub mod metrics;
 pub mod readiness;
+pub mod rebalancer;
 pub mod replica;
 pub mod server;
 pub mod sweeper;

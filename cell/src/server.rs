@@ -219,6 +219,12 @@ pub async fn run(config: CellConfig, shutdown: CancellationToken) -> anyhow::Res
             let (node, thread) =
                 start(&config, ControlMachine::new(Arc::new(version_tx)), &registry, dialer.clone())?;
             let control = Arc::new(ControlCell { node: node.clone(), table_version: version_rx });
+            let rebalancer = Arc::new(crate::rebalancer::Rebalancer::new(
+                control.clone(),
+                dialer.clone(),
+                crate::rebalancer::RebalanceMetrics::new(&registry)?,
+            ));
+            tasks.spawn(rebalancer.run(shutdown.clone()));
             let cell_service = CellService {
                 replica: Arc::new(ReplicaAdmin {
                     node: node.clone(),

@@ -2,13 +2,13 @@
 //! (`ClusterConfig`, `RoutingTable`, `CellInfo`, `PartnerRecord`): the control cell stores exactly
 //! what routers and `nidctl` read, and those messages evolve by protobuf's rules.
 
-use nid_proto::v1::{CellInfo, ClusterConfig, PartnerRecord, RoutingTable};
+use nid_proto::v1::{CellInfo, ClusterConfig, Migration, PartnerRecord, RoutingTable, SetRebalanceRequest};
 
 /// One control command.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ControlCommand {
     /// What it does.
-    #[prost(oneof = "control_command::Kind", tags = "1, 2, 3, 4")]
+    #[prost(oneof = "control_command::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
     pub kind: Option<control_command::Kind>,
 }
 
@@ -29,6 +29,18 @@ pub mod control_command {
         /// The one decision point of a bucket move (compare-and-swap on the routing table).
         #[prost(message, tag = "4")]
         CommitMove(super::CommitMove),
+        /// Record a bucket move's progress (the rebalancer resumes from it).
+        #[prost(message, tag = "5")]
+        RecordMigration(nid_proto::v1::Migration),
+        /// Change a cell's state (joining, active, draining).
+        #[prost(message, tag = "6")]
+        SetCellState(super::SetCellState),
+        /// Remove a cell that owns nothing from the registry.
+        #[prost(uint64, tag = "7")]
+        RemoveCell(u64),
+        /// Change the rebalancer's settings.
+        #[prost(message, tag = "8")]
+        SetRebalance(nid_proto::v1::SetRebalanceRequest),
     }
 }
 
@@ -78,6 +90,40 @@ pub struct CommitMove {
     pub expected_epoch: u64,
 }
 
+/// Set a cell's state.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SetCellState {
+    /// The cell.
+    #[prost(uint64, tag = "1")]
+    pub cell_id: u64,
+    /// `nid.v1.CellState`.
+    #[prost(int32, tag = "2")]
+    pub state: i32,
+}
+
+/// The migrations the control cell remembers: those in flight (one per bucket at most) and the
+/// most recent finished ones.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MigrationLog {
+    /// In flight, by start.
+    #[prost(message, repeated, tag = "1")]
+    pub active: Vec<Migration>,
+    /// Finished (cleaned up or aborted), oldest first, at most [`FINISHED_KEPT`].
+    #[prost(message, repeated, tag = "2")]
+    pub finished: Vec<Migration>,
+}
+
+/// How many finished migrations the log keeps.
+pub const FINISHED_KEPT: usize = 256;
+
+/// Checks a rebalancer settings change: `None` when fine.
+pub fn check_rebalance(r: &SetRebalanceRequest) -> Option<(&'static str, &'static str)> {
+    match r.max_in_flight {
+        Some(n) if !(1..=64).contains(&n) => Some(("max_in_flight", "must be 1..=64")),
+        _ => None,
+    }
+}
+
 /// What a control command changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Changed {
@@ -108,6 +154,16 @@ pub enum ControlRejection {
     /// A version or epoch would overflow.
     #[error("a version or epoch is exhausted")]
     Exhausted,
+    /// The cell is not registered.
+    #[error("no such cell")]
+    NoSuchCell,
+    /// The migration record does not follow from the one in flight (another move of the bucket,
+    /// a phase going back, a move of a bucket its source does not own).
+    #[error("the migration does not follow from the recorded one: {0}")]
+    MigrationConflict(&'static str),
+    /// The cell still owns buckets, takes part in a move, or is the last one that may own buckets.
+    #[error("the cell cannot be changed so: {0}")]
+    CellBusy(&'static str),
 }
 
 /// A checked config, table or registry entry for InitCluster: `None` when fine.

@@ -4,12 +4,14 @@
 //! is checked and a command that cannot apply is refused the same way on every replica.
 
 use crate::commands::{
-    Changed, CommitMove, ControlCommand, ControlRejection, Init, PutPartner, control_command,
+    Changed, CommitMove, ControlCommand, ControlRejection, FINISHED_KEPT, Init, PutPartner, SetCellState,
+    control_command,
 };
-use crate::store::{self, CONFIG, PARTNERS, TABLE};
+use crate::store::{self, CONFIG, MIGRATIONS, PARTNERS, REBALANCE, TABLE};
 use nid_engine::{ApplyContext, StateMachine, StorageError, View};
 use nid_proto::codec;
 use nid_proto::v1::{CellInfo, PartnerRecord};
+use nid_proto::v1::{CellState, Migration, MigrationPhase, SetRebalanceRequest};
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -50,17 +52,34 @@ impl StateMachine for ControlMachine {
         command: ControlCommand,
         ctx: &mut ApplyContext<'_>,
     ) -> Result<ControlApplied, StorageError> {
+        // Only these change the routing table; the others need not decode it again afterwards.
+        let changes_table = matches!(
+            command.kind,
+            Some(
+                control_command::Kind::Init(_)
+                    | control_command::Kind::RegisterCell(_)
+                    | control_command::Kind::CommitMove(_)
+                    | control_command::Kind::SetCellState(_)
+                    | control_command::Kind::RemoveCell(_)
+            )
+        );
         let result = match command.kind {
             Some(control_command::Kind::Init(c)) => init(c, ctx)?,
             Some(control_command::Kind::RegisterCell(c)) => register_cell(c, ctx)?,
             Some(control_command::Kind::PutPartner(c)) => put_partner(c, ctx)?,
             Some(control_command::Kind::CommitMove(c)) => commit_move(&c, ctx)?,
+            Some(control_command::Kind::RecordMigration(m)) => record_migration(m, ctx)?,
+            Some(control_command::Kind::SetCellState(c)) => set_cell_state(&c, ctx)?,
+            Some(control_command::Kind::RemoveCell(id)) => remove_cell(id, ctx)?,
+            Some(control_command::Kind::SetRebalance(r)) => set_rebalance(&r, ctx)?,
             None => Err(ControlRejection::Malformed("empty command")),
         };
-        if let Some(table) = store::table(&*ctx)? {
+        if let Ok(Changed { changed: true, version }) = result
+            && changes_table
+        {
             self.table_version.send_if_modified(|v| {
-                let grew = table.version > *v;
-                *v = (*v).max(table.version);
+                let grew = version > *v;
+                *v = (*v).max(version);
                 grew
             });
         }
@@ -128,7 +147,175 @@ fn commit_move(c: &CommitMove, ctx: &mut ApplyContext<'_>) -> Result<ControlAppl
     table.epoch[b] = epoch;
     table.version = version;
     ctx.put(TABLE, codec::encode(&table))?;
+    // The move's record says committed in the same command: a resumed coordinator never has to
+    // guess whether the compare-and-swap happened.
+    let mut log = store::migrations(&*ctx)?;
+    if let Some(m) =
+        log.active.iter_mut().find(|m| m.bucket == c.bucket && m.from_cell == c.from && m.to_cell == c.to)
+    {
+        m.phase = MigrationPhase::Committed as i32;
+        m.table_version = version;
+        ctx.put(MIGRATIONS, codec::encode(&log))?;
+    }
     Ok(Ok(Changed { changed: true, version }))
+}
+
+fn phase(m: &Migration) -> Option<MigrationPhase> {
+    MigrationPhase::try_from(m.phase).ok()
+}
+
+/// Records a move's progress. A new move of a bucket starts PLANNED, from its owner, to a cell
+/// that takes buckets, while no other move of it is in flight; a recorded move only goes forward
+/// (ABORTED from any phase before COMMITTED; COMMITTED only through the commit itself; CLEANED_UP
+/// after it). Finished moves leave the in-flight list for the bounded history.
+fn record_migration(m: Migration, ctx: &mut ApplyContext<'_>) -> Result<ControlApplied, StorageError> {
+    use MigrationPhase as P;
+    let Some(new) = phase(&m).filter(|p| *p != P::Unspecified) else {
+        return Ok(Err(ControlRejection::Malformed("migration phase")));
+    };
+    if m.bucket >= u32::from(nid_proto::bucket::BUCKETS) || m.from_cell == m.to_cell {
+        return Ok(Err(ControlRejection::Malformed("migration bucket or cells")));
+    }
+    let b = m.bucket as usize;
+    let mut log = store::migrations(&*ctx)?;
+    // The routing table is a large value: only a new move needs it (its owner and destination).
+    // The version in the result is the table's for a new move, 0 otherwise.
+    let unchanged = Changed { changed: false, version: 0 };
+    match log.active.iter().position(|a| a.bucket == m.bucket) {
+        None => {
+            if new != P::Planned {
+                // A late record of a move that already finished changes nothing.
+                if log
+                    .finished
+                    .iter()
+                    .any(|f| f.bucket == m.bucket && f.from_cell == m.from_cell && f.to_cell == m.to_cell)
+                {
+                    return Ok(Ok(unchanged));
+                }
+                return Ok(Err(ControlRejection::MigrationConflict("no move of this bucket is in flight")));
+            }
+            let Some(table) = store::table(&*ctx)? else { return Ok(Err(ControlRejection::NoCluster)) };
+            if table.owner.get(b) != Some(&m.from_cell) {
+                return Ok(Err(ControlRejection::MigrationConflict("the source does not own the bucket")));
+            }
+            let takes = table.cells.iter().any(|c| {
+                c.cell_id == m.to_cell
+                    && matches!(CellState::try_from(c.state), Ok(CellState::Joining | CellState::Active))
+            });
+            if !takes {
+                return Ok(Err(ControlRejection::MigrationConflict("the destination takes no buckets")));
+            }
+            log.active.push(m);
+        }
+        Some(i) => {
+            let current = &log.active[i];
+            if current.from_cell != m.from_cell || current.to_cell != m.to_cell {
+                return Ok(Err(ControlRejection::MigrationConflict(
+                    "another move of this bucket is in flight",
+                )));
+            }
+            let old = phase(current).unwrap_or(P::Unspecified);
+            let allowed = match new {
+                P::Aborted => old < P::Committed,
+                P::Committed => old == P::Committed,
+                P::CleanedUp => old == P::Committed,
+                _ => new >= old && old < P::Committed,
+            };
+            if !allowed {
+                return Ok(Err(ControlRejection::MigrationConflict("phases only go forward")));
+            }
+            if *current == m {
+                return Ok(Ok(unchanged));
+            }
+            let mut m = m;
+            // What the commit recorded stays.
+            if old == P::Committed {
+                m.table_version = current.table_version;
+            }
+            if matches!(new, P::Aborted | P::CleanedUp) {
+                log.active.remove(i);
+                log.finished.push(m);
+                let excess = log.finished.len().saturating_sub(FINISHED_KEPT);
+                log.finished.drain(..excess);
+            } else {
+                log.active[i] = m;
+            }
+        }
+    }
+    ctx.put(MIGRATIONS, codec::encode(&log))?;
+    Ok(Ok(Changed { changed: true, version: 0 }))
+}
+
+fn set_cell_state(c: &SetCellState, ctx: &mut ApplyContext<'_>) -> Result<ControlApplied, StorageError> {
+    let Some(mut table) = store::table(&*ctx)? else { return Ok(Err(ControlRejection::NoCluster)) };
+    let Ok(state @ (CellState::Joining | CellState::Active | CellState::Draining)) =
+        CellState::try_from(c.state)
+    else {
+        return Ok(Err(ControlRejection::Malformed("cell state")));
+    };
+    let Some(i) = table.cells.iter().position(|x| x.cell_id == c.cell_id) else {
+        return Ok(Err(ControlRejection::NoSuchCell));
+    };
+    if table.cells[i].state == state as i32 {
+        return Ok(Ok(Changed { changed: false, version: table.version }));
+    }
+    let takers = table
+        .cells
+        .iter()
+        .filter(|x| x.cell_id != c.cell_id && x.state != CellState::Draining as i32)
+        .count();
+    if state == CellState::Draining && takers == 0 {
+        return Ok(Err(ControlRejection::CellBusy("the last cell that takes buckets cannot drain")));
+    }
+    let Some(version) = table.version.checked_add(1) else { return Ok(Err(ControlRejection::Exhausted)) };
+    table.cells[i].state = state as i32;
+    table.version = version;
+    ctx.put(TABLE, codec::encode(&table))?;
+    Ok(Ok(Changed { changed: true, version }))
+}
+
+fn remove_cell(cell_id: u64, ctx: &mut ApplyContext<'_>) -> Result<ControlApplied, StorageError> {
+    let Some(mut table) = store::table(&*ctx)? else { return Ok(Err(ControlRejection::NoCluster)) };
+    if !table.cells.iter().any(|c| c.cell_id == cell_id) {
+        return Ok(Err(ControlRejection::NoSuchCell));
+    }
+    if table.owner.contains(&cell_id) {
+        return Ok(Err(ControlRejection::CellBusy("it still owns buckets; drain it first")));
+    }
+    if store::migrations(&*ctx)?.active.iter().any(|m| m.from_cell == cell_id || m.to_cell == cell_id) {
+        return Ok(Err(ControlRejection::CellBusy("a bucket move involves it")));
+    }
+    let Some(version) = table.version.checked_add(1) else { return Ok(Err(ControlRejection::Exhausted)) };
+    table.cells.retain(|c| c.cell_id != cell_id);
+    table.version = version;
+    ctx.put(TABLE, codec::encode(&table))?;
+    Ok(Ok(Changed { changed: true, version }))
+}
+
+fn set_rebalance(
+    r: &SetRebalanceRequest,
+    ctx: &mut ApplyContext<'_>,
+) -> Result<ControlApplied, StorageError> {
+    if crate::commands::check_rebalance(r).is_some() {
+        return Ok(Err(ControlRejection::Malformed("rebalance settings")));
+    }
+    let Some(table) = store::table(&*ctx)? else { return Ok(Err(ControlRejection::NoCluster)) };
+    let mut settings = store::rebalance(&*ctx)?;
+    let before = settings;
+    if let Some(p) = r.paused {
+        settings.paused = p;
+    }
+    if let Some(rate) = r.rate_bytes_per_second {
+        settings.rate_bytes_per_second = rate;
+    }
+    if let Some(n) = r.max_in_flight {
+        settings.max_in_flight = n;
+    }
+    if settings == before {
+        return Ok(Ok(Changed { changed: false, version: table.version }));
+    }
+    ctx.put(REBALANCE, codec::encode(&settings))?;
+    Ok(Ok(Changed { changed: true, version: table.version }))
 }
 
 fn put_partner(c: PutPartner, ctx: &mut ApplyContext<'_>) -> Result<ControlApplied, StorageError> {

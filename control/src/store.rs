@@ -3,7 +3,7 @@
 
 use nid_engine::{KvRead, StorageError};
 use nid_proto::codec;
-use nid_proto::v1::{ClusterConfig, ListPartnersInternalResponse, RoutingTable};
+use nid_proto::v1::{ClusterConfig, ListPartnersInternalResponse, RebalanceSettings, RoutingTable};
 
 /// The cluster config.
 pub const CONFIG: &[u8] = &[0xff, 0xff, 0x01];
@@ -11,6 +11,10 @@ pub const CONFIG: &[u8] = &[0xff, 0xff, 0x01];
 pub const TABLE: &[u8] = &[0xff, 0xff, 0x02];
 /// The partner list.
 pub const PARTNERS: &[u8] = &[0xff, 0xff, 0x03];
+/// The migration log ([`crate::commands::MigrationLog`]).
+pub const MIGRATIONS: &[u8] = &[0xff, 0xff, 0x04];
+/// The rebalancer's settings.
+pub const REBALANCE: &[u8] = &[0xff, 0xff, 0x05];
 
 fn read<T: prost::Message + Default>(
     store: &dyn KvRead,
@@ -38,4 +42,14 @@ pub fn table(store: &dyn KvRead) -> Result<Option<RoutingTable>, StorageError> {
 /// The partners with their credential verifiers.
 pub fn partners(store: &dyn KvRead) -> Result<ListPartnersInternalResponse, StorageError> {
     Ok(read(store, PARTNERS, "partner list")?.unwrap_or_default())
+}
+
+/// The migration log.
+pub fn migrations(store: &dyn KvRead) -> Result<crate::commands::MigrationLog, StorageError> {
+    Ok(read(store, MIGRATIONS, "migration log")?.unwrap_or_default())
+}
+
+/// The rebalancer's settings.
+pub fn rebalance(store: &dyn KvRead) -> Result<RebalanceSettings, StorageError> {
+    Ok(read(store, REBALANCE, "rebalance settings")?.unwrap_or_default())
 }

@@ -359,7 +359,7 @@ pub async fn initialize(
         name: name.to_owned(),
     };
     let request = InitClusterRequest { config: Some(config), cells: Vec::new(), table: Some(table) };
-    on_leader(control, deadline, |ch| {
+    let init = on_leader(control, deadline, |ch| {
         let request = request.clone();
         async move {
             ControlClient::new(ch)
@@ -370,10 +370,20 @@ pub async fn initialize(
         }
     })
     .await?;
+    if !init.created && init.table_version > 1 {
+        // The cluster has lived since its creation (cells added, buckets moved): the cells hold
+        // their ownership already, and the first placement means nothing any more.
+        return Ok(());
+    }
     for cell in cells {
         let buckets: Vec<u32> =
             (0..u32::from(BUCKETS)).filter(|&b| owner[b as usize] == cell.cell_id).collect();
-        let request = SetBucketStateRequest { buckets, state: BucketState::Owned as i32, table_version: 1 };
+        let request = SetBucketStateRequest {
+            buckets,
+            state: BucketState::Owned as i32,
+            table_version: 1,
+            track_changes: false,
+        };
         on_leader(cell, deadline, |ch| {
             let request = request.clone();
             async move { BucketAdminClient::new(ch).set_bucket_state(request).await.map(|r| r.into_inner()) }
@@ -476,15 +486,115 @@ pub async fn up(cells: u64, replicas: u64, dir: &Path) -> anyhow::Result<()> {
         let key = add_dev_partner(&cluster, &secrets).await?;
         write_secret(&secrets.dev_partner_key, &format!("{key}\n"))?;
     }
-    let tmp = dir.join("cluster.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&cluster)?)?;
-    std::fs::rename(&tmp, &file)?;
+    write_cluster_file(dir, &cluster)?;
     println!("router {}", cluster.router.address);
     println!("cluster file {}", file.display());
     println!("logs {}/logs; Ctrl-C stops the cluster", dir.display());
-    nid_support::shutdown_signal().await;
+    // Supervise: cells `nidctl dev add-cell` appends to cluster.json are started here, so they
+    // stop with the rest and a later `dev up` resumes them.
+    let shutdown = nid_support::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
+        if let Err(e) = adopt_new_cells(&mut running, dir, &mut cluster, &cell_bin, &seed) {
+            eprintln!("nidctl: starting an added cell failed: {e:#}");
+        }
+    }
     eprintln!("nidctl: stopping the cluster");
     running.stop();
+    Ok(())
+}
+
+/// Writes `cluster` to `DIR/cluster.json` atomically.
+fn write_cluster_file(dir: &Path, cluster: &ClusterFile) -> anyhow::Result<()> {
+    let tmp = dir.join("cluster.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(cluster)?)?;
+    std::fs::rename(&tmp, dir.join("cluster.json"))?;
+    Ok(())
+}
+
+/// Starts the replicas of cells that appeared in `DIR/cluster.json` since this process read it.
+fn adopt_new_cells(
+    running: &mut Running,
+    dir: &Path,
+    cluster: &mut ClusterFile,
+    cell_bin: &Path,
+    seed: &str,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(dir.join("cluster.json"))?;
+    let on_disk: ClusterFile = serde_json::from_str(&text).context("read cluster.json")?;
+    let new: Vec<CellEntry> =
+        on_disk.cells.into_iter().filter(|c| !cluster.cells.iter().any(|x| x.cell_id == c.cell_id)).collect();
+    if new.is_empty() {
+        return Ok(());
+    }
+    for mut cell in new {
+        let entry = cell.clone();
+        for p in &mut cell.replicas {
+            let args = cell_args(dir, &entry, p, "data", seed);
+            spawn(running, dir, p, cell_bin, args)?;
+        }
+        eprintln!("nidctl: started the replicas of added cell {}", cell.cell_id);
+        cluster.cells.push(cell);
+    }
+    write_cluster_file(dir, cluster)
+}
+
+/// `nidctl dev add-cell`: plans a new cell of three replicas (zone-a/b/c) in `DIR/cluster.json`,
+/// waits for the running `dev up` to start them and for them to elect a leader, then registers
+/// the cell through the router's `Admin.AddCell`; the rebalancer then moves buckets to it.
+pub async fn add_cell(dir: &Path, output: crate::Output) -> anyhow::Result<()> {
+    let file = dir.join("cluster.json");
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("no {} (start the cluster with nidctl dev up)", file.display()))?;
+    let mut cluster: ClusterFile = serde_json::from_str(&text).context("read cluster.json")?;
+    let cell_id = cluster.cells.iter().map(|c| c.cell_id).max().unwrap_or(0) + 1;
+    let replicas = (1..=3u64)
+        .map(|n| new_process(format!("cell-{cell_id}-node-{n}"), ZONES[(n - 1) as usize], n))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    cluster.cells.push(CellEntry { cell_id, replicas });
+    write_cluster_file(dir, &cluster)?;
+    eprintln!("nidctl: cell {cell_id} planned; waiting for nidctl dev up to start it");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let entry = loop {
+        let text = std::fs::read_to_string(&file)?;
+        let c: ClusterFile = serde_json::from_str(&text).context("read cluster.json")?;
+        if let Some(e) =
+            c.cells.iter().find(|x| x.cell_id == cell_id && x.replicas.iter().all(|r| r.pid != 0))
+        {
+            break e.clone();
+        }
+        if Instant::now() > deadline {
+            bail!("nidctl dev up did not start cell {cell_id} (is it running on {}?)", dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    wait_leader(&entry, Instant::now() + Duration::from_secs(60)).await?;
+    let secrets = secrets(dir)?;
+    let token = crate::credentials::admin_token(None, Some(&secrets.admin_token))?;
+    let mut info = cell_info(&entry);
+    info.state = CellState::Joining as i32;
+    let request =
+        crate::credentials::with_bearer(nid_proto::v1::AddCellRequest { cell: Some(info) }, &token)?;
+    let mut admin = nid_proto::v1::admin_client::AdminClient::new(channel(&cluster.router.address).await?);
+    let added = admin
+        .add_cell(request)
+        .await
+        .map_err(|e| anyhow::anyhow!("add cell {cell_id}: {:?}: {}", e.code(), e.message()))?
+        .into_inner();
+    match output {
+        crate::Output::Table => println!(
+            "cell {cell_id} added (table version {}); {} buckets will move to it; watch with nidctl rebalance status --watch",
+            added.table_version, added.buckets_planned
+        ),
+        crate::Output::Json => println!(
+            "{}",
+            serde_json::json!({"cell_id": cell_id, "table_version": added.table_version, "buckets_planned": added.buckets_planned})
+        ),
+    }
     Ok(())
 }
 

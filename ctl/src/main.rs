@@ -2,6 +2,7 @@
 //!
 //! This file only parses flags and dispatches; each command group lives in its own module.
 
+mod cells;
 mod cluster;
 mod config;
 mod credentials;
@@ -107,6 +108,24 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// Add, drain and remove data cells; need the admin credential.
+    Cell {
+        #[command(subcommand)]
+        command: cells::CellCommand,
+        #[command(flatten)]
+        admin: partner::AdminArgs,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Watch and steer the rebalancer that moves buckets between cells.
+    Rebalance {
+        #[command(subcommand)]
+        command: cells::RebalanceCommand,
+        #[command(flatten)]
+        admin: partner::AdminArgs,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Audit-trail tools; need the admin credential.
     Audit {
         #[command(subcommand)]
@@ -167,6 +186,13 @@ enum DevCommand {
         #[arg(long, default_value = ".nid/dev")]
         data_dir: PathBuf,
     },
+    /// Add a data cell (three new replicas, zone-a/b/c) to the running `dev up` cluster and
+    /// register it; the rebalancer then moves its share of the buckets to it.
+    AddCell {
+        /// The dev cluster's directory.
+        #[arg(long, default_value = ".nid/dev")]
+        data_dir: PathBuf,
+    },
 }
 
 fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
@@ -180,6 +206,15 @@ fn main() -> ExitCode {
             .and_then(|config| id::run(command, &config, cli.output)),
         Command::Dev { command: DevCommand::Up { cells, replicas, data_dir } } => {
             block_on(dev::up(cells, replicas, &data_dir)).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Dev { command: DevCommand::AddCell { data_dir } } => {
+            block_on(dev::add_cell(&data_dir, cli.output)).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Cell { command, admin, target } => {
+            block_on(cells::cell(command, &admin, target.router.as_deref(), &target.dev_dir, cli.output))
+        }
+        Command::Rebalance { command, admin, target } => {
+            block_on(cells::rebalance(command, &admin, target.router.as_deref(), &target.dev_dir, cli.output))
         }
         Command::Enroll { args, target } => {
             block_on(identity::enroll(args, target.router.as_deref(), &target.dev_dir, cli.output))

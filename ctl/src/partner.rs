@@ -78,7 +78,7 @@ pub struct AuthArgs {
 }
 
 /// The router's Admin client and the admin token (flag, environment, or the dev cluster's file).
-async fn admin_client(
+pub(crate) async fn admin_client(
     admin: &AdminArgs,
     router: Option<&str>,
     dir: &Path,

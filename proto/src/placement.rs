@@ -103,6 +103,23 @@ impl RingHash for StableHash {
     }
 }
 
+/// The cells of `table` that take buckets (JOINING and ACTIVE; a DRAINING cell gives its buckets
+/// away) with their weights.
+pub fn takers(table: &crate::v1::RoutingTable) -> Vec<CellWeight> {
+    use crate::v1::CellState;
+    table
+        .cells
+        .iter()
+        .filter(|c| matches!(CellState::try_from(c.state), Ok(CellState::Joining | CellState::Active)))
+        .map(|c| CellWeight { cell_id: c.cell_id, weight: c.weight })
+        .collect()
+}
+
+/// Where the placement wants every bucket of `table`'s cluster, given its cells' states.
+pub fn desired_for(table: &crate::v1::RoutingTable) -> Result<Vec<u64>, PlacementError> {
+    desired_placement(&takers(table))
+}
+
 /// The desired owner cell of every bucket, indexed by bucket.
 pub fn desired_placement(cells: &[CellWeight]) -> Result<Vec<u64>, PlacementError> {
     if cells.is_empty() {

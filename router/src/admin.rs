@@ -1,6 +1,7 @@
 //! The public `Admin` service: cluster status and cells, assembled from the cached routing table and
-//! each replica's own view; partner management and audit verification, which need the admin
-//! credential (`authorization: Bearer <admin token>`). Rebalancing arrives with its issue.
+//! each replica's own view; adding, draining and removing cells and steering the rebalancer (the
+//! control cell's leader moves the buckets); partner management and audit verification. Every
+//! change needs the admin credential (`authorization: Bearer <admin token>`).
 
 use crate::partners::{Partners, auth_type_of};
 use crate::routing::Router;
@@ -102,8 +103,85 @@ impl AdminService {
     }
 }
 
-fn unimplemented(what: &str) -> Status {
-    Status::unimplemented(format!("{what} arrives with its issue"))
+/// Checks that the replicas of a cell to be added are running, empty, of this cluster (the same
+/// keyring as a cell already serving) and one per distinct zone.
+async fn check_new_cell(router: &Router, cell: &CellInfo) -> Result<(), Status> {
+    let table = router.table();
+    let mut v = FieldViolations::new();
+    if cell.cell_id == 0 {
+        v.add("cell.cell_id", "must be > 0 (0 is the control cell)");
+    }
+    if table.cells.iter().any(|c| c.cell_id == cell.cell_id) {
+        v.add("cell.cell_id", "a cell with this id is registered");
+    }
+    if cell.replicas.len() < 3 {
+        v.add("cell.replicas", "a cell has at least 3 replicas");
+    }
+    let zones: std::collections::HashSet<&str> = cell.replicas.iter().map(|r| r.zone.as_str()).collect();
+    if zones.len() != cell.replicas.len() || zones.contains("") {
+        v.add("cell.replicas", "each replica must sit in its own, named zone");
+    }
+    let nodes: std::collections::HashSet<u64> = cell.replicas.iter().map(|r| r.node_id).collect();
+    if nodes.len() != cell.replicas.len() || nodes.contains(&0) {
+        v.add("cell.replicas", "node ids must be distinct and > 0");
+    }
+    let known: std::collections::HashSet<&str> =
+        table.cells.iter().flat_map(|c| c.replicas.iter().map(|r| r.address.as_str())).collect();
+    if cell.replicas.iter().any(|r| known.contains(r.address.as_str())) {
+        v.add("cell.replicas", "an address already serves a registered cell");
+    }
+    if !(cell.weight == 0 || (1..=nid_proto::placement::MAX_WEIGHT).contains(&cell.weight)) {
+        v.add("cell.weight", "must be 1..=1000 (0: the default)");
+    }
+    v.into_result()?;
+    // The keyring of a serving cell, to compare with.
+    let mut reference: Option<Vec<KeyGeneration>> = None;
+    for r in table.cells.iter().flat_map(|c| &c.replicas) {
+        if let Ok(ch) = router.channel(&r.address) {
+            let mut req = Request::new(GetKeyGenerationsRequest {});
+            req.set_timeout(Duration::from_secs(2));
+            if let Ok(k) = CellClient::new(ch).get_key_generations(req).await {
+                reference = Some(k.into_inner().held);
+                break;
+            }
+        }
+    }
+    for (i, r) in cell.replicas.iter().enumerate() {
+        let field = format!("cell.replicas[{i}]");
+        let channel = router.channel(&r.address)?;
+        let mut req = Request::new(GetCellStatusRequest {});
+        req.set_timeout(Duration::from_secs(2));
+        let status = CellClient::new(channel.clone())
+            .get_cell_status(req)
+            .await
+            .map_err(|_| {
+                nid_proto::error::invalid_field(&field, "is not reachable (start the replica first)")
+            })?
+            .into_inner();
+        if status.cell.as_ref().map(|c| c.cell_id) != Some(cell.cell_id) {
+            return Err(nid_proto::error::invalid_field(&field, "runs another cell id"));
+        }
+        if !status.replicas.iter().any(|x| x.node_id == r.node_id) {
+            return Err(nid_proto::error::invalid_field(&field, "is not a member with this node id"));
+        }
+        if status.buckets_owned > 0 {
+            return Err(nid_proto::error::invalid_field(&field, "is not empty: it owns buckets"));
+        }
+        let mut req = Request::new(GetKeyGenerationsRequest {});
+        req.set_timeout(Duration::from_secs(2));
+        let held = CellClient::new(channel)
+            .get_key_generations(req)
+            .await
+            .map_err(|_| nid_proto::error::invalid_field(&field, "does not answer for its keys"))?
+            .into_inner()
+            .held;
+        if let Some(reference) = &reference
+            && !held.iter().any(|k| reference.contains(k))
+        {
+            return Err(nid_proto::error::invalid_field(&field, "holds another cluster's keys"));
+        }
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -126,11 +204,15 @@ impl Admin for AdminService {
         for cell in &table.cells {
             cells.push(self.cell_status(cell, owned.get(&cell.cell_id).copied().unwrap_or(0)).await);
         }
-        Ok(Response::new(GetClusterStatusResponse {
-            cells,
-            table_version: table.version,
-            migrations: Vec::new(),
-        }))
+        // Moves in flight, when the control cell answers (the status is useful without it).
+        let migrations = router
+            .control_read(|mut c| async move {
+                c.list_migrations(ListMigrationsRequest { include_finished: false }).await
+            })
+            .await
+            .map(|l| l.migrations)
+            .unwrap_or_default();
+        Ok(Response::new(GetClusterStatusResponse { cells, table_version: table.version, migrations }))
     }
 
     async fn list_cells(
@@ -145,8 +227,78 @@ impl Admin for AdminService {
         Ok(Response::new(ListCellsResponse { cells: table.cells.clone() }))
     }
 
-    async fn add_cell(&self, _request: Request<AddCellRequest>) -> Result<Response<AddCellResponse>, Status> {
-        Err(unimplemented("adding a cell (the rebalancer)"))
+    async fn add_cell(&self, request: Request<AddCellRequest>) -> Result<Response<AddCellResponse>, Status> {
+        self.require_admin(request.metadata())?;
+        let mut cell = request
+            .into_inner()
+            .cell
+            .ok_or_else(|| nid_proto::error::invalid_field("cell", "is required"))?;
+        self.router.refresh().await?;
+        check_new_cell(&self.router, &cell).await?;
+        if cell.weight == 0 {
+            cell.weight = nid_proto::placement::DEFAULT_WEIGHT;
+        }
+        cell.state = CellState::Joining as i32;
+        let registered = cell.clone();
+        let table_version = self
+            .router
+            .control_call(|mut c| {
+                let cell = registered.clone();
+                async move { c.register_cell(RegisterCellRequest { cell: Some(cell) }).await }
+            })
+            .await?
+            .table_version;
+        self.router.refresh().await?;
+        let table = self.router.table();
+        let raw =
+            RoutingTable { cells: table.cells.clone(), owner: table.owner.clone(), ..Default::default() };
+        let buckets_planned = nid_proto::placement::desired_for(&raw)
+            .map(|d| d.iter().filter(|&&c| c == cell.cell_id).count() as u32)
+            .unwrap_or(0);
+        tracing::info!(cell = cell.cell_id, buckets_planned, "cell added");
+        Ok(Response::new(AddCellResponse { table_version, buckets_planned }))
+    }
+
+    async fn drain_cell(
+        &self,
+        request: Request<DrainCellRequest>,
+    ) -> Result<Response<SetCellStateResponse>, Status> {
+        self.require_admin(request.metadata())?;
+        let cell_id = request.into_inner().cell_id;
+        let r = self
+            .router
+            .control_call(|mut c| async move {
+                c.set_cell_state(SetCellStateRequest { cell_id, state: CellState::Draining as i32 }).await
+            })
+            .await?;
+        tracing::info!(cell = cell_id, "cell draining");
+        let _ = self.router.refresh().await;
+        Ok(Response::new(r))
+    }
+
+    async fn remove_cell(
+        &self,
+        request: Request<RemoveCellRequest>,
+    ) -> Result<Response<RemoveCellResponse>, Status> {
+        self.require_admin(request.metadata())?;
+        let cell_id = request.into_inner().cell_id;
+        let r = self
+            .router
+            .control_call(|mut c| async move { c.remove_cell(RemoveCellRequest { cell_id }).await })
+            .await?;
+        tracing::info!(cell = cell_id, "cell removed");
+        let _ = self.router.refresh().await;
+        Ok(Response::new(r))
+    }
+
+    async fn set_rebalance(
+        &self,
+        request: Request<SetRebalanceRequest>,
+    ) -> Result<Response<RebalanceSettings>, Status> {
+        self.require_admin(request.metadata())?;
+        let req = request.into_inner();
+        let r = self.router.control_call(|mut c| async move { c.set_rebalance(req).await }).await?;
+        Ok(Response::new(r))
     }
 
     async fn add_partner(
@@ -254,7 +406,45 @@ impl Admin for AdminService {
         &self,
         _request: Request<GetRebalanceStatusRequest>,
     ) -> Result<Response<GetRebalanceStatusResponse>, Status> {
-        Err(unimplemented("rebalancing"))
+        let table = self
+            .router
+            .control_read(|c| {
+                let mut c = c.max_decoding_message_size(16 << 20);
+                async move { c.get_routing_table(GetRoutingTableRequest {}).await }
+            })
+            .await?;
+        let list = self
+            .router
+            .control_read(|mut c| async move {
+                c.list_migrations(ListMigrationsRequest { include_finished: true }).await
+            })
+            .await?;
+        let desired = nid_proto::placement::desired_for(&table).unwrap_or_default();
+        let misplaced = table.owner.iter().zip(&desired).filter(|(o, d)| o != d).count() as u32;
+        let cells = table
+            .cells
+            .iter()
+            .map(|c| CellBuckets {
+                cell_id: c.cell_id,
+                state: c.state,
+                owned: table.owner.iter().filter(|&&o| o == c.cell_id).count() as u32,
+                desired: desired.iter().filter(|&&d| d == c.cell_id).count() as u32,
+            })
+            .collect();
+        let last_commit = list
+            .migrations
+            .iter()
+            .filter(|m| m.phase == MigrationPhase::CleanedUp as i32)
+            .filter_map(|m| m.updated_at)
+            .max_by_key(|t| (t.seconds, t.nanos));
+        Ok(Response::new(GetRebalanceStatusResponse {
+            buckets_misplaced: misplaced,
+            migrations: list.migrations,
+            last_commit,
+            settings: list.settings,
+            cells,
+            table_version: table.version,
+        }))
     }
 
     async fn verify_audit_chain(

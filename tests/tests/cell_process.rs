@@ -103,6 +103,7 @@ async fn own_all_buckets(cell: &ProcessCell) {
                 buckets: (0..16384).collect(),
                 state: BucketState::Owned as i32,
                 table_version: 1,
+                track_changes: false,
             })
             .await;
         if r.is_ok() {

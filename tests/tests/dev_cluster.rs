@@ -355,6 +355,7 @@ async fn set_bucket(cell: &serde_json::Value, bucket: u16, state: BucketState, v
                     buckets: vec![u32::from(bucket)],
                     state: state as i32,
                     table_version: version,
+                    track_changes: false,
                 };
                 if BucketAdminClient::new(ch).set_bucket_state(req).await.is_ok() {
                     return;

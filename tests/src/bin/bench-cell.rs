@@ -52,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
             buckets: (0..16384).collect(),
             state: BucketState::Owned as i32,
             table_version: 1,
+            track_changes: false,
         })
         .await?;
 

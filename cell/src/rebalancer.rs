@@ -1,0 +1,649 @@
+//! The rebalancer (DESIGN.md §7), run by the control cell's leader: it compares the routing table
+//! with the consistent-hash placement of the cells that take buckets, keeps a bounded number of
+//! bucket moves in flight, and drives each through its phases, recording every phase in the
+//! control cell's log before acting on the next, so a new leader resumes each move where the old
+//! one stopped. Every step is idempotent.
+//!
+//! One move of bucket b from S to D: D marks b IMPORTING; S tracks b's changes; a full copy of b
+//! (one view of S) goes into D through D's log; rounds of changes since the copy follow until few
+//! remain; S freezes b (writes get retry-later) and the last changes go over; the counts and
+//! checksums of b at S and D must match; then one compare-and-swap on the routing table commits
+//! (the only decision point; the record says COMMITTED in the same command). After it S marks b
+//! NOT_OWNED (it refuses b from then on: wrong-owner), D marks it OWNED and serves, and S deletes
+//! its copy: nothing a reader can observe depends on that deletion, since S refuses b by its fence
+//! from the moment NOT_OWNED applies, so it need not wait for routers. Before the commit any
+//! failure aborts: D drops its partial copy and gives b up, S owns b again, unfrozen. After the
+//! commit the move only goes forward.
+
+use crate::control_service::ControlCell;
+use nid_control::commands::{CommitMove, control_command};
+use nid_control::store;
+use nid_engine::transport::Dialer;
+use nid_proto::error::RoutingHint;
+use nid_proto::v1::bucket_admin_client::BucketAdminClient;
+use nid_proto::v1::{
+    BucketExportChunk, BucketState, CellState, ChecksumBucketRequest, DeleteBucketRequest,
+    ExportBucketRequest, Migration, MigrationPhase, RoutingTable, SetBucketStateRequest,
+};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// How often the leader looks at the placement.
+const TICK: Duration = Duration::from_millis(250);
+/// Moves in flight when the settings say 0.
+const DEFAULT_IN_FLIGHT: u32 = 16;
+/// A catch-up round with at most this many changes is followed by the freeze.
+const FEW_CHANGES: usize = 64;
+/// Catch-up rounds before freezing regardless (writes outpacing the copy).
+const MAX_ROUNDS: usize = 8;
+/// How long a step before the commit may keep failing before the move aborts.
+const STEP_PATIENCE: Duration = Duration::from_secs(30);
+/// One call to a cell.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The rebalancer's metrics (on every control replica; only the leader's move).
+#[derive(Clone)]
+pub struct RebalanceMetrics {
+    moves: IntCounterVec,
+    in_flight: IntGauge,
+    misplaced: IntGauge,
+    bytes: prometheus::IntCounter,
+    keys: prometheus::IntCounter,
+    freeze: Histogram,
+}
+
+impl RebalanceMetrics {
+    /// Creates and registers the metrics.
+    pub fn new(registry: &Registry) -> prometheus::Result<RebalanceMetrics> {
+        let moves = IntCounterVec::new(
+            Opts::new(
+                "nid_rebalance_moves_total",
+                "Bucket moves finished, by result (committed, aborted) and reason.",
+            ),
+            &["result", "reason"],
+        )?;
+        let in_flight = IntGauge::new("nid_rebalance_in_flight", "Bucket moves in flight.")?;
+        let misplaced = IntGauge::new(
+            "nid_rebalance_misplaced_buckets",
+            "Buckets whose owner differs from the desired placement.",
+        )?;
+        let bytes = prometheus::IntCounter::new(
+            "nid_rebalance_copied_bytes_total",
+            "Bytes (keys and values) copied by bucket moves this leader drove.",
+        )?;
+        let keys = prometheus::IntCounter::new(
+            "nid_rebalance_copied_keys_total",
+            "Keys copied by bucket moves this leader drove.",
+        )?;
+        let freeze = Histogram::with_opts(
+            HistogramOpts::new("nid_rebalance_freeze_seconds", "How long a moved bucket refused writes.")
+                .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        )?;
+        registry.register(Box::new(moves.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(misplaced.clone()))?;
+        registry.register(Box::new(bytes.clone()))?;
+        registry.register(Box::new(keys.clone()))?;
+        registry.register(Box::new(freeze.clone()))?;
+        Ok(RebalanceMetrics { moves, in_flight, misplaced, bytes, keys, freeze })
+    }
+}
+
+/// The rebalancer of one control replica.
+pub struct Rebalancer {
+    control: Arc<ControlCell>,
+    dialer: Arc<dyn Dialer>,
+    metrics: RebalanceMetrics,
+    /// Buckets whose move a task of this replica drives.
+    driving: Mutex<HashSet<u32>>,
+    /// The leader each data cell had last (address).
+    leaders: Mutex<HashMap<u64, String>>,
+    /// When the copy rate allows the next bytes.
+    next_free: tokio::sync::Mutex<Instant>,
+    /// Wakes the planner when a move finishes (room for the next one).
+    wake: tokio::sync::Notify,
+    /// The desired placement and the cells (id, weight, state) it was computed for.
+    placement: Mutex<Option<(Vec<(u64, u32, i32)>, Arc<Vec<u64>>)>>,
+}
+
+/// Where the placement puts every bucket (None when no cell takes buckets).
+pub fn desired(table: &RoutingTable) -> Option<Vec<u64>> {
+    nid_proto::placement::desired_for(table).ok()
+}
+
+/// Why a step failed.
+#[derive(Debug)]
+enum StepError {
+    /// Worth retrying (a cell unreachable or electing, a timeout).
+    Transient(String),
+    /// Not worth retrying: the move must abort, with this reason (a metric label).
+    Abort(&'static str),
+    /// This replica is no longer the control leader: stop; the next leader resumes.
+    Deposed,
+}
+
+fn transient(e: tonic::Status) -> StepError {
+    StepError::Transient(format!("{:?}: {}", e.code(), e.message()))
+}
+
+fn now_ts() -> prost_types::Timestamp {
+    let d = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+fn phase(m: &Migration) -> MigrationPhase {
+    MigrationPhase::try_from(m.phase).unwrap_or(MigrationPhase::Unspecified)
+}
+
+impl Rebalancer {
+    /// A rebalancer for the control replica `control`, dialing cells with `dialer`.
+    pub fn new(control: Arc<ControlCell>, dialer: Arc<dyn Dialer>, metrics: RebalanceMetrics) -> Rebalancer {
+        Rebalancer {
+            control,
+            dialer,
+            metrics,
+            driving: Mutex::default(),
+            leaders: Mutex::default(),
+            next_free: tokio::sync::Mutex::new(Instant::now()),
+            wake: tokio::sync::Notify::new(),
+            placement: Mutex::default(),
+        }
+    }
+
+    /// Runs until `shutdown`: while this replica leads the control cell, plans and drives moves.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(TICK) => {}
+                _ = self.wake.notified() => {}
+            }
+            if !self.control.node.is_leader() {
+                continue;
+            }
+            if let Err(e) = self.tick().await {
+                tracing::debug!(error = %e, "rebalancer tick failed");
+            }
+            // Moves finishing in a burst are planned for together.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn tick(self: &Arc<Self>) -> Result<(), String> {
+        let (table, log, settings) = self
+            .control
+            .read_state(|v| Ok((store::table(v)?, store::migrations(v)?, store::rebalance(v)?)))
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(table) = table else { return Ok(()) };
+        let Some(desired) = self.desired_cached(&table) else { return Ok(()) };
+        let misplaced = (0..table.owner.len()).filter(|&b| table.owner[b] != desired[b]).count();
+        self.metrics.misplaced.set(misplaced as i64);
+        self.metrics.in_flight.set(log.active.len() as i64);
+        for m in &log.active {
+            self.spawn_driver(m.clone());
+        }
+        // A joining cell that has received its share becomes active.
+        for c in &table.cells {
+            let joining = c.state == CellState::Joining as i32;
+            let waiting =
+                (0..table.owner.len()).any(|b| desired[b] == c.cell_id && table.owner[b] != c.cell_id);
+            if joining && !waiting {
+                let set = nid_control::commands::SetCellState {
+                    cell_id: c.cell_id,
+                    state: CellState::Active as i32,
+                };
+                let _ = self.control.propose_kind(control_command::Kind::SetCellState(set)).await;
+            }
+        }
+        if settings.paused {
+            return Ok(());
+        }
+        let max =
+            if settings.max_in_flight == 0 { DEFAULT_IN_FLIGHT } else { settings.max_in_flight } as usize;
+        let busy: HashSet<u32> = log.active.iter().map(|m| m.bucket).collect();
+        let mut room = max.saturating_sub(log.active.len());
+        if room == 0 || misplaced == 0 {
+            return Ok(());
+        }
+        // Start from a point that moves with time, so the moves spread over the source cells.
+        let start = (table.version as usize).wrapping_mul(7919) % table.owner.len().max(1);
+        let n = table.owner.len();
+        for i in 0..n {
+            let b = (start + i) % n;
+            if room == 0 {
+                break;
+            }
+            if table.owner[b] == desired[b] || busy.contains(&(b as u32)) {
+                continue;
+            }
+            let m = Migration {
+                bucket: b as u32,
+                from_cell: table.owner[b],
+                to_cell: desired[b],
+                phase: MigrationPhase::Planned as i32,
+                table_version: table.version,
+                started_at: Some(now_ts()),
+                updated_at: Some(now_ts()),
+                ..Default::default()
+            };
+            if self.control.propose_kind(control_command::Kind::RecordMigration(m.clone())).await.is_ok() {
+                tracing::info!(bucket = b, from = m.from_cell, to = m.to_cell, "bucket move planned");
+                self.spawn_driver(m);
+                room -= 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`desired`], computed again only when the cells change.
+    fn desired_cached(&self, table: &RoutingTable) -> Option<Arc<Vec<u64>>> {
+        let key: Vec<(u64, u32, i32)> = table.cells.iter().map(|c| (c.cell_id, c.weight, c.state)).collect();
+        let mut cache = self.placement.lock().ok()?;
+        if let Some((k, d)) = cache.as_ref()
+            && *k == key
+        {
+            return Some(d.clone());
+        }
+        let d = Arc::new(desired(table)?);
+        *cache = Some((key, d.clone()));
+        Some(d)
+    }
+
+    fn spawn_driver(self: &Arc<Self>, m: Migration) {
+        let Ok(mut driving) = self.driving.lock() else { return };
+        if !driving.insert(m.bucket) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let bucket = m.bucket;
+            me.drive(m).await;
+            if let Ok(mut d) = me.driving.lock() {
+                d.remove(&bucket);
+            }
+            me.wake.notify_one();
+        });
+    }
+
+    /// Drives one move to its end, or until this replica stops leading.
+    async fn drive(self: &Arc<Self>, mut m: Migration) {
+        let mut frozen_at: Option<Instant> = None;
+        let mut first_failure: Option<Instant> = None;
+        loop {
+            if !self.control.node.is_leader() {
+                return;
+            }
+            let step = match phase(&m) {
+                MigrationPhase::CleanedUp | MigrationPhase::Aborted | MigrationPhase::Unspecified => return,
+                MigrationPhase::Committed => self.finish(&mut m, frozen_at).await,
+                _ => self.advance(&mut m, &mut frozen_at).await,
+            };
+            let reason = match step {
+                Ok(()) => {
+                    first_failure = None;
+                    continue;
+                }
+                Err(StepError::Deposed) => return,
+                Err(StepError::Abort(reason)) if phase(&m) < MigrationPhase::Committed => {
+                    self.abort(&mut m, reason).await;
+                    return;
+                }
+                Err(StepError::Abort(reason)) => reason.to_owned(),
+                Err(StepError::Transient(reason)) => reason,
+            };
+            tracing::warn!(bucket = m.bucket, phase = phase(&m).as_str_name(), %reason, "bucket move step failed; retrying");
+            let since = *first_failure.get_or_insert_with(Instant::now);
+            if phase(&m) < MigrationPhase::Committed && since.elapsed() > STEP_PATIENCE {
+                self.abort(&mut m, "unreachable").await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Takes a move before its commit one phase further.
+    async fn advance(&self, m: &mut Migration, frozen_at: &mut Option<Instant>) -> Result<(), StepError> {
+        let (b, from, to, v) = (m.bucket, m.from_cell, m.to_cell, m.table_version);
+        match phase(m) {
+            MigrationPhase::Planned => {
+                self.set_state(to, b, BucketState::Importing, v, false).await?;
+                self.record(m, MigrationPhase::Importing).await
+            }
+            MigrationPhase::Importing => {
+                self.set_state(from, b, BucketState::Owned, v, true).await?;
+                let (index, keys, bytes) = self.copy(from, to, b, 0).await?;
+                m.copy_index = index;
+                m.keys += keys;
+                m.bytes += bytes;
+                self.record(m, MigrationPhase::Copy).await
+            }
+            MigrationPhase::Copy | MigrationPhase::CatchUp => {
+                // Rounds of changes since the last copy, until few remain; then the freeze.
+                for _ in 0..MAX_ROUNDS {
+                    let (index, keys, bytes) = self.copy(from, to, b, m.copy_index).await?;
+                    m.copy_index = index.max(m.copy_index);
+                    m.keys += keys;
+                    m.bytes += bytes;
+                    if keys as usize <= FEW_CHANGES {
+                        break;
+                    }
+                }
+                self.record(m, MigrationPhase::CatchUp).await?;
+                let started = Instant::now();
+                m.frozen_index = self.set_state(from, b, BucketState::Frozen, v, false).await?;
+                *frozen_at = Some(started);
+                let (index, keys, bytes) = self.copy(from, to, b, m.copy_index).await?;
+                m.copy_index = index.max(m.copy_index);
+                m.keys += keys;
+                m.bytes += bytes;
+                self.record(m, MigrationPhase::Frozen).await
+            }
+            MigrationPhase::Frozen => {
+                // A resumed move redoes the last catch-up (the source has not changed since).
+                let (index, keys, bytes) = self.copy(from, to, b, m.copy_index).await?;
+                m.copy_index = index.max(m.copy_index);
+                m.keys += keys;
+                m.bytes += bytes;
+                let (src, dst) = (self.checksum(from, b).await?, self.checksum(to, b).await?);
+                if src != dst {
+                    // Once more from scratch (the source is frozen: a full copy is final).
+                    let (index, keys, bytes) = self.copy(from, to, b, 0).await?;
+                    m.copy_index = index.max(m.copy_index);
+                    m.keys += keys;
+                    m.bytes += bytes;
+                    if self.checksum(from, b).await? != self.checksum(to, b).await? {
+                        return Err(StepError::Abort("checksum"));
+                    }
+                }
+                self.record(m, MigrationPhase::Drained).await
+            }
+            MigrationPhase::Drained => {
+                let table = self.table().await?;
+                let i = b as usize;
+                let owner = table.owner.get(i).copied().unwrap_or(0);
+                if owner != from {
+                    return Err(StepError::Abort("owner_changed"));
+                }
+                let commit = CommitMove {
+                    bucket: b,
+                    from,
+                    to,
+                    expected_epoch: table.epoch.get(i).copied().unwrap_or(0),
+                };
+                match self.control.propose_kind(control_command::Kind::CommitMove(commit)).await {
+                    Ok(changed) => {
+                        m.table_version = changed.version;
+                        m.phase = MigrationPhase::Committed as i32;
+                        if let Some(t) = frozen_at {
+                            m.freeze_ms = t.elapsed().as_millis().min(u128::from(u32::MAX)) as u32;
+                        }
+                        tracing::info!(
+                            bucket = b,
+                            from,
+                            to,
+                            version = changed.version,
+                            "bucket move committed"
+                        );
+                        Ok(())
+                    }
+                    Err(e) if e.code() == tonic::Code::Aborted => Err(StepError::Abort("owner_changed")),
+                    Err(e) => Err(self.control_error(e)),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// After the commit: the source lets go, the destination serves, the source's copy goes.
+    async fn finish(&self, m: &mut Migration, frozen_at: Option<Instant>) -> Result<(), StepError> {
+        let (b, from, to, v) = (m.bucket, m.from_cell, m.to_cell, m.table_version);
+        self.set_state(from, b, BucketState::NotOwned, v, false).await?;
+        self.set_state(to, b, BucketState::Owned, v, false).await?;
+        if let Some(t) = frozen_at {
+            m.freeze_ms = t.elapsed().as_millis().min(u128::from(u32::MAX)) as u32;
+            self.metrics.freeze.observe(t.elapsed().as_secs_f64());
+        }
+        self.cell_call(from, |mut c| async move {
+            c.delete_bucket(DeleteBucketRequest { bucket: b, table_version: v }).await.map(|_| ())
+        })
+        .await?;
+        self.metrics.moves.with_label_values(&["committed", ""]).inc();
+        self.metrics.bytes.inc_by(m.bytes);
+        self.metrics.keys.inc_by(m.keys);
+        self.record(m, MigrationPhase::CleanedUp).await
+    }
+
+    /// Gives a move up before its commit: the destination drops its copy, the source owns the
+    /// bucket again, unfrozen. Retried until it holds or this replica stops leading.
+    async fn abort(&self, m: &mut Migration, reason: &'static str) {
+        let (b, from, to, v) = (m.bucket, m.from_cell, m.to_cell, m.table_version);
+        tracing::warn!(bucket = b, from, to, reason, "bucket move aborting");
+        loop {
+            if !self.control.node.is_leader() {
+                return;
+            }
+            let undone = async {
+                // The destination may be gone for good: its side is best effort; the source's is not.
+                let dest = async {
+                    self.cell_call(to, |mut c| async move {
+                        c.delete_bucket(DeleteBucketRequest { bucket: b, table_version: v }).await.map(|_| ())
+                    })
+                    .await?;
+                    self.set_state(to, b, BucketState::NotOwned, v, false).await
+                };
+                if let Err(e) = tokio::time::timeout(Duration::from_secs(15), dest)
+                    .await
+                    .unwrap_or(Err(StepError::Transient("timeout".into())))
+                {
+                    tracing::warn!(bucket = b, cell = to, error = ?e, "the destination did not drop its partial copy");
+                }
+                self.set_state(from, b, BucketState::Owned, v, false).await?;
+                m.abort_reason = reason.to_owned();
+                self.record(m, MigrationPhase::Aborted).await
+            };
+            match undone.await {
+                Ok(()) => {
+                    self.metrics.moves.with_label_values(&["aborted", reason]).inc();
+                    return;
+                }
+                Err(StepError::Deposed) => return,
+                Err(e) => {
+                    tracing::warn!(bucket = b, error = ?e, "undoing a bucket move failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    /// Records `m` at `to_phase` in the control log.
+    async fn record(&self, m: &mut Migration, to_phase: MigrationPhase) -> Result<(), StepError> {
+        let mut next = m.clone();
+        next.phase = to_phase as i32;
+        next.updated_at = Some(now_ts());
+        self.control
+            .propose_kind(control_command::Kind::RecordMigration(next.clone()))
+            .await
+            .map_err(|e| self.control_error(e))?;
+        tracing::info!(
+            bucket = m.bucket,
+            from = m.from_cell,
+            to = m.to_cell,
+            phase = to_phase.as_str_name(),
+            "bucket move"
+        );
+        *m = next;
+        Ok(())
+    }
+
+    fn control_error(&self, e: tonic::Status) -> StepError {
+        if !self.control.node.is_leader() {
+            return StepError::Deposed;
+        }
+        match e.code() {
+            tonic::Code::Aborted | tonic::Code::FailedPrecondition => StepError::Abort("refused"),
+            _ => transient(e),
+        }
+    }
+
+    async fn table(&self) -> Result<RoutingTable, StepError> {
+        match self.control.read_state(store::table).await {
+            Ok(Some(t)) => Ok(t),
+            Ok(None) => Err(StepError::Transient("no routing table".into())),
+            Err(e) => Err(self.control_error(e)),
+        }
+    }
+
+    /// Copies bucket `b` from cell `from` into cell `to`: everything (`after` = 0) or the changes
+    /// applied after `after`. Returns the source index the copy is consistent with, keys and bytes.
+    async fn copy(&self, from: u64, to: u64, b: u32, after: u64) -> Result<(u64, u64, u64), StepError> {
+        let chunks: Vec<BucketExportChunk> = self
+            .cell_call(from, |mut c| async move {
+                let mut stream = c
+                    .export_bucket(ExportBucketRequest { bucket: b, after_index: after })
+                    .await?
+                    .into_inner();
+                let mut out = Vec::new();
+                while let Some(chunk) = stream.message().await? {
+                    out.push(chunk);
+                }
+                Ok(out)
+            })
+            .await?;
+        let index = chunks.iter().map(|c| c.source_index).max().unwrap_or(after);
+        let keys: u64 = chunks.iter().map(|c| c.keys.len() as u64).sum();
+        let bytes: u64 =
+            chunks.iter().flat_map(|c| c.keys.iter().chain(&c.values)).map(|x| x.len() as u64).sum();
+        if chunks.is_empty() {
+            return Ok((index, 0, 0));
+        }
+        self.throttle(bytes).await;
+        let chunks = Arc::new(chunks);
+        self.cell_call(to, |mut c| {
+            let chunks = chunks.clone();
+            async move { c.import_bucket(tokio_stream::iter(chunks.to_vec())).await.map(|_| ()) }
+        })
+        .await?;
+        Ok((index, keys, bytes))
+    }
+
+    /// Waits until the copy rate allows `bytes` more.
+    async fn throttle(&self, bytes: u64) {
+        let rate = match self.control.read_state(store::rebalance).await {
+            Ok(s) => s.rate_bytes_per_second,
+            Err(_) => 0,
+        };
+        if rate == 0 {
+            return;
+        }
+        let wait_until = {
+            let mut next = self.next_free.lock().await;
+            let now = Instant::now();
+            let start = (*next).max(now);
+            *next = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+            start
+        };
+        tokio::time::sleep_until(wait_until.into()).await;
+    }
+
+    async fn checksum(&self, cell: u64, b: u32) -> Result<(u64, Vec<u8>), StepError> {
+        self.cell_call(cell, |mut c| async move {
+            let r = c.checksum_bucket(ChecksumBucketRequest { bucket: b, local: false }).await?.into_inner();
+            Ok((r.records, r.sha256))
+        })
+        .await
+    }
+
+    /// Sets bucket `b`'s state on `cell` (with change tracking when `track`); the index it applied at.
+    async fn set_state(
+        &self,
+        cell: u64,
+        b: u32,
+        state: BucketState,
+        v: u64,
+        track: bool,
+    ) -> Result<u64, StepError> {
+        self.cell_call(cell, |mut c| async move {
+            let request = SetBucketStateRequest {
+                buckets: vec![b],
+                state: state as i32,
+                table_version: v,
+                track_changes: track,
+            };
+            Ok(c.set_bucket_state(request).await?.into_inner().applied_index)
+        })
+        .await
+    }
+
+    /// Calls the leader of data cell `cell` (following not-leader hints across its replicas).
+    async fn cell_call<T, F, Fut>(&self, cell: u64, mut f: F) -> Result<T, StepError>
+    where
+        F: FnMut(BucketAdminClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let table = self.table().await?;
+        let replicas: Vec<String> = table
+            .cells
+            .iter()
+            .find(|c| c.cell_id == cell)
+            .map(|c| c.replicas.iter().map(|r| r.address.clone()).collect())
+            .unwrap_or_default();
+        if replicas.is_empty() {
+            return Err(StepError::Abort("unknown_cell"));
+        }
+        let cached = self.leaders.lock().ok().and_then(|l| l.get(&cell).cloned());
+        let mut order: Vec<String> = cached.into_iter().filter(|a| replicas.contains(a)).collect();
+        for r in &replicas {
+            if !order.contains(r) {
+                order.push(r.clone());
+            }
+        }
+        let mut last = StepError::Transient("no replica answered".into());
+        let mut tried = 0;
+        while let Some(address) = order.first().cloned() {
+            order.remove(0);
+            tried += 1;
+            if tried > 6 {
+                break;
+            }
+            let channel = match self.dialer.endpoint(&address) {
+                Ok(e) => e.connect_timeout(Duration::from_secs(1)).timeout(CALL_TIMEOUT).connect_lazy(),
+                Err(_) => continue,
+            };
+            let client = BucketAdminClient::new(channel).max_decoding_message_size(16 << 20);
+            match f(client).await {
+                Ok(v) => {
+                    if let Ok(mut l) = self.leaders.lock() {
+                        l.insert(cell, address);
+                    }
+                    return Ok(v);
+                }
+                Err(e) => {
+                    if let Some(RoutingHint::NotLeader { leader, .. }) = RoutingHint::from_status(&e) {
+                        if let Some((_, a)) = leader
+                            && replicas.contains(&a)
+                            && a != address
+                        {
+                            order.retain(|x| *x != a);
+                            order.insert(0, a);
+                        }
+                        last = transient(e);
+                        continue;
+                    }
+                    match e.code() {
+                        tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => {
+                            tracing::warn!(cell, code = ?e.code(), message = e.message(), "a cell refused a bucket move step");
+                            return Err(StepError::Abort("refused"));
+                        }
+                        _ => last = transient(e),
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+}

@@ -1,0 +1,378 @@
+//! `nidctl cell add|drain|remove` and `nidctl rebalance plan|status|pause|resume|rate|parallel`:
+//! growing and shrinking the cluster through the router's Admin service (the control cell's
+//! leader moves the buckets).
+
+use crate::Output;
+use crate::credentials::with_bearer;
+use crate::partner::{AdminArgs, admin_client};
+use nid_proto::v1::{
+    AddCellRequest, CellInfo, CellState, DrainCellRequest, GetRebalanceStatusRequest,
+    GetRebalanceStatusResponse, Migration, MigrationPhase, RemoveCellRequest, ReplicaInfo,
+    SetRebalanceRequest,
+};
+use std::io::IsTerminal as _;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// `nidctl cell ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum CellCommand {
+    /// Register the running, empty replicas of a new cell; the rebalancer then moves its share
+    /// of the buckets to it. Refused for replicas that are unreachable, not empty, of another
+    /// cluster, or not in distinct zones.
+    Add {
+        /// The new cell's id (unique, never reused).
+        #[arg(long)]
+        cell_id: u64,
+        /// A replica, NODE=HOST:PORT@ZONE; give one per zone (at least 3).
+        #[arg(long = "replica", required = true, value_parser = parse_replica)]
+        replicas: Vec<ReplicaInfo>,
+        /// Relative capacity (1..=1000; default 100).
+        #[arg(long, default_value_t = 0)]
+        weight: u32,
+    },
+    /// Move every bucket of a cell away (the cell becomes DRAINING).
+    Drain {
+        /// The cell.
+        cell_id: u64,
+    },
+    /// Remove a drained cell (it owns no bucket) from the registry.
+    Remove {
+        /// The cell.
+        cell_id: u64,
+    },
+}
+
+/// `nidctl rebalance ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum RebalanceCommand {
+    /// Dry run: how many buckets each cell owns now and would own under the desired placement.
+    Plan,
+    /// Buckets per cell, moves in flight with phase, keys and bytes copied, rate and ETA.
+    Status {
+        /// Refresh every second until nothing is misplaced (a progress bar on a terminal).
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Start no new moves (moves in flight finish).
+    Pause,
+    /// Start moves again.
+    Resume,
+    /// Limit the copy rate over all moves, in MB/s (0: unlimited).
+    Rate {
+        /// Megabytes per second.
+        mb_per_second: f64,
+    },
+    /// Moves in flight at once (1..=64).
+    Parallel {
+        /// How many.
+        moves: u32,
+    },
+}
+
+fn parse_replica(text: &str) -> Result<ReplicaInfo, String> {
+    let (node, rest) = text.split_once('=').ok_or("expected NODE=HOST:PORT@ZONE")?;
+    let (address, zone) = rest.split_once('@').ok_or("expected NODE=HOST:PORT@ZONE")?;
+    let node_id: u64 = node.parse().map_err(|_| "NODE must be a number".to_owned())?;
+    if address.is_empty() || zone.is_empty() {
+        return Err("expected NODE=HOST:PORT@ZONE".into());
+    }
+    Ok(ReplicaInfo { node_id, address: address.to_owned(), zone: zone.to_owned() })
+}
+
+fn failed(what: &str, e: tonic::Status) -> anyhow::Result<ExitCode> {
+    eprintln!("nidctl: {what} failed: {:?}: {}", e.code(), e.message());
+    Ok(ExitCode::from(1))
+}
+
+/// `nidctl cell ...`.
+pub async fn cell(
+    command: CellCommand,
+    admin: &AdminArgs,
+    router: Option<&str>,
+    dir: &Path,
+    output: Output,
+) -> anyhow::Result<ExitCode> {
+    let (mut client, token) = admin_client(admin, router, dir).await?;
+    match command {
+        CellCommand::Add { cell_id, replicas, weight } => {
+            let cell = CellInfo { cell_id, replicas, weight, state: CellState::Joining as i32 };
+            match client.add_cell(with_bearer(AddCellRequest { cell: Some(cell) }, &token)?).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    match output {
+                        Output::Table => println!(
+                            "cell {cell_id} added (table version {}); {} buckets will move to it",
+                            r.table_version, r.buckets_planned
+                        ),
+                        Output::Json => println!(
+                            "{}",
+                            serde_json::json!({"cell_id": cell_id, "table_version": r.table_version,
+                                "buckets_planned": r.buckets_planned})
+                        ),
+                    }
+                }
+                Err(e) => return failed("cell add", e),
+            }
+        }
+        CellCommand::Drain { cell_id } => {
+            match client.drain_cell(with_bearer(DrainCellRequest { cell_id }, &token)?).await {
+                Ok(r) => println!("cell {cell_id} draining (table version {})", r.into_inner().table_version),
+                Err(e) => return failed("cell drain", e),
+            }
+        }
+        CellCommand::Remove { cell_id } => {
+            match client.remove_cell(with_bearer(RemoveCellRequest { cell_id }, &token)?).await {
+                Ok(r) => println!("cell {cell_id} removed (table version {})", r.into_inner().table_version),
+                Err(e) => return failed("cell remove", e),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `nidctl rebalance ...`.
+pub async fn rebalance(
+    command: RebalanceCommand,
+    admin: &AdminArgs,
+    router: Option<&str>,
+    dir: &Path,
+    output: Output,
+) -> anyhow::Result<ExitCode> {
+    let (mut client, token) = admin_client(admin, router, dir).await?;
+    let settings = match command {
+        RebalanceCommand::Plan => {
+            let s = match client.get_rebalance_status(GetRebalanceStatusRequest {}).await {
+                Ok(s) => s.into_inner(),
+                Err(e) => return failed("rebalance plan", e),
+            };
+            print_plan(&s, output);
+            return Ok(ExitCode::SUCCESS);
+        }
+        RebalanceCommand::Status { watch } => return status(&mut client, watch, output).await,
+        RebalanceCommand::Pause => SetRebalanceRequest { paused: Some(true), ..Default::default() },
+        RebalanceCommand::Resume => SetRebalanceRequest { paused: Some(false), ..Default::default() },
+        RebalanceCommand::Rate { mb_per_second } => {
+            if !(mb_per_second >= 0.0 && mb_per_second.is_finite()) {
+                anyhow::bail!("the rate must be a number of MB/s >= 0");
+            }
+            let bytes = (mb_per_second * 1e6) as u64;
+            SetRebalanceRequest { rate_bytes_per_second: Some(bytes), ..Default::default() }
+        }
+        RebalanceCommand::Parallel { moves } => {
+            SetRebalanceRequest { max_in_flight: Some(moves), ..Default::default() }
+        }
+    };
+    match client.set_rebalance(with_bearer(settings, &token)?).await {
+        Ok(s) => {
+            let s = s.into_inner();
+            match output {
+                Output::Table => println!(
+                    "rebalancer {}; rate {}; {} moves at once",
+                    if s.paused { "paused" } else { "running" },
+                    rate_text(s.rate_bytes_per_second),
+                    if s.max_in_flight == 0 { 16 } else { s.max_in_flight }
+                ),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"paused": s.paused, "rate_bytes_per_second": s.rate_bytes_per_second,
+                        "max_in_flight": s.max_in_flight})
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => failed("rebalance", e),
+    }
+}
+
+fn rate_text(bytes: u64) -> String {
+    if bytes == 0 { "unlimited".into() } else { format!("{:.1} MB/s", bytes as f64 / 1e6) }
+}
+
+fn state_name(state: i32) -> &'static str {
+    match CellState::try_from(state) {
+        Ok(CellState::Joining) => "joining",
+        Ok(CellState::Active) => "active",
+        Ok(CellState::Draining) => "draining",
+        _ => "unknown",
+    }
+}
+
+fn phase_name(m: &Migration) -> &'static str {
+    match MigrationPhase::try_from(m.phase) {
+        Ok(MigrationPhase::Planned) => "planned",
+        Ok(MigrationPhase::Importing) => "importing",
+        Ok(MigrationPhase::Copy) => "copy",
+        Ok(MigrationPhase::CatchUp) => "catch-up",
+        Ok(MigrationPhase::Frozen) => "frozen",
+        Ok(MigrationPhase::Drained) => "drained",
+        Ok(MigrationPhase::Committed) => "committed",
+        Ok(MigrationPhase::CleanedUp) => "done",
+        Ok(MigrationPhase::Aborted) => "aborted",
+        _ => "unknown",
+    }
+}
+
+fn print_plan(s: &GetRebalanceStatusResponse, output: Output) {
+    match output {
+        Output::Table => {
+            println!("{:>6} {:<9} {:>8} {:>8} {:>8}", "cell", "state", "owned", "desired", "change");
+            for c in &s.cells {
+                let change = i64::from(c.desired) - i64::from(c.owned);
+                println!(
+                    "{:>6} {:<9} {:>8} {:>8} {:>+8}",
+                    c.cell_id,
+                    state_name(c.state),
+                    c.owned,
+                    c.desired,
+                    change
+                );
+            }
+            println!("{} buckets to move (table version {})", s.buckets_misplaced, s.table_version);
+        }
+        Output::Json => {
+            let cells: Vec<serde_json::Value> = s
+                .cells
+                .iter()
+                .map(|c| {
+                    serde_json::json!({"cell_id": c.cell_id, "state": state_name(c.state),
+                    "owned": c.owned, "desired": c.desired})
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"table_version": s.table_version, "buckets_misplaced": s.buckets_misplaced,
+                    "cells": cells})
+            );
+        }
+    }
+}
+
+fn seconds(t: &Option<prost_types::Timestamp>) -> f64 {
+    t.map(|t| t.seconds as f64 + f64::from(t.nanos) / 1e9).unwrap_or(0.0)
+}
+
+/// Buckets and bytes moved per second over the last minute of finished moves.
+fn recent_rate(s: &GetRebalanceStatusResponse) -> (f64, f64) {
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+    let recent: Vec<&Migration> = s
+        .migrations
+        .iter()
+        .filter(|m| m.phase == MigrationPhase::CleanedUp as i32 && now - seconds(&m.updated_at) <= 60.0)
+        .collect();
+    if recent.is_empty() {
+        return (0.0, 0.0);
+    }
+    let first = recent.iter().map(|m| seconds(&m.started_at)).fold(f64::MAX, f64::min);
+    let span = (now - first).clamp(1.0, 60.0);
+    let bytes: u64 = recent.iter().map(|m| m.bytes).sum();
+    (recent.len() as f64 / span, bytes as f64 / span)
+}
+
+async fn status(
+    client: &mut nid_proto::v1::admin_client::AdminClient<tonic::transport::Channel>,
+    watch: bool,
+    output: Output,
+) -> anyhow::Result<ExitCode> {
+    let tty = std::io::stdout().is_terminal();
+    let mut total: Option<u32> = None;
+    loop {
+        let s = match client.get_rebalance_status(GetRebalanceStatusRequest {}).await {
+            Ok(s) => s.into_inner(),
+            Err(e) => return failed("rebalance status", e),
+        };
+        let (buckets_per_s, bytes_per_s) = recent_rate(&s);
+        let in_flight: Vec<&Migration> =
+            s.migrations.iter().filter(|m| m.phase < MigrationPhase::CleanedUp as i32).collect();
+        let eta = if buckets_per_s > 0.0 { f64::from(s.buckets_misplaced) / buckets_per_s } else { 0.0 };
+        match output {
+            Output::Json => {
+                let moves: Vec<serde_json::Value> = in_flight
+                    .iter()
+                    .map(|m| {
+                        serde_json::json!({"bucket": m.bucket, "from": m.from_cell, "to": m.to_cell,
+                        "phase": phase_name(m), "keys": m.keys, "bytes": m.bytes})
+                    })
+                    .collect();
+                let cells: Vec<serde_json::Value> = s
+                    .cells
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({"cell_id": c.cell_id, "state": state_name(c.state),
+                        "owned": c.owned, "desired": c.desired})
+                    })
+                    .collect();
+                let settings = s.settings.unwrap_or_default();
+                println!(
+                    "{}",
+                    serde_json::json!({"table_version": s.table_version, "buckets_misplaced": s.buckets_misplaced,
+                        "paused": settings.paused, "rate_limit_bytes_per_second": settings.rate_bytes_per_second,
+                        "buckets_per_second": buckets_per_s, "bytes_per_second": bytes_per_s,
+                        "eta_seconds": eta, "cells": cells, "in_flight": moves,
+                        "aborted_recently": s.migrations.iter().filter(|m| m.phase == MigrationPhase::Aborted as i32).count()})
+                );
+            }
+            Output::Table if watch && tty => {
+                let all = *total.get_or_insert(s.buckets_misplaced.max(1));
+                let done = all.saturating_sub(s.buckets_misplaced);
+                let width = 40usize;
+                let filled = (done as usize * width / all.max(1) as usize).min(width);
+                let owned: Vec<String> =
+                    s.cells.iter().map(|c| format!("{}:{}", c.cell_id, c.owned)).collect();
+                print!(
+                    "\r[{}{}] {done}/{all} buckets  {:.1} buckets/s  {:.2} MB/s  ETA {:.0}s  in flight {}  [{}]   ",
+                    "#".repeat(filled),
+                    "-".repeat(width - filled),
+                    buckets_per_s,
+                    bytes_per_s / 1e6,
+                    eta,
+                    in_flight.len(),
+                    owned.join(" ")
+                );
+                use std::io::Write as _;
+                let _ = std::io::stdout().flush();
+            }
+            Output::Table => {
+                let settings = s.settings.unwrap_or_default();
+                println!(
+                    "table version {}; {} buckets misplaced; rebalancer {}, rate {}",
+                    s.table_version,
+                    s.buckets_misplaced,
+                    if settings.paused { "paused" } else { "running" },
+                    rate_text(settings.rate_bytes_per_second)
+                );
+                println!("{:>6} {:<9} {:>8} {:>8}", "cell", "state", "owned", "desired");
+                for c in &s.cells {
+                    println!("{:>6} {:<9} {:>8} {:>8}", c.cell_id, state_name(c.state), c.owned, c.desired);
+                }
+                println!(
+                    "moving {:.1} buckets/s, {:.2} MB/s; ETA {:.0} s; {} in flight",
+                    buckets_per_s,
+                    bytes_per_s / 1e6,
+                    eta,
+                    in_flight.len()
+                );
+                for m in &in_flight {
+                    println!(
+                        "  bucket {:>5}  {} -> {}  {:<9} {:>7} keys {:>10} bytes",
+                        m.bucket,
+                        m.from_cell,
+                        m.to_cell,
+                        phase_name(m),
+                        m.keys,
+                        m.bytes
+                    );
+                }
+            }
+        }
+        if !watch || (s.buckets_misplaced == 0 && in_flight.is_empty()) {
+            if watch && tty && output == Output::Table {
+                println!();
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
