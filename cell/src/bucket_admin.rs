@@ -10,7 +10,7 @@ use nid_proto::bucket::BucketId;
 use nid_proto::error::FieldViolations;
 use nid_proto::v1::bucket_admin_server::BucketAdmin;
 use nid_proto::v1::{
-    BucketExportChunk, ChecksumBucketRequest, ChecksumBucketResponse, DeleteBucketRequest,
+    BucketChecksum, BucketExportChunk, ChecksumBucketRequest, ChecksumBucketResponse, DeleteBucketRequest,
     DeleteBucketResponse, ExportBucketRequest, ImportBucketResponse, SetBucketStateRequest,
     SetBucketStateResponse,
 };
@@ -54,12 +54,12 @@ impl BucketAdmin for BucketAdminService {
         if req.table_version == 0 {
             v.add("table_version", "must be > 0");
         }
-        if req.track_changes && (state != Some(BucketState::Owned) || req.buckets.len() != 1) {
-            v.add("track_changes", "only with state OWNED and one bucket");
+        if req.track_changes && state != Some(BucketState::Owned) {
+            v.add("track_changes", "only with state OWNED");
         }
         let Some(state) = state.filter(|_| v.is_empty()) else { return Err(CellError::Invalid(v).into()) };
         let applied_index = if req.track_changes {
-            cell.node.track_bucket(req.buckets[0], req.table_version, RAFT_TIMEOUT).await
+            cell.node.track_buckets(req.buckets, req.table_version, RAFT_TIMEOUT).await
         } else {
             cell.node.set_buckets(req.buckets, state, req.table_version, RAFT_TIMEOUT).await
         }
@@ -75,40 +75,49 @@ impl BucketAdmin for BucketAdminService {
     ) -> Result<Response<ExportStream>, Status> {
         let cell = self.0.clone();
         let req = request.into_inner();
-        let bucket =
-            BucketId::new(req.bucket).ok_or_else(|| CellError::field("bucket", "must be < 16384"))?;
+        let buckets = bucket_list(req.bucket, &req.buckets)?;
         // Read on the leader, after everything committed before the call.
         cell.node.read_barrier(RAFT_TIMEOUT).await.map_err(|e| cell.engine_error(e))?;
-        let record = cell.node.bucket(bucket);
-        let state = record.state();
-        if !matches!(state, BucketState::Owned | BucketState::Frozen) {
-            return Err(
-                CellError::NotAllowed("the bucket is not served here; nothing to export".into()).into()
-            );
-        }
-        if req.after_index > 0 && !record.tracking && state == BucketState::Owned {
-            return Err(CellError::NotAllowed(
-                "the bucket's changes are not tracked (set track_changes first)".into(),
-            )
-            .into());
+        for &b in &buckets {
+            let record = cell.node.bucket(b);
+            let state = record.state();
+            if !matches!(state, BucketState::Owned | BucketState::Frozen) {
+                return Err(
+                    CellError::NotAllowed("a bucket is not served here; nothing to export".into()).into()
+                );
+            }
+            if req.after_index > 0 && !record.tracking && state == BucketState::Owned {
+                return Err(CellError::NotAllowed(
+                    "a bucket's changes are not tracked (set track_changes first)".into(),
+                )
+                .into());
+            }
         }
         let node = cell.node.clone();
         let after = req.after_index;
-        let (index, pairs) = tokio::task::spawn_blocking(move || {
+        let exported = tokio::task::spawn_blocking(move || {
             node.view(|v| {
                 let index = v.applied_index()?;
-                let pairs = if after == 0 {
-                    bucket_data::export(v, bucket)?
-                } else {
-                    bucket_data::changes_since(v, bucket, after)?
-                };
-                Ok::<_, nid_engine::StorageError>((index, pairs))
+                let mut out = Vec::with_capacity(buckets.len());
+                for b in buckets {
+                    let pairs = if after == 0 {
+                        bucket_data::export(v, b)?
+                    } else {
+                        bucket_data::changes_since(v, b, after)?
+                    };
+                    out.push((b, pairs));
+                }
+                Ok::<_, nid_engine::StorageError>((index, out))
             })
         })
         .await
         .map_err(|_| CellError::Internal("export task failed".into()))?
         .map_err(|_| CellError::Internal("storage error".into()))?;
-        let chunks = chunk(req.bucket, index, after == 0, pairs);
+        let (index, per_bucket) = exported;
+        let chunks: Vec<BucketExportChunk> = per_bucket
+            .into_iter()
+            .flat_map(|(b, pairs)| chunk(u32::from(b.get()), index, after == 0, pairs))
+            .collect();
         cell.metrics.migration_exported(chunks.iter().map(chunk_bytes).sum());
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok)))))
     }
@@ -119,21 +128,15 @@ impl BucketAdmin for BucketAdminService {
     ) -> Result<Response<ImportBucketResponse>, Status> {
         let cell = &self.0;
         let mut stream = request.into_inner();
-        let (mut records, mut source_index, mut bucket) = (0u64, 0u64, None);
+        let (mut records, mut source_index) = (0u64, 0u64);
         while let Some(c) = stream.message().await? {
             if c.keys.len() != c.values.len() || c.keys.len() != c.deleted.len() {
                 return Err(CellError::field("keys", "keys, values and deleted must be parallel").into());
             }
-            if bucket.is_some_and(|b| b != c.bucket) {
-                return Err(
-                    CellError::field("bucket", "every chunk of one import names the same bucket").into()
-                );
-            }
             let id = BucketId::new(c.bucket).ok_or_else(|| CellError::field("bucket", "must be < 16384"))?;
             if c.keys.iter().any(|k| nid_engine::keys::bucket_of_data_key(k) != Some(id)) {
-                return Err(CellError::field("keys", "every key must lie in the bucket's range").into());
+                return Err(CellError::field("keys", "every key must lie in its chunk's bucket").into());
             }
-            bucket = Some(c.bucket);
             let n = c.keys.len() as u64;
             let bytes = chunk_bytes(&c);
             let ingest = nid_engine::buckets::IngestBucket {
@@ -157,19 +160,36 @@ impl BucketAdmin for BucketAdminService {
     ) -> Result<Response<ChecksumBucketResponse>, Status> {
         let cell = &self.0;
         let req = request.into_inner();
-        let bucket =
-            BucketId::new(req.bucket).ok_or_else(|| CellError::field("bucket", "must be < 16384"))?;
+        let many = !req.buckets.is_empty();
+        let buckets = bucket_list(req.bucket, &req.buckets)?;
         if !req.local {
             cell.node.read_barrier(RAFT_TIMEOUT).await.map_err(|e| cell.engine_error(e))?;
         }
-        let (applied_index, records, digest) = cell
+        let (applied_index, sums) = cell
             .node
             .view(|v| {
                 let index = v.applied_index()?;
-                bucket_data::digest(v, bucket).map(|(n, d)| (index, n, d))
+                let sums = buckets
+                    .iter()
+                    .map(|&b| bucket_data::digest(v, b).map(|(n, d)| (b, n, d)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok::<_, nid_engine::StorageError>((index, sums))
             })
             .map_err(|_| CellError::Internal("storage error".into()))?;
-        Ok(Response::new(ChecksumBucketResponse { records, sha256: digest.to_vec(), applied_index }))
+        let checksums: Vec<BucketChecksum> = sums
+            .iter()
+            .map(|(b, n, d)| BucketChecksum { bucket: u32::from(b.get()), records: *n, sha256: d.to_vec() })
+            .collect();
+        let (records, sha256) = match checksums.first() {
+            Some(first) if !many => (first.records, first.sha256.clone()),
+            _ => (0, Vec::new()),
+        };
+        Ok(Response::new(ChecksumBucketResponse {
+            records,
+            sha256,
+            applied_index,
+            checksums: if many { checksums } else { Vec::new() },
+        }))
     }
 
     async fn delete_bucket(
@@ -178,12 +198,22 @@ impl BucketAdmin for BucketAdminService {
     ) -> Result<Response<DeleteBucketResponse>, Status> {
         let cell = &self.0;
         let req = request.into_inner();
-        if BucketId::new(req.bucket).is_none() {
-            return Err(CellError::field("bucket", "must be < 16384").into());
-        }
-        cell.node.drop_bucket(req.bucket, RAFT_TIMEOUT).await.map_err(|e| cell.engine_error(e))?;
+        let buckets: Vec<u32> =
+            bucket_list(req.bucket, &req.buckets)?.iter().map(|b| u32::from(b.get())).collect();
+        cell.node.drop_buckets(&buckets, RAFT_TIMEOUT).await.map_err(|e| cell.engine_error(e))?;
         Ok(Response::new(DeleteBucketResponse {}))
     }
+}
+
+/// The buckets a request names: its list when it has one, else its single bucket; each checked.
+fn bucket_list(single: u32, list: &[u32]) -> Result<Vec<BucketId>, CellError> {
+    if list.len() > usize::from(nid_proto::bucket::BUCKETS) {
+        return Err(CellError::field("buckets", "at most 16384"));
+    }
+    let raw: Vec<u32> = if list.is_empty() { vec![single] } else { list.to_vec() };
+    raw.into_iter()
+        .map(|b| BucketId::new(b).ok_or_else(|| CellError::field("buckets", "every bucket must be < 16384")))
+        .collect()
 }
 
 /// The most one chunk (one Raft entry at the importer) carries.

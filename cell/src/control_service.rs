@@ -197,6 +197,8 @@ impl Control for ControlService {
                 from: req.from_cell,
                 to: req.to_cell,
                 expected_epoch: req.expected_epoch,
+                buckets: Vec::new(),
+                expected_epochs: Vec::new(),
             }))
             .await?;
         let epoch = req

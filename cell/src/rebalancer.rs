@@ -35,7 +35,10 @@ use tonic::transport::Channel;
 /// How often the leader looks at the placement.
 const TICK: Duration = Duration::from_millis(250);
 /// Moves in flight when the settings say 0.
-const DEFAULT_IN_FLIGHT: u32 = 16;
+const DEFAULT_IN_FLIGHT: u32 = 8;
+/// Buckets one move carries at most (all with the same source and destination): the steps of a
+/// move cost about the same for one bucket or many.
+const MAX_BATCH: usize = 64;
 /// A catch-up round with at most this many changes is followed by the freeze.
 const FEW_CHANGES: usize = 64;
 /// Catch-up rounds before freezing regardless (writes outpacing the copy).
@@ -93,6 +96,9 @@ impl RebalanceMetrics {
     }
 }
 
+/// The cells (id, weight, state) a placement was computed for.
+type CellsKey = Vec<(u64, u32, i32)>;
+
 /// The rebalancer of one control replica.
 pub struct Rebalancer {
     control: Arc<ControlCell>,
@@ -107,7 +113,7 @@ pub struct Rebalancer {
     /// Wakes the planner when a move finishes (room for the next one).
     wake: tokio::sync::Notify,
     /// The desired placement and the cells (id, weight, state) it was computed for.
-    placement: Mutex<Option<(Vec<(u64, u32, i32)>, Arc<Vec<u64>>)>>,
+    placement: Mutex<Option<(CellsKey, Arc<Vec<u64>>)>>,
 }
 
 /// Where the placement puts every bucket (None when no cell takes buckets).
@@ -205,26 +211,41 @@ impl Rebalancer {
         }
         let max =
             if settings.max_in_flight == 0 { DEFAULT_IN_FLIGHT } else { settings.max_in_flight } as usize;
-        let busy: HashSet<u32> = log.active.iter().map(|m| m.bucket).collect();
+        let busy: HashSet<u32> = log.active.iter().flat_map(nid_control::commands::buckets_of).collect();
         let mut room = max.saturating_sub(log.active.len());
         if room == 0 || misplaced == 0 {
             return Ok(());
         }
-        // Start from a point that moves with time, so the moves spread over the source cells.
-        let start = (table.version as usize).wrapping_mul(7919) % table.owner.len().max(1);
+        // Batches of misplaced buckets with the same source and destination, from a point that
+        // moves with time, so the moves spread over the source cells.
         let n = table.owner.len();
+        let start = (table.version as usize).wrapping_mul(7919) % n.max(1);
+        let mut batches: Vec<((u64, u64), Vec<u32>)> = Vec::new();
         for i in 0..n {
             let b = (start + i) % n;
-            if room == 0 {
-                break;
-            }
             if table.owner[b] == desired[b] || busy.contains(&(b as u32)) {
                 continue;
             }
+            let pair = (table.owner[b], desired[b]);
+            let open = batches.len();
+            match batches.iter_mut().find(|(p, list)| *p == pair && list.len() < MAX_BATCH) {
+                Some((_, list)) => list.push(b as u32),
+                None if open < room => batches.push((pair, vec![b as u32])),
+                None => {}
+            }
+            if batches.len() >= room && batches.iter().all(|(_, l)| l.len() >= MAX_BATCH) {
+                break;
+            }
+        }
+        for ((from, to), buckets) in batches {
+            if room == 0 {
+                break;
+            }
             let m = Migration {
-                bucket: b as u32,
-                from_cell: table.owner[b],
-                to_cell: desired[b],
+                bucket: buckets[0],
+                buckets: buckets.clone(),
+                from_cell: from,
+                to_cell: to,
                 phase: MigrationPhase::Planned as i32,
                 table_version: table.version,
                 started_at: Some(now_ts()),
@@ -232,7 +253,7 @@ impl Rebalancer {
                 ..Default::default()
             };
             if self.control.propose_kind(control_command::Kind::RecordMigration(m.clone())).await.is_ok() {
-                tracing::info!(bucket = b, from = m.from_cell, to = m.to_cell, "bucket move planned");
+                tracing::info!(bucket = m.bucket, buckets = buckets.len(), from, to, "bucket move planned");
                 self.spawn_driver(m);
                 room -= 1;
             }
@@ -242,7 +263,7 @@ impl Rebalancer {
 
     /// [`desired`], computed again only when the cells change.
     fn desired_cached(&self, table: &RoutingTable) -> Option<Arc<Vec<u64>>> {
-        let key: Vec<(u64, u32, i32)> = table.cells.iter().map(|c| (c.cell_id, c.weight, c.state)).collect();
+        let key: CellsKey = table.cells.iter().map(|c| (c.cell_id, c.weight, c.state)).collect();
         let mut cache = self.placement.lock().ok()?;
         if let Some((k, d)) = cache.as_ref()
             && *k == key
@@ -271,7 +292,15 @@ impl Rebalancer {
     }
 
     /// Drives one move to its end, or until this replica stops leading.
-    async fn drive(self: &Arc<Self>, mut m: Migration) {
+    async fn drive(self: &Arc<Self>, m: Migration) {
+        // The planner's view may be older than the move's end: start from the record as it is now.
+        let mut m = match self.control.read_state(store::migrations).await {
+            Ok(log) => match log.active.into_iter().find(|x| x.bucket == m.bucket) {
+                Some(current) => current,
+                None => return,
+            },
+            Err(_) => return,
+        };
         let mut frozen_at: Option<Instant> = None;
         let mut first_failure: Option<Instant> = None;
         loop {
@@ -308,15 +337,16 @@ impl Rebalancer {
 
     /// Takes a move before its commit one phase further.
     async fn advance(&self, m: &mut Migration, frozen_at: &mut Option<Instant>) -> Result<(), StepError> {
-        let (b, from, to, v) = (m.bucket, m.from_cell, m.to_cell, m.table_version);
+        let (from, to, v) = (m.from_cell, m.to_cell, m.table_version);
+        let buckets = nid_control::commands::buckets_of(m);
         match phase(m) {
             MigrationPhase::Planned => {
-                self.set_state(to, b, BucketState::Importing, v, false).await?;
+                self.set_state(to, &buckets, BucketState::Importing, v, false).await?;
                 self.record(m, MigrationPhase::Importing).await
             }
             MigrationPhase::Importing => {
-                self.set_state(from, b, BucketState::Owned, v, true).await?;
-                let (index, keys, bytes) = self.copy(from, to, b, 0).await?;
+                self.set_state(from, &buckets, BucketState::Owned, v, true).await?;
+                let (index, keys, bytes) = self.copy(from, to, &buckets, 0).await?;
                 m.copy_index = index;
                 m.keys += keys;
                 m.bytes += bytes;
@@ -325,7 +355,7 @@ impl Rebalancer {
             MigrationPhase::Copy | MigrationPhase::CatchUp => {
                 // Rounds of changes since the last copy, until few remain; then the freeze.
                 for _ in 0..MAX_ROUNDS {
-                    let (index, keys, bytes) = self.copy(from, to, b, m.copy_index).await?;
+                    let (index, keys, bytes) = self.copy(from, to, &buckets, m.copy_index).await?;
                     m.copy_index = index.max(m.copy_index);
                     m.keys += keys;
                     m.bytes += bytes;
@@ -335,94 +365,125 @@ impl Rebalancer {
                 }
                 self.record(m, MigrationPhase::CatchUp).await?;
                 let started = Instant::now();
-                m.frozen_index = self.set_state(from, b, BucketState::Frozen, v, false).await?;
+                m.frozen_index = self.set_state(from, &buckets, BucketState::Frozen, v, false).await?;
                 *frozen_at = Some(started);
-                let (index, keys, bytes) = self.copy(from, to, b, m.copy_index).await?;
-                m.copy_index = index.max(m.copy_index);
-                m.keys += keys;
-                m.bytes += bytes;
-                self.record(m, MigrationPhase::Frozen).await
+                // From here on every step is on the write path of the frozen buckets: nothing is
+                // recorded until the commit (a resumed move redoes the catch-up rounds and the
+                // checksums, which a frozen source answers the same way again).
+                self.drain(m, &buckets).await?;
+                self.commit(m, &buckets, *frozen_at).await
             }
-            MigrationPhase::Frozen => {
-                // A resumed move redoes the last catch-up (the source has not changed since).
-                let (index, keys, bytes) = self.copy(from, to, b, m.copy_index).await?;
-                m.copy_index = index.max(m.copy_index);
-                m.keys += keys;
-                m.bytes += bytes;
-                let (src, dst) = (self.checksum(from, b).await?, self.checksum(to, b).await?);
-                if src != dst {
-                    // Once more from scratch (the source is frozen: a full copy is final).
-                    let (index, keys, bytes) = self.copy(from, to, b, 0).await?;
-                    m.copy_index = index.max(m.copy_index);
-                    m.keys += keys;
-                    m.bytes += bytes;
-                    if self.checksum(from, b).await? != self.checksum(to, b).await? {
-                        return Err(StepError::Abort("checksum"));
-                    }
-                }
-                self.record(m, MigrationPhase::Drained).await
-            }
-            MigrationPhase::Drained => {
-                let table = self.table().await?;
-                let i = b as usize;
-                let owner = table.owner.get(i).copied().unwrap_or(0);
-                if owner != from {
-                    return Err(StepError::Abort("owner_changed"));
-                }
-                let commit = CommitMove {
-                    bucket: b,
-                    from,
-                    to,
-                    expected_epoch: table.epoch.get(i).copied().unwrap_or(0),
-                };
-                match self.control.propose_kind(control_command::Kind::CommitMove(commit)).await {
-                    Ok(changed) => {
-                        m.table_version = changed.version;
-                        m.phase = MigrationPhase::Committed as i32;
-                        if let Some(t) = frozen_at {
-                            m.freeze_ms = t.elapsed().as_millis().min(u128::from(u32::MAX)) as u32;
-                        }
-                        tracing::info!(
-                            bucket = b,
-                            from,
-                            to,
-                            version = changed.version,
-                            "bucket move committed"
-                        );
-                        Ok(())
-                    }
-                    Err(e) if e.code() == tonic::Code::Aborted => Err(StepError::Abort("owner_changed")),
-                    Err(e) => Err(self.control_error(e)),
-                }
+            MigrationPhase::Frozen | MigrationPhase::Drained => {
+                // Recorded by an older coordinator: the source is frozen; finish the catch-up.
+                self.drain(m, &buckets).await?;
+                self.commit(m, &buckets, *frozen_at).await
             }
             _ => Ok(()),
         }
     }
 
+    /// The last catch-up of frozen buckets, then their counts and checksums at both ends, which
+    /// must match (once more from a full copy if they do not; then the move aborts).
+    async fn drain(&self, m: &mut Migration, buckets: &[u32]) -> Result<(), StepError> {
+        let (from, to) = (m.from_cell, m.to_cell);
+        let (index, keys, bytes) = self.copy(from, to, buckets, m.copy_index).await?;
+        m.copy_index = index.max(m.copy_index);
+        m.keys += keys;
+        m.bytes += bytes;
+        let (src, dst) = tokio::join!(self.checksums(from, buckets), self.checksums(to, buckets));
+        if src? != dst? {
+            // Once more from scratch (the source is frozen: a full copy is final).
+            let (index, keys, bytes) = self.copy(from, to, buckets, 0).await?;
+            m.copy_index = index.max(m.copy_index);
+            m.keys += keys;
+            m.bytes += bytes;
+            let (src, dst) = tokio::join!(self.checksums(from, buckets), self.checksums(to, buckets));
+            if src? != dst? {
+                return Err(StepError::Abort("checksum"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The decision point: one compare-and-swap of every bucket's owner and epoch. A retry after
+    /// an unknown outcome finds the move already committed in the control log and goes on.
+    async fn commit(
+        &self,
+        m: &mut Migration,
+        buckets: &[u32],
+        frozen_at: Option<Instant>,
+    ) -> Result<(), StepError> {
+        let (from, to) = (m.from_cell, m.to_cell);
+        let table = self.table().await?;
+        if buckets.iter().all(|&b| table.owner.get(b as usize) == Some(&to)) {
+            let log = self.control.read_state(store::migrations).await.map_err(|e| self.control_error(e))?;
+            if let Some(recorded) = log.active.iter().find(|x| x.bucket == m.bucket && x.to_cell == to)
+                && phase(recorded) == MigrationPhase::Committed
+            {
+                m.phase = recorded.phase;
+                m.table_version = recorded.table_version;
+                return Ok(());
+            }
+        }
+        if buckets.iter().any(|&b| table.owner.get(b as usize) != Some(&from)) {
+            return Err(StepError::Abort("owner_changed"));
+        }
+        let epochs: Vec<u64> =
+            buckets.iter().map(|&b| table.epoch.get(b as usize).copied().unwrap_or(0)).collect();
+        let commit = CommitMove {
+            bucket: buckets[0],
+            from,
+            to,
+            expected_epoch: epochs[0],
+            buckets: buckets.to_vec(),
+            expected_epochs: epochs,
+        };
+        match self.control.propose_kind(control_command::Kind::CommitMove(commit)).await {
+            Ok(changed) => {
+                m.table_version = changed.version;
+                m.phase = MigrationPhase::Committed as i32;
+                if let Some(t) = frozen_at {
+                    m.freeze_ms = t.elapsed().as_millis().min(u128::from(u32::MAX)) as u32;
+                }
+                tracing::info!(
+                    bucket = m.bucket,
+                    buckets = buckets.len(),
+                    from,
+                    to,
+                    version = changed.version,
+                    "bucket move committed"
+                );
+                Ok(())
+            }
+            Err(e) if e.code() == tonic::Code::Aborted => Err(StepError::Abort("owner_changed")),
+            Err(e) => Err(self.control_error(e)),
+        }
+    }
+
     /// After the commit: the source lets go, the destination serves, the source's copy goes.
     async fn finish(&self, m: &mut Migration, frozen_at: Option<Instant>) -> Result<(), StepError> {
-        let (b, from, to, v) = (m.bucket, m.from_cell, m.to_cell, m.table_version);
-        self.set_state(from, b, BucketState::NotOwned, v, false).await?;
-        self.set_state(to, b, BucketState::Owned, v, false).await?;
+        let (from, to, v) = (m.from_cell, m.to_cell, m.table_version);
+        let buckets = nid_control::commands::buckets_of(m);
+        self.set_state(from, &buckets, BucketState::NotOwned, v, false).await?;
+        self.set_state(to, &buckets, BucketState::Owned, v, false).await?;
         if let Some(t) = frozen_at {
             m.freeze_ms = t.elapsed().as_millis().min(u128::from(u32::MAX)) as u32;
             self.metrics.freeze.observe(t.elapsed().as_secs_f64());
         }
-        self.cell_call(from, |mut c| async move {
-            c.delete_bucket(DeleteBucketRequest { bucket: b, table_version: v }).await.map(|_| ())
-        })
-        .await?;
-        self.metrics.moves.with_label_values(&["committed", ""]).inc();
+        self.delete(from, &buckets, v).await?;
+        self.record(m, MigrationPhase::CleanedUp).await?;
+        self.metrics.moves.with_label_values(&["committed", ""]).inc_by(buckets.len() as u64);
         self.metrics.bytes.inc_by(m.bytes);
         self.metrics.keys.inc_by(m.keys);
-        self.record(m, MigrationPhase::CleanedUp).await
+        Ok(())
     }
 
     /// Gives a move up before its commit: the destination drops its copy, the source owns the
-    /// bucket again, unfrozen. Retried until it holds or this replica stops leading.
+    /// buckets again, unfrozen. Retried until it holds or this replica stops leading.
     async fn abort(&self, m: &mut Migration, reason: &'static str) {
-        let (b, from, to, v) = (m.bucket, m.from_cell, m.to_cell, m.table_version);
-        tracing::warn!(bucket = b, from, to, reason, "bucket move aborting");
+        let (from, to, v) = (m.from_cell, m.to_cell, m.table_version);
+        let buckets = nid_control::commands::buckets_of(m);
+        tracing::warn!(bucket = m.bucket, buckets = buckets.len(), from, to, reason, "bucket move aborting");
         loop {
             if !self.control.node.is_leader() {
                 return;
@@ -430,34 +491,40 @@ impl Rebalancer {
             let undone = async {
                 // The destination may be gone for good: its side is best effort; the source's is not.
                 let dest = async {
-                    self.cell_call(to, |mut c| async move {
-                        c.delete_bucket(DeleteBucketRequest { bucket: b, table_version: v }).await.map(|_| ())
-                    })
-                    .await?;
-                    self.set_state(to, b, BucketState::NotOwned, v, false).await
+                    self.delete(to, &buckets, v).await?;
+                    self.set_state(to, &buckets, BucketState::NotOwned, v, false).await
                 };
                 if let Err(e) = tokio::time::timeout(Duration::from_secs(15), dest)
                     .await
                     .unwrap_or(Err(StepError::Transient("timeout".into())))
                 {
-                    tracing::warn!(bucket = b, cell = to, error = ?e, "the destination did not drop its partial copy");
+                    tracing::warn!(bucket = m.bucket, cell = to, error = ?e, "the destination did not drop its partial copy");
                 }
-                self.set_state(from, b, BucketState::Owned, v, false).await?;
+                self.set_state(from, &buckets, BucketState::Owned, v, false).await?;
                 m.abort_reason = reason.to_owned();
                 self.record(m, MigrationPhase::Aborted).await
             };
             match undone.await {
                 Ok(()) => {
-                    self.metrics.moves.with_label_values(&["aborted", reason]).inc();
+                    self.metrics.moves.with_label_values(&["aborted", reason]).inc_by(buckets.len() as u64);
                     return;
                 }
                 Err(StepError::Deposed) => return,
                 Err(e) => {
-                    tracing::warn!(bucket = b, error = ?e, "undoing a bucket move failed; retrying");
+                    tracing::warn!(bucket = m.bucket, error = ?e, "undoing a bucket move failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
         }
+    }
+
+    async fn delete(&self, cell: u64, buckets: &[u32], v: u64) -> Result<(), StepError> {
+        self.cell_call(cell, |mut c| async move {
+            let request =
+                DeleteBucketRequest { bucket: buckets[0], table_version: v, buckets: buckets.to_vec() };
+            c.delete_bucket(request).await.map(|_| ())
+        })
+        .await
     }
 
     /// Records `m` at `to_phase` in the control log.
@@ -498,15 +565,21 @@ impl Rebalancer {
         }
     }
 
-    /// Copies bucket `b` from cell `from` into cell `to`: everything (`after` = 0) or the changes
-    /// applied after `after`. Returns the source index the copy is consistent with, keys and bytes.
-    async fn copy(&self, from: u64, to: u64, b: u32, after: u64) -> Result<(u64, u64, u64), StepError> {
+    /// Copies `buckets` from cell `from` into cell `to`: everything (`after` = 0) or the changes
+    /// applied after `after`, from one view of the source. Returns the source index the copy is
+    /// consistent with, keys and bytes.
+    async fn copy(
+        &self,
+        from: u64,
+        to: u64,
+        buckets: &[u32],
+        after: u64,
+    ) -> Result<(u64, u64, u64), StepError> {
         let chunks: Vec<BucketExportChunk> = self
             .cell_call(from, |mut c| async move {
-                let mut stream = c
-                    .export_bucket(ExportBucketRequest { bucket: b, after_index: after })
-                    .await?
-                    .into_inner();
+                let request =
+                    ExportBucketRequest { bucket: buckets[0], after_index: after, buckets: buckets.to_vec() };
+                let mut stream = c.export_bucket(request).await?.into_inner();
                 let mut out = Vec::new();
                 while let Some(chunk) = stream.message().await? {
                     out.push(chunk);
@@ -550,26 +623,29 @@ impl Rebalancer {
         tokio::time::sleep_until(wait_until.into()).await;
     }
 
-    async fn checksum(&self, cell: u64, b: u32) -> Result<(u64, Vec<u8>), StepError> {
+    /// Count and checksum of every bucket of `buckets` at `cell`'s leader, from one view.
+    async fn checksums(&self, cell: u64, buckets: &[u32]) -> Result<Vec<(u32, u64, Vec<u8>)>, StepError> {
         self.cell_call(cell, |mut c| async move {
-            let r = c.checksum_bucket(ChecksumBucketRequest { bucket: b, local: false }).await?.into_inner();
-            Ok((r.records, r.sha256))
+            let request =
+                ChecksumBucketRequest { bucket: buckets[0], local: false, buckets: buckets.to_vec() };
+            let r = c.checksum_bucket(request).await?.into_inner();
+            Ok(r.checksums.into_iter().map(|x| (x.bucket, x.records, x.sha256)).collect())
         })
         .await
     }
 
-    /// Sets bucket `b`'s state on `cell` (with change tracking when `track`); the index it applied at.
+    /// Sets `buckets`' state on `cell` (with change tracking when `track`); the index it applied at.
     async fn set_state(
         &self,
         cell: u64,
-        b: u32,
+        buckets: &[u32],
         state: BucketState,
         v: u64,
         track: bool,
     ) -> Result<u64, StepError> {
         self.cell_call(cell, |mut c| async move {
             let request = SetBucketStateRequest {
-                buckets: vec![b],
+                buckets: buckets.to_vec(),
                 state: state as i32,
                 table_version: v,
                 track_changes: track,

@@ -1,11 +1,16 @@
 //! The control state machine in an in-process control cell: cluster creation once, partners
-//! created once with only their verifier stored, and apply that stays total at the edges (a
-//! version or epoch at its maximum is refused on every replica, never a panic).
+//! created once with only their verifier stored, apply that stays total at the edges (a version
+//! or epoch at its maximum is refused on every replica, never a panic), and the rules of bucket
+//! moves (records only go forward, one move per bucket, a batch commits whole or not at all,
+//! cells leave only when empty).
 
-use nid_control::commands::{CommitMove, Init, PutPartner, control_command};
+use nid_control::commands::{CommitMove, Init, PutPartner, SetCellState, control_command};
 use nid_control::{Changed, ControlCommand, ControlMachine, ControlRejection, store};
 use nid_engine::KvRead as _;
-use nid_proto::v1::{CellInfo, ClusterConfig, Partner, PartnerRecord, ReplicaInfo, RoutingTable};
+use nid_proto::v1::{
+    CellInfo, CellState, ClusterConfig, Migration, MigrationPhase, Partner, PartnerRecord, ReplicaInfo,
+    RoutingTable,
+};
 use nid_testkit::Cluster;
 use std::sync::Arc;
 
@@ -106,6 +111,8 @@ async fn versions_and_epochs_at_their_limit_are_refused_on_every_replica_never_a
         from: 1,
         to: 2,
         expected_epoch: u64::MAX,
+        buckets: Vec::new(),
+        expected_epochs: Vec::new(),
     }));
     assert_eq!(c.must_propose(&moved).await, Err(ControlRejection::Exhausted));
     // Every replica is alive, agrees and still holds the table unchanged.
@@ -118,4 +125,95 @@ async fn versions_and_epochs_at_their_limit_are_refused_on_every_replica_never_a
         assert_eq!(table.version, u64::MAX);
         assert!(c.node(id).view(|v| v.get(store::CONFIG)).unwrap().is_some());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bucket_moves_follow_their_rules_and_a_batch_commits_whole_or_not_at_all() {
+    use ControlRejection::{CellBusy, MigrationConflict, MoveConflict};
+    let mut c = control(3);
+    c.start();
+    assert!(c.must_propose(&init(1)).await.is_ok());
+    let register = |id: u64, state: CellState| {
+        let mut info = cell_info(id);
+        info.state = state as i32;
+        ControlCommand::new(control_command::Kind::RegisterCell(info))
+    };
+    assert!(c.must_propose(&register(2, CellState::Joining)).await.is_ok());
+    let record = |buckets: &[u32], from: u64, to: u64, phase: MigrationPhase| {
+        ControlCommand::new(control_command::Kind::RecordMigration(Migration {
+            bucket: buckets[0],
+            buckets: buckets.to_vec(),
+            from_cell: from,
+            to_cell: to,
+            phase: phase as i32,
+            ..Default::default()
+        }))
+    };
+    let commit = |buckets: &[u32], epochs: &[u64]| {
+        ControlCommand::new(control_command::Kind::CommitMove(CommitMove {
+            bucket: buckets[0],
+            from: 1,
+            to: 2,
+            expected_epoch: epochs[0],
+            buckets: buckets.to_vec(),
+            expected_epochs: epochs.to_vec(),
+        }))
+    };
+    let conflict = |r: Result<Changed, ControlRejection>| matches!(r, Err(MigrationConflict(_)));
+    // A move starts PLANNED, from the owner, to a cell that takes buckets.
+    assert!(conflict(c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::Copy)).await));
+    assert!(conflict(c.must_propose(&record(&[10, 11], 2, 1, MigrationPhase::Planned)).await));
+    assert!(c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::Planned)).await.is_ok());
+    // One move per bucket.
+    assert!(conflict(c.must_propose(&record(&[11, 12], 1, 2, MigrationPhase::Planned)).await));
+    // Forward only; COMMITTED only through the commit.
+    assert!(c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::CatchUp)).await.is_ok());
+    assert!(conflict(c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::Copy)).await));
+    assert!(conflict(c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::Committed)).await));
+    // A batch with one stale epoch moves nothing.
+    assert_eq!(c.must_propose(&commit(&[10, 11], &[0, 1])).await, Err(MoveConflict));
+    let leader = tokio::task::block_in_place(|| c.must_leader());
+    let table = c.node(leader).view(|v| store::table(v)).unwrap().unwrap();
+    assert_eq!((table.owner[10], table.owner[11]), (1, 1));
+    // The whole batch moves, and its record says so in the same command.
+    let moved = c.must_propose(&commit(&[10, 11], &[0, 0])).await.unwrap();
+    let table = c.node(leader).view(|v| store::table(v)).unwrap().unwrap();
+    assert_eq!((table.owner[10], table.owner[11], table.epoch[10], table.epoch[11]), (2, 2, 1, 1));
+    let log = c.node(leader).view(|v| store::migrations(v)).unwrap();
+    assert_eq!(log.active[0].phase, MigrationPhase::Committed as i32);
+    assert_eq!(log.active[0].table_version, moved.version);
+    // After the commit there is no way back; cleaned up, the move joins the history, and a late
+    // record of it changes nothing.
+    assert!(conflict(c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::Aborted)).await));
+    assert!(c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::CleanedUp)).await.is_ok());
+    let log = c.node(leader).view(|v| store::migrations(v)).unwrap();
+    assert!(log.active.is_empty());
+    assert_eq!(log.finished.len(), 1);
+    assert_eq!(
+        c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::CleanedUp)).await.map(|r| r.changed),
+        Ok(false)
+    );
+    // A cell leaves only when it owns nothing and no move involves it; the last cell that takes
+    // buckets cannot drain.
+    let remove = |id: u64| ControlCommand::new(control_command::Kind::RemoveCell(id));
+    assert!(matches!(c.must_propose(&remove(2)).await, Err(CellBusy(_))));
+    let drain = |id: u64| {
+        ControlCommand::new(control_command::Kind::SetCellState(SetCellState {
+            cell_id: id,
+            state: CellState::Draining as i32,
+        }))
+    };
+    assert!(c.must_propose(&drain(1)).await.is_ok());
+    assert!(matches!(c.must_propose(&drain(2)).await, Err(CellBusy(_))));
+    assert!(c.must_propose(&record(&[12], 1, 2, MigrationPhase::Planned)).await.is_ok());
+    let mut all: Vec<u32> =
+        (0..u32::from(nid_proto::bucket::BUCKETS)).filter(|&b| b != 10 && b != 11).collect();
+    assert!(matches!(c.must_propose(&remove(1)).await, Err(CellBusy(_))), "a move involves it");
+    assert!(c.must_propose(&record(&[12], 1, 2, MigrationPhase::Aborted)).await.is_ok());
+    all.sort_unstable();
+    let epochs = vec![0; all.len()];
+    assert!(c.must_propose(&commit(&all, &epochs)).await.is_ok());
+    assert!(c.must_propose(&remove(1)).await.is_ok());
+    let table = c.node(leader).view(|v| store::table(v)).unwrap().unwrap();
+    assert_eq!(table.cells.iter().map(|x| x.cell_id).collect::<Vec<_>>(), vec![2]);
 }

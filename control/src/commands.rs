@@ -88,6 +88,17 @@ pub struct CommitMove {
     /// The epoch the coordinator observed.
     #[prost(uint64, tag = "4")]
     pub expected_epoch: u64,
+    /// A batch instead of `bucket` alone: every bucket moves, or none.
+    #[prost(uint32, repeated, tag = "5")]
+    pub buckets: Vec<u32>,
+    /// The epoch observed for each bucket of the batch.
+    #[prost(uint64, repeated, tag = "6")]
+    pub expected_epochs: Vec<u64>,
+}
+
+/// The buckets a migration record carries: its batch, or its single bucket.
+pub fn buckets_of(m: &nid_proto::v1::Migration) -> Vec<u32> {
+    if m.buckets.is_empty() { vec![m.bucket] } else { m.buckets.clone() }
 }
 
 /// Set a cell's state.

@@ -132,26 +132,42 @@ fn register_cell(cell: CellInfo, ctx: &mut ApplyContext<'_>) -> Result<ControlAp
 
 fn commit_move(c: &CommitMove, ctx: &mut ApplyContext<'_>) -> Result<ControlApplied, StorageError> {
     let Some(mut table) = store::table(&*ctx)? else { return Ok(Err(ControlRejection::NoCluster)) };
-    let b = c.bucket as usize;
-    let known = table.cells.iter().any(|cell| cell.cell_id == c.to);
-    if b >= table.owner.len() || b >= table.epoch.len() || !known || c.from == c.to {
-        return Ok(Err(ControlRejection::Malformed("bucket or destination")));
-    }
-    if table.owner[b] != c.from || table.epoch[b] != c.expected_epoch {
-        return Ok(Err(ControlRejection::MoveConflict));
-    }
-    let (Some(epoch), Some(version)) = (table.epoch[b].checked_add(1), table.version.checked_add(1)) else {
-        return Ok(Err(ControlRejection::Exhausted));
+    let (buckets, epochs): (Vec<u32>, Vec<u64>) = if c.buckets.is_empty() {
+        (vec![c.bucket], vec![c.expected_epoch])
+    } else {
+        (c.buckets.clone(), c.expected_epochs.clone())
     };
-    table.owner[b] = c.to;
-    table.epoch[b] = epoch;
+    let known = table.cells.iter().any(|cell| cell.cell_id == c.to);
+    let distinct: std::collections::HashSet<u32> = buckets.iter().copied().collect();
+    if buckets.len() != epochs.len()
+        || distinct.len() != buckets.len()
+        || buckets.iter().any(|&b| b as usize >= table.owner.len() || b as usize >= table.epoch.len())
+        || !known
+        || c.from == c.to
+    {
+        return Ok(Err(ControlRejection::Malformed("buckets, epochs or destination")));
+    }
+    // Every bucket moves, or none.
+    for (&b, &e) in buckets.iter().zip(&epochs) {
+        if table.owner[b as usize] != c.from || table.epoch[b as usize] != e {
+            return Ok(Err(ControlRejection::MoveConflict));
+        }
+    }
+    let Some(version) = table.version.checked_add(1) else { return Ok(Err(ControlRejection::Exhausted)) };
+    for &b in &buckets {
+        let Some(epoch) = table.epoch[b as usize].checked_add(1) else {
+            return Ok(Err(ControlRejection::Exhausted));
+        };
+        table.owner[b as usize] = c.to;
+        table.epoch[b as usize] = epoch;
+    }
     table.version = version;
     ctx.put(TABLE, codec::encode(&table))?;
     // The move's record says committed in the same command: a resumed coordinator never has to
     // guess whether the compare-and-swap happened.
     let mut log = store::migrations(&*ctx)?;
     if let Some(m) =
-        log.active.iter_mut().find(|m| m.bucket == c.bucket && m.from_cell == c.from && m.to_cell == c.to)
+        log.active.iter_mut().find(|m| m.bucket == buckets[0] && m.from_cell == c.from && m.to_cell == c.to)
     {
         m.phase = MigrationPhase::Committed as i32;
         m.table_version = version;
@@ -173,10 +189,15 @@ fn record_migration(m: Migration, ctx: &mut ApplyContext<'_>) -> Result<ControlA
     let Some(new) = phase(&m).filter(|p| *p != P::Unspecified) else {
         return Ok(Err(ControlRejection::Malformed("migration phase")));
     };
-    if m.bucket >= u32::from(nid_proto::bucket::BUCKETS) || m.from_cell == m.to_cell {
-        return Ok(Err(ControlRejection::Malformed("migration bucket or cells")));
+    let buckets = crate::commands::buckets_of(&m);
+    let distinct: std::collections::HashSet<u32> = buckets.iter().copied().collect();
+    if buckets.iter().any(|&b| b >= u32::from(nid_proto::bucket::BUCKETS))
+        || distinct.len() != buckets.len()
+        || buckets[0] != m.bucket
+        || m.from_cell == m.to_cell
+    {
+        return Ok(Err(ControlRejection::Malformed("migration buckets or cells")));
     }
-    let b = m.bucket as usize;
     let mut log = store::migrations(&*ctx)?;
     // The routing table is a large value: only a new move needs it (its owner and destination).
     // The version in the result is the table's for a new move, 0 otherwise.
@@ -195,8 +216,13 @@ fn record_migration(m: Migration, ctx: &mut ApplyContext<'_>) -> Result<ControlA
                 return Ok(Err(ControlRejection::MigrationConflict("no move of this bucket is in flight")));
             }
             let Some(table) = store::table(&*ctx)? else { return Ok(Err(ControlRejection::NoCluster)) };
-            if table.owner.get(b) != Some(&m.from_cell) {
-                return Ok(Err(ControlRejection::MigrationConflict("the source does not own the bucket")));
+            if buckets.iter().any(|&x| table.owner.get(x as usize) != Some(&m.from_cell)) {
+                return Ok(Err(ControlRejection::MigrationConflict("the source does not own every bucket")));
+            }
+            let moving: std::collections::HashSet<u32> =
+                log.active.iter().flat_map(crate::commands::buckets_of).collect();
+            if buckets.iter().any(|x| moving.contains(x)) {
+                return Ok(Err(ControlRejection::MigrationConflict("another move of a bucket is in flight")));
             }
             let takes = table.cells.iter().any(|c| {
                 c.cell_id == m.to_cell
@@ -209,7 +235,10 @@ fn record_migration(m: Migration, ctx: &mut ApplyContext<'_>) -> Result<ControlA
         }
         Some(i) => {
             let current = &log.active[i];
-            if current.from_cell != m.from_cell || current.to_cell != m.to_cell {
+            if current.from_cell != m.from_cell
+                || current.to_cell != m.to_cell
+                || crate::commands::buckets_of(current) != buckets
+            {
                 return Ok(Err(ControlRejection::MigrationConflict(
                     "another move of this bucket is in flight",
                 )));

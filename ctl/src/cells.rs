@@ -172,7 +172,7 @@ pub async fn rebalance(
                     "rebalancer {}; rate {}; {} moves at once",
                     if s.paused { "paused" } else { "running" },
                     rate_text(s.rate_bytes_per_second),
-                    if s.max_in_flight == 0 { 16 } else { s.max_in_flight }
+                    if s.max_in_flight == 0 { 8 } else { s.max_in_flight }
                 ),
                 Output::Json => println!(
                     "{}",
@@ -249,6 +249,11 @@ fn print_plan(s: &GetRebalanceStatusResponse, output: Output) {
     }
 }
 
+/// How many buckets a move carries.
+fn size(m: &Migration) -> usize {
+    m.buckets.len().max(1)
+}
+
 fn seconds(t: &Option<prost_types::Timestamp>) -> f64 {
     t.map(|t| t.seconds as f64 + f64::from(t.nanos) / 1e9).unwrap_or(0.0)
 }
@@ -268,7 +273,7 @@ fn recent_rate(s: &GetRebalanceStatusResponse) -> (f64, f64) {
     let first = recent.iter().map(|m| seconds(&m.started_at)).fold(f64::MAX, f64::min);
     let span = (now - first).clamp(1.0, 60.0);
     let bytes: u64 = recent.iter().map(|m| m.bytes).sum();
-    (recent.len() as f64 / span, bytes as f64 / span)
+    (recent.iter().map(|m| size(m)).sum::<usize>() as f64 / span, bytes as f64 / span)
 }
 
 async fn status(
@@ -286,13 +291,14 @@ async fn status(
         let (buckets_per_s, bytes_per_s) = recent_rate(&s);
         let in_flight: Vec<&Migration> =
             s.migrations.iter().filter(|m| m.phase < MigrationPhase::CleanedUp as i32).collect();
+        let moving: usize = in_flight.iter().map(|m| size(m)).sum();
         let eta = if buckets_per_s > 0.0 { f64::from(s.buckets_misplaced) / buckets_per_s } else { 0.0 };
         match output {
             Output::Json => {
                 let moves: Vec<serde_json::Value> = in_flight
                     .iter()
                     .map(|m| {
-                        serde_json::json!({"bucket": m.bucket, "from": m.from_cell, "to": m.to_cell,
+                        serde_json::json!({"bucket": m.bucket, "buckets": size(m), "from": m.from_cell, "to": m.to_cell,
                         "phase": phase_name(m), "keys": m.keys, "bytes": m.bytes})
                     })
                     .collect();
@@ -322,13 +328,13 @@ async fn status(
                 let owned: Vec<String> =
                     s.cells.iter().map(|c| format!("{}:{}", c.cell_id, c.owned)).collect();
                 print!(
-                    "\r[{}{}] {done}/{all} buckets  {:.1} buckets/s  {:.2} MB/s  ETA {:.0}s  in flight {}  [{}]   ",
+                    "\r[{}{}] {done}/{all} buckets  {:.1} buckets/s  {:.2} MB/s  ETA {:.0}s  moving {}  [{}]   ",
                     "#".repeat(filled),
                     "-".repeat(width - filled),
                     buckets_per_s,
                     bytes_per_s / 1e6,
                     eta,
-                    in_flight.len(),
+                    moving,
                     owned.join(" ")
                 );
                 use std::io::Write as _;
@@ -348,16 +354,18 @@ async fn status(
                     println!("{:>6} {:<9} {:>8} {:>8}", c.cell_id, state_name(c.state), c.owned, c.desired);
                 }
                 println!(
-                    "moving {:.1} buckets/s, {:.2} MB/s; ETA {:.0} s; {} in flight",
+                    "moving {:.1} buckets/s, {:.2} MB/s; ETA {:.0} s; {} buckets in {} moves in flight",
                     buckets_per_s,
                     bytes_per_s / 1e6,
                     eta,
+                    moving,
                     in_flight.len()
                 );
                 for m in &in_flight {
                     println!(
-                        "  bucket {:>5}  {} -> {}  {:<9} {:>7} keys {:>10} bytes",
+                        "  buckets {:>5} (+{:<2}) {} -> {}  {:<9} {:>7} keys {:>10} bytes",
                         m.bucket,
+                        size(m) - 1,
                         m.from_cell,
                         m.to_cell,
                         phase_name(m),

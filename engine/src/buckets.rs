@@ -97,6 +97,9 @@ pub struct DropBucket {
     /// The bucket; it must be NOT_OWNED or IMPORTING here.
     #[prost(uint32, tag = "1")]
     pub bucket: u32,
+    /// More buckets dropped with it (all or none).
+    #[prost(uint32, repeated, tag = "2")]
+    pub more: Vec<u32>,
 }
 
 /// The in-memory ownership table of a replica.

@@ -168,20 +168,16 @@ impl<SM: StateMachine> Node<SM> {
         self.propose_engine(Payload::SetBuckets(set), timeout).await
     }
 
-    /// Keeps `bucket` OWNED and starts tracking its changes for a migration's catch-up (markers
+    /// Keeps `buckets` OWNED and starts tracking their changes for a move's catch-up (markers
     /// start afresh); returns the index it applied at: every change after it is marked.
-    pub async fn track_bucket(
+    pub async fn track_buckets(
         &self,
-        bucket: u32,
+        buckets: Vec<u32>,
         table_version: u64,
         timeout: Duration,
     ) -> Result<u64, EngineError> {
-        let set = SetBuckets {
-            buckets: vec![bucket],
-            state: BucketState::Owned as i32,
-            table_version,
-            track_changes: true,
-        };
+        let set =
+            SetBuckets { buckets, state: BucketState::Owned as i32, table_version, track_changes: true };
         self.propose_engine(Payload::SetBuckets(set), timeout).await
     }
 
@@ -190,9 +186,13 @@ impl<SM: StateMachine> Node<SM> {
         self.propose_engine(Payload::Ingest(chunk), timeout).await
     }
 
-    /// Deletes the data and change markers of a NOT_OWNED or IMPORTING bucket through the log.
-    pub async fn drop_bucket(&self, bucket: u32, timeout: Duration) -> Result<u64, EngineError> {
-        self.propose_engine(Payload::Drop(DropBucket { bucket }), timeout).await
+    /// Deletes the data and change markers of NOT_OWNED or IMPORTING buckets through the log (all
+    /// or none).
+    pub async fn drop_buckets(&self, buckets: &[u32], timeout: Duration) -> Result<u64, EngineError> {
+        let Some((&bucket, more)) = buckets.split_first() else {
+            return Err(EngineError::Malformed("no bucket to drop".into()));
+        };
+        self.propose_engine(Payload::Drop(DropBucket { bucket, more: more.to_vec() }), timeout).await
     }
 
     async fn propose_engine(&self, payload: Payload, timeout: Duration) -> Result<u64, EngineError> {

@@ -1016,19 +1016,26 @@ fn apply_drop(
     overlay: &Overlay,
     committed: &Buckets,
 ) -> Result<Result<(), EngineError>, StorageError> {
-    let Some(bucket) = BucketId::new(d.bucket) else {
-        return Ok(Err(EngineError::Malformed("bucket out of range".into())));
-    };
-    match overlay.bucket(bucket, committed).state() {
-        BucketState::NotOwned | BucketState::Importing => {}
-        BucketState::Owned | BucketState::Frozen => {
-            return Ok(Err(EngineError::Invalid("the bucket is served here; it cannot be dropped".into())));
+    let mut ids = Vec::with_capacity(1 + d.more.len());
+    for &b in std::iter::once(&d.bucket).chain(&d.more) {
+        let Some(bucket) = BucketId::new(b) else {
+            return Ok(Err(EngineError::Malformed("bucket out of range".into())));
+        };
+        match overlay.bucket(bucket, committed).state() {
+            BucketState::NotOwned | BucketState::Importing => ids.push(bucket),
+            BucketState::Owned | BucketState::Frozen => {
+                return Ok(Err(EngineError::Invalid(
+                    "the bucket is served here; it cannot be dropped".into(),
+                )));
+            }
         }
     }
-    let (start, end) = crate::keys::bucket_range(bucket);
-    wb.delete_range_cf(cf(db, crate::keys::CF_DATA)?, start, end);
-    let (start, end) = crate::keys::change_range(bucket);
-    wb.delete_range_cf(cf(db, crate::keys::CF_META)?, start, end);
+    for bucket in ids {
+        let (start, end) = crate::keys::bucket_range(bucket);
+        wb.delete_range_cf(cf(db, crate::keys::CF_DATA)?, start, end);
+        let (start, end) = crate::keys::change_range(bucket);
+        wb.delete_range_cf(cf(db, crate::keys::CF_META)?, start, end);
+    }
     Ok(Ok(()))
 }
 

@@ -587,7 +587,7 @@ async fn a_bucket_copies_then_catches_up_and_drops_through_the_log() {
 
     // Changes are not tracked until asked; then every write after the returned index is marked.
     assert!(s.view(|v| bucket_data::changes_since(v, b5, 0)).unwrap().is_empty());
-    let tracked_at = s.track_bucket(5, 1, t).await.unwrap();
+    let tracked_at = s.track_buckets(vec![5], 1, t).await.unwrap();
     assert!(s.bucket(b5).tracking);
     let (copy_index, copy) = s.view(|v| (v.applied_index().unwrap(), bucket_data::export(v, b5).unwrap()));
     assert!(copy_index >= tracked_at);
@@ -629,9 +629,9 @@ async fn a_bucket_copies_then_catches_up_and_drops_through_the_log() {
     assert_eq!(at_source.0, 50, "50 copied + 1 new - 1 deleted");
 
     // A served bucket cannot be dropped; once not owned, its data and markers go.
-    assert!(matches!(s.drop_bucket(5, t).await, Err(EngineError::Invalid(_))));
+    assert!(matches!(s.drop_buckets(&[5], t).await, Err(EngineError::Invalid(_))));
     s.set_buckets(vec![5], BucketState::NotOwned, 2, t).await.unwrap();
-    s.drop_bucket(5, t).await.unwrap();
+    s.drop_buckets(&[5], t).await.unwrap();
     assert_eq!(s.view(|v| bucket_data::digest(v, b5)).unwrap().0, 0);
     assert!(s.view(|v| bucket_data::changes_since(v, b5, 0)).unwrap().is_empty());
     // The destination's replicas all hold the copy.

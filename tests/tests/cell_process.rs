@@ -571,7 +571,7 @@ async fn a_rolling_key_rotation_under_load_keeps_every_replica_identical_and_old
             let mut applied = Vec::new();
             for &b in &buckets {
                 let r = admin
-                    .checksum_bucket(ChecksumBucketRequest { bucket: b, local: true })
+                    .checksum_bucket(ChecksumBucketRequest { bucket: b, local: true, buckets: Vec::new() })
                     .await
                     .unwrap()
                     .into_inner();
