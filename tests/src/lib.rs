@@ -201,7 +201,12 @@ impl CellProcess {
 
     /// True while the process runs.
     pub fn is_running(&self) -> bool {
-        self.child.is_some() && self.alive.load(std::sync::atomic::Ordering::SeqCst)
+        let Some(child) = &self.child else { return false };
+        // A process that exited by itself stays a zombie until reaped: read its state.
+        let exited = std::fs::read_to_string(format!("/proc/{}/stat", child.id()))
+            .map(|stat| stat.rsplit_once(')').is_none_or(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])))
+            .unwrap_or(true);
+        !exited && self.alive.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The replica's log so far (for failure messages).
@@ -211,6 +216,15 @@ impl CellProcess {
 
     /// A gRPC client, waiting until the replica answers.
     pub async fn client(&self, timeout: Duration) -> CellClient<Channel> {
+        match self.try_client(timeout).await {
+            Some(client) => client,
+            None => panic!("node {} never answered; log:\n{}", self.node_id, self.log()),
+        }
+    }
+
+    /// A gRPC client once the replica answers; None if it does not within `timeout` or its
+    /// process has exited.
+    pub async fn try_client(&self, timeout: Duration) -> Option<CellClient<Channel>> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(channel) = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
@@ -220,9 +234,11 @@ impl CellProcess {
                 .connect()
                 .await
             {
-                return CellClient::new(channel);
+                return Some(CellClient::new(channel));
             }
-            assert!(Instant::now() < deadline, "node {} never answered; log:\n{}", self.node_id, self.log());
+            if Instant::now() >= deadline || !self.is_running() {
+                return None;
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -28,7 +28,7 @@ async fn leader(cell: &ProcessCell) -> u64 {
     let deadline = Instant::now() + WAIT;
     loop {
         for node in cell.nodes.iter().filter(|n| n.is_running()) {
-            let mut client = node.client(WAIT).await;
+            let Some(mut client) = node.try_client(WAIT).await else { continue };
             if let Ok(status) = client.get_cell_status(GetCellStatusRequest {}).await {
                 let status = status.into_inner();
                 if let Some(r) = status.replicas.iter().find(|r| r.is_leader)
@@ -64,7 +64,10 @@ async fn execute_tracked(
     let mut target = leader(cell).await;
     let mut ambiguous = false;
     loop {
-        let mut client = cell.nodes[(target - 1) as usize].client(WAIT).await;
+        let Some(mut client) = cell.nodes[(target - 1) as usize].try_client(WAIT).await else {
+            target = leader(cell).await;
+            continue;
+        };
         let err = match client.execute(request.clone()).await {
             Ok(r) => return Ok((r.into_inner().result.expect("result"), ambiguous)),
             Err(e) => e,
