@@ -14,7 +14,7 @@ DEV_DIR ?= $(CURDIR)/.nid/dev
 # with etcdctl from etcd-client).
 DEBIAN_PACKAGES := clang libclang-dev protobuf-compiler etcd-server etcd-client
 
-.PHONY: all deps build test run fmt lint ci clean-dev help bench bench-cell bench-router install \
+.PHONY: all deps build test rebalance-test run fmt lint ci clean-dev help bench bench-cell bench-router install \
 	deploy-check compose-test images compose-up compose-down
 
 all: build
@@ -24,6 +24,7 @@ help:
 	@echo "make test   build and run the test suite (what CI runs)"
 	@echo "make lint   rustfmt --check and clippy -D warnings"
 	@echo "make ci     lint + test, as .ci/run does"
+	@echo "make rebalance-test  cell addition and drain under load, leaders killed mid-move, a lost destination"
 	@echo "make bench  the benchmark suite (ceiling, enrol, auth, etcd, scale-out) -> BENCHMARKS.md"
 	@echo "make bench-cell  write throughput/latency of one 3-replica cell"
 	@echo "make bench-router  latency and CPU the router adds to a read"
@@ -58,6 +59,12 @@ build: deps
 test: deps
 	$(CARGO) build --workspace --locked
 	$(CARGO) test --workspace --locked
+
+# Online cell addition end to end, with the fault-injection cases (leaders SIGKILLed mid-move, a
+# destination lost before commit): a few minutes.
+rebalance-test: deps
+	$(CARGO) build --workspace --locked
+	$(CARGO) test -p nid-tests --locked --test rebalance -- $(or $(REBALANCE_ARGS),--include-ignored)
 
 lint: deps
 	$(CARGO) fmt --all --check

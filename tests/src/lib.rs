@@ -204,7 +204,9 @@ impl CellProcess {
         let Some(child) = &self.child else { return false };
         // A process that exited by itself stays a zombie until reaped: read its state.
         let exited = std::fs::read_to_string(format!("/proc/{}/stat", child.id()))
-            .map(|stat| stat.rsplit_once(')').is_none_or(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])))
+            .map(|stat| {
+                stat.rsplit_once(')').is_none_or(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+            })
             .unwrap_or(true);
         !exited && self.alive.load(std::sync::atomic::Ordering::SeqCst)
     }

@@ -12,6 +12,7 @@ use nid_proto::v1::enrollment_client::EnrollmentClient;
 use nid_proto::v1::{
     AuthFactors, AuthenticateRequest, BucketState, CommitBucketMoveRequest, DemographicFactor,
     GetCellStatusRequest, GetIdentityRequest, GetRoutingTableRequest, SetBucketStateRequest,
+    SetRebalanceRequest,
 };
 use nid_tests::{DevCluster, binary, enroll_request, http_get};
 use std::collections::HashMap;
@@ -153,7 +154,12 @@ async fn a_dev_cluster_routes_balances_and_survives_router_and_control_loss() {
     }
 
     // A bucket moves while this router's table is stale: the old owner refuses with wrong-owner and
-    // the router refreshes and re-routes.
+    // the router refreshes and re-routes. The move is made by hand here, so the rebalancer (which
+    // would move the bucket back to its place) is paused first.
+    control_call(&control, |mut c| async move {
+        c.set_rebalance(SetRebalanceRequest { paused: Some(true), ..Default::default() }).await
+    })
+    .await;
     let used: std::collections::HashSet<u16> =
         enrolled.keys().map(|rid| bucket_of_key(KeyDomain::Rid, rid.as_bytes()).get()).collect();
     let rid = (0..)
