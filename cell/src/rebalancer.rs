@@ -54,6 +54,8 @@ pub struct RebalanceMetrics {
     moves: IntCounterVec,
     in_flight: IntGauge,
     misplaced: IntGauge,
+    paused: IntGauge,
+    cell_buckets: prometheus::IntGaugeVec,
     bytes: prometheus::IntCounter,
     keys: prometheus::IntCounter,
     freeze: Histogram,
@@ -74,6 +76,14 @@ impl RebalanceMetrics {
             "nid_rebalance_misplaced_buckets",
             "Buckets whose owner differs from the desired placement.",
         )?;
+        let paused = IntGauge::new("nid_rebalance_paused", "1 while the rebalancer is paused.")?;
+        let cell_buckets = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "nid_rebalance_cell_buckets",
+                "Buckets per data cell in the routing table (kind=owned) and in the desired placement (kind=desired).",
+            ),
+            &["cell", "kind"],
+        )?;
         let bytes = prometheus::IntCounter::new(
             "nid_rebalance_copied_bytes_total",
             "Bytes (keys and values) copied by bucket moves this leader drove.",
@@ -89,10 +99,20 @@ impl RebalanceMetrics {
         registry.register(Box::new(moves.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(misplaced.clone()))?;
+        registry.register(Box::new(paused.clone()))?;
+        registry.register(Box::new(cell_buckets.clone()))?;
         registry.register(Box::new(bytes.clone()))?;
         registry.register(Box::new(keys.clone()))?;
         registry.register(Box::new(freeze.clone()))?;
-        Ok(RebalanceMetrics { moves, in_flight, misplaced, bytes, keys, freeze })
+        Ok(RebalanceMetrics { moves, in_flight, misplaced, paused, cell_buckets, bytes, keys, freeze })
+    }
+
+    /// A replica that does not lead reports no rebalancer state (only the leader's gauges count).
+    fn clear(&self) {
+        self.in_flight.set(0);
+        self.misplaced.set(0);
+        self.paused.set(0);
+        self.cell_buckets.reset();
     }
 }
 
@@ -169,6 +189,7 @@ impl Rebalancer {
                 _ = self.wake.notified() => {}
             }
             if !self.control.node.is_leader() {
+                self.metrics.clear();
                 continue;
             }
             if let Err(e) = self.tick().await {
@@ -190,6 +211,15 @@ impl Rebalancer {
         let misplaced = (0..table.owner.len()).filter(|&b| table.owner[b] != desired[b]).count();
         self.metrics.misplaced.set(misplaced as i64);
         self.metrics.in_flight.set(log.active.len() as i64);
+        self.metrics.paused.set(i64::from(settings.paused));
+        self.metrics.cell_buckets.reset();
+        for c in &table.cells {
+            let cell = c.cell_id.to_string();
+            let owned = table.owner.iter().filter(|&&o| o == c.cell_id).count();
+            let wanted = desired.iter().filter(|&&o| o == c.cell_id).count();
+            self.metrics.cell_buckets.with_label_values(&[cell.as_str(), "owned"]).set(owned as i64);
+            self.metrics.cell_buckets.with_label_values(&[cell.as_str(), "desired"]).set(wanted as i64);
+        }
         for m in &log.active {
             self.spawn_driver(m.clone());
         }
@@ -346,7 +376,7 @@ impl Rebalancer {
             }
             MigrationPhase::Importing => {
                 self.set_state(from, &buckets, BucketState::Owned, v, true).await?;
-                let (index, keys, bytes) = self.copy(from, to, &buckets, 0).await?;
+                let (index, keys, bytes) = self.copy(from, to, &buckets, 0, true).await?;
                 m.copy_index = index;
                 m.keys += keys;
                 m.bytes += bytes;
@@ -355,7 +385,7 @@ impl Rebalancer {
             MigrationPhase::Copy | MigrationPhase::CatchUp => {
                 // Rounds of changes since the last copy, until few remain; then the freeze.
                 for _ in 0..MAX_ROUNDS {
-                    let (index, keys, bytes) = self.copy(from, to, &buckets, m.copy_index).await?;
+                    let (index, keys, bytes) = self.copy(from, to, &buckets, m.copy_index, true).await?;
                     m.copy_index = index.max(m.copy_index);
                     m.keys += keys;
                     m.bytes += bytes;
@@ -386,14 +416,15 @@ impl Rebalancer {
     /// must match (once more from a full copy if they do not; then the move aborts).
     async fn drain(&self, m: &mut Migration, buckets: &[u32]) -> Result<(), StepError> {
         let (from, to) = (m.from_cell, m.to_cell);
-        let (index, keys, bytes) = self.copy(from, to, buckets, m.copy_index).await?;
+        // The source is frozen: these copies are on the write path and skip the rate limit.
+        let (index, keys, bytes) = self.copy(from, to, buckets, m.copy_index, false).await?;
         m.copy_index = index.max(m.copy_index);
         m.keys += keys;
         m.bytes += bytes;
         let (src, dst) = tokio::join!(self.checksums(from, buckets), self.checksums(to, buckets));
         if src? != dst? {
             // Once more from scratch (the source is frozen: a full copy is final).
-            let (index, keys, bytes) = self.copy(from, to, buckets, 0).await?;
+            let (index, keys, bytes) = self.copy(from, to, buckets, 0, false).await?;
             m.copy_index = index.max(m.copy_index);
             m.keys += keys;
             m.bytes += bytes;
@@ -574,6 +605,7 @@ impl Rebalancer {
         to: u64,
         buckets: &[u32],
         after: u64,
+        throttled: bool,
     ) -> Result<(u64, u64, u64), StepError> {
         let chunks: Vec<BucketExportChunk> = self
             .cell_call(from, |mut c| async move {
@@ -594,7 +626,9 @@ impl Rebalancer {
         if chunks.is_empty() {
             return Ok((index, 0, 0));
         }
-        self.throttle(bytes).await;
+        if throttled {
+            self.throttle(bytes).await;
+        }
         let chunks = Arc::new(chunks);
         self.cell_call(to, |mut c| {
             let chunks = chunks.clone();

@@ -310,13 +310,25 @@ async fn status(
                         "owned": c.owned, "desired": c.desired})
                     })
                     .collect();
+                // Finished moves the control cell still remembers (the last 256): for figures.
+                let finished: Vec<serde_json::Value> = s
+                    .migrations
+                    .iter()
+                    .filter(|m| m.phase >= MigrationPhase::CleanedUp as i32)
+                    .map(|m| {
+                        serde_json::json!({"bucket": m.bucket, "buckets": size(m), "from": m.from_cell, "to": m.to_cell,
+                        "phase": phase_name(m), "keys": m.keys, "bytes": m.bytes, "freeze_ms": m.freeze_ms,
+                        "abort_reason": m.abort_reason, "started_at": seconds(&m.started_at),
+                        "updated_at": seconds(&m.updated_at)})
+                    })
+                    .collect();
                 let settings = s.settings.unwrap_or_default();
                 println!(
                     "{}",
                     serde_json::json!({"table_version": s.table_version, "buckets_misplaced": s.buckets_misplaced,
                         "paused": settings.paused, "rate_limit_bytes_per_second": settings.rate_bytes_per_second,
                         "buckets_per_second": buckets_per_s, "bytes_per_second": bytes_per_s,
-                        "eta_seconds": eta, "cells": cells, "in_flight": moves,
+                        "eta_seconds": eta, "cells": cells, "in_flight": moves, "finished": finished,
                         "aborted_recently": s.migrations.iter().filter(|m| m.phase == MigrationPhase::Aborted as i32).count()})
                 );
             }

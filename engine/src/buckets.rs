@@ -161,7 +161,12 @@ impl Buckets {
 
     /// Buckets per state.
     pub fn counts(&self) -> BTreeMap<&'static str, u64> {
-        let mut counts = BTreeMap::new();
+        // Every state, empty ones too: a gauge published from this must fall back to 0.
+        let mut counts: BTreeMap<&'static str, u64> =
+            [BucketState::NotOwned, BucketState::Owned, BucketState::Importing, BucketState::Frozen]
+                .into_iter()
+                .map(|s| (s.name(), 0))
+                .collect();
         if let Ok(r) = self.records.read() {
             for rec in r.iter() {
                 *counts.entry(rec.state().name()).or_insert(0) += 1;
@@ -228,6 +233,10 @@ mod tests {
         t.set(&[(b, rec(BucketState::Owned))]);
         assert_eq!(t.get(b).state(), BucketState::Owned);
         assert_eq!(t.counts().get("owned"), Some(&1));
+        t.set(&[(b, rec(BucketState::Frozen))]);
+        assert_eq!(t.counts().get("frozen"), Some(&1));
+        t.set(&[(b, rec(BucketState::Owned))]);
+        assert_eq!(t.counts().get("frozen"), Some(&0), "an emptied state counts 0 (its gauge falls back)");
         assert_eq!(t.in_state(BucketState::Owned), vec![7]);
     }
 }

@@ -4,6 +4,8 @@
 //! The binaries come from the shared target directory (`cargo build --workspace`, which `make test`
 //! runs first).
 
+pub mod rebalance_bench;
+
 use nid_proto::v1::cell_client::CellClient;
 use std::net::TcpListener;
 use std::path::PathBuf;

@@ -19,6 +19,7 @@ OUT = Path(__file__).with_name("nid-overview.json")
 DS = {"type": "prometheus", "uid": "${datasource}"}
 CELL = 'job="nid-cell",cell=~"$cell"'
 ROUTER = 'job="nid-router"'
+CONTROL = 'job="nid-cell"'
 # Client traffic: the router also counts grpc.health.v1.Health probes, grpc.reflection.* calls and
 # calls to services it does not have (grpc_service="unknown"); request panels leave them out, as the
 # SLO rules do.
@@ -183,6 +184,39 @@ def build():
         (f'sum(rate(nid_router_retries_total{{{ROUTER}}}[{RI}])) / sum(rate(nid_router_requests_total{{{CLIENT}}}[{RI}]))', "retries / request", False),
     ], unit="percentunit", width=8)
     d.panel("timeseries", "Routing-table version", [(f'nid_router_table_version{{{ROUTER}}}', "{{instance}}")], width=8)
+
+    # The rebalancer's metrics come from every control replica, only the leader's move: max or sum
+    # over the instances, not filtered by $cell (the control cell is cell 0).
+    d.row("Rebalance")
+    d.panel("timeseries", "Buckets per data cell: owned vs desired", [
+        (f'max by (exported_cell, kind) (nid_rebalance_cell_buckets{{{CONTROL},exported_cell=~"$cell"}})', "cell {{exported_cell}} {{kind}}"),
+    ], width=12,
+        description="From the control leader: buckets each data cell owns in the routing table (owned) and would own under the "
+                    "desired placement (desired). The metric's own cell label is exported_cell (the scrape's cell label is the control cell's, 0).")
+    d.panel("timeseries", "Misplaced buckets", [(f'max(nid_rebalance_misplaced_buckets{{{CONTROL}}})', "misplaced")], width=6,
+            description="Buckets whose owner differs from the desired placement: non-zero while a rebalance is pending or running.")
+    d.panel("timeseries", "Moves in flight (paused = 1)", [
+        (f'max(nid_rebalance_in_flight{{{CONTROL}}})', "moves in flight"),
+        (f'max(nid_rebalance_paused{{{CONTROL}}})', "paused"),
+    ], width=6, description="Moves (batches of up to 64 buckets) in flight; paused is 1 while an operator paused the rebalancer.")
+    d.panel("timeseries", "Copy rate", [
+        ('nid:migration_bytes:rate5m{cell=~"$cell"}', "cell {{cell}} {{direction}}", False),
+        (f'sum(rate(nid_rebalance_copied_bytes_total{{{CONTROL}}}[{RI}]))', "moves ended (control leader)"),
+    ], unit="Bps", width=8,
+        description="Bytes of bucket data the data cells export and import for moves, as the chunks go (5-minute rate), and the bytes "
+                    "of the moves the control leader finished (counted when a move ends).")
+    d.panel("timeseries", "Buckets moved / s: committed, aborted by reason", [
+        (f'sum(rate(nid_rebalance_moves_total{{{CONTROL},result="committed"}}[{RI}]))', "committed", False),
+        (f'sum by (reason) (rate(nid_rebalance_moves_total{{{CONTROL},result="aborted"}}[{RI}]))', "aborted: {{reason}}", False),
+    ], width=8,
+        description="Counted in buckets (a move carries up to 64). Aborted moves are undone and planned again; reasons: unreachable, "
+                    "checksum, owner_changed, refused, unknown_cell.")
+    d.panel("timeseries", "Freeze p50 / p99 (15 min)", [
+        ("nid:rebalance_freeze_seconds:p99_rate15m", "p99", False),
+        (f'histogram_quantile(0.5, sum by (le) (rate(nid_rebalance_freeze_seconds_bucket{{{CONTROL}}}[15m])))', "p50", False),
+    ], unit="s", width=8,
+        description="How long a moved batch refused writes (they wait in the routers meanwhile); target p99 250 ms or less. "
+                    "Over 15 minutes: there is one freeze per move.")
 
     return d
 

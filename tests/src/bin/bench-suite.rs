@@ -6,7 +6,7 @@
 //!
 //! Usage: bench-suite [--seconds N] [--out BENCHMARKS.md] [--results DIR] [--cell-cpu 0.25]
 //!                    [--concurrency 64] [--populate 5000] [--skip-etcd] [--skip-scaleout]
-//!                    [--skip-profile]
+//!                    [--skip-profile] [--skip-rebalance] [--rebalance-identities 200000]
 
 use anyhow::Context as _;
 use nid_tests::{DevCluster, EtcdCluster, binary, cell_leader, fdatasync_latency};
@@ -25,6 +25,8 @@ struct Options {
     etcd: bool,
     scaleout: bool,
     profile: bool,
+    rebalance: bool,
+    rebalance_identities: u64,
 }
 
 impl Options {
@@ -42,6 +44,11 @@ impl Options {
             etcd: !flag("--skip-etcd"),
             scaleout: !flag("--skip-scaleout"),
             profile: !flag("--skip-profile"),
+            rebalance: !flag("--skip-rebalance"),
+            rebalance_identities: value("--rebalance-identities")
+                .map(|s| s.parse())
+                .transpose()?
+                .unwrap_or(200_000),
         })
     }
 }
@@ -582,8 +589,8 @@ async fn main() -> anyhow::Result<()> {
     // (5) scale-out under equal CPU quotas per cell.
     let mut scale: Vec<(u64, f64, u64)> = Vec::new();
     if options.scaleout {
-        println!("\n== (5) scale-out: 1, 2 and 4 cells, each capped to {} CPU", options.cell_cpu);
-        for cells in [1u64, 2, 4] {
+        println!("\n== (5) scale-out: 1, 2, 4 and 8 cells, each capped to {} CPU", options.cell_cpu);
+        for cells in [1u64, 2, 4, 8] {
             let mut cluster = DevCluster::start(cells);
             let mut caps = Vec::new();
             let mut failed = None;
@@ -623,6 +630,28 @@ async fn main() -> anyhow::Result<()> {
             cluster.stop();
             drop(caps);
             println!("   ({kind}; throttled periods {throttled})");
+        }
+    }
+
+    // (6) a fifth cell joins four under load.
+    let mut rebalance = None;
+    if options.rebalance {
+        println!(
+            "\n== (6) rebalance: a fifth cell joins four holding {} identities",
+            options.rebalance_identities
+        );
+        let bench = nid_tests::rebalance_bench::RebalanceBench {
+            cells: 4,
+            identities: options.rebalance_identities,
+            results: options.results.clone(),
+            concurrency: options.concurrency,
+        };
+        match bench.run() {
+            Ok(f) => {
+                println!("{}\n{}", nid_tests::rebalance_bench::RebalanceFigures::header(), f.markdown());
+                rebalance = Some(f);
+            }
+            Err(e) => notes.push(format!("rebalance section failed: {e:#}")),
         }
     }
 
@@ -701,6 +730,23 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
+    if let Some(f) = &rebalance {
+        let _ = writeln!(
+            targets,
+            "| adding a cell: 0 client errors, p99 during <= 2x before, freeze p99 <= 250 ms, >= 20 MB/s | {} errors, p99 {:.2}x, freeze p99 {:.0} ms, {:.2} MB/s | {} |",
+            f.errors.1,
+            f.p99_during / f.p99_before.max(0.001),
+            f.freeze_ms.1,
+            f.mb_per_second(),
+            verdict(
+                f.errors.1 == 0
+                    && f.p99_during <= 2.0 * f.p99_before
+                    && f.freeze_ms.1 <= 250.0
+                    && f.mb_per_second() >= 20.0
+            )
+        );
+    }
+
     let date = Command::new("date")
         .arg("-u")
         .arg("+%Y-%m-%d %H:%M UTC")
@@ -732,7 +778,21 @@ async fn main() -> anyhow::Result<()> {
         options.cell_cpu,
         options.results.display()
     );
-    let _ = writeln!(md, "{table}\n## Targets\n\n{targets}");
+    let _ = writeln!(md, "{table}");
+    if let Some(f) = &rebalance {
+        let _ = writeln!(
+            md,
+            "Section 6, a fifth cell joins four (uncapped) under mixed authentication and enrolment at half the cluster's \
+             closed-loop maximum ({:.0}/s of {:.0}/s); p99 is the worst of {}-second windows; identities moved are \
+             estimated from the buckets moved:\n\n{}\n{}\n",
+            f.offered as f64,
+            f.max_rate,
+            5,
+            nid_tests::rebalance_bench::RebalanceFigures::header(),
+            f.markdown()
+        );
+    }
+    let _ = writeln!(md, "## Targets\n\n{targets}");
     for n in &notes {
         let _ = writeln!(md, "- {n}.");
     }
