@@ -393,7 +393,14 @@ pub async fn run(
             if d.intended < measure_from {
                 continue;
             }
-            let second = d.intended.duration_since(measure_from).as_secs() as usize;
+            // Bucketed by when the answer came, not when the request was due: a server that
+            // falls behind shows fewer completions per second and a backlog after the window.
+            let second = if d.finished < end {
+                Some(d.finished.duration_since(measure_from).as_secs() as usize)
+            } else {
+                recorder.drain_seconds = recorder.drain_seconds.max((d.finished - end).as_secs_f64());
+                None
+            };
             let latency = d.finished.duration_since(d.intended).as_micros() as u64;
             if let Ok(outcome) = &d.result {
                 recorder.auth(*outcome);

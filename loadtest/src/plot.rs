@@ -101,16 +101,26 @@ pub fn svg(report: &Report) -> String {
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>"#
     );
     let throughput: Vec<f64> = report.per_second.iter().map(|v| *v as f64).collect();
+    let offered = report.offered as f64;
     let top =
-        Panel { top: TOP, y_max: nice_ceiling(throughput.iter().copied().fold(0.0, f64::max)), seconds };
+        Panel { top: TOP, y_max: nice_ceiling(throughput.iter().copied().fold(offered, f64::max)), seconds };
+    let late =
+        if report.late > 0 { format!(", {} answered after the window", report.late) } else { String::new() };
     top.frame(
         &mut out,
         &format!(
-            "{} against {} ({} loop, load {}): {:.0}/s, {} failed",
+            "{} against {} ({} loop, load {}): {:.0}/s, {} failed{late}",
             report.scenario, report.target, report.mode, report.load, report.throughput, report.failed
         ),
-        "completions per second",
+        if report.offered > 0 {
+            "completions per second (blue), offered (grey)"
+        } else {
+            "completions per second"
+        },
     );
+    if report.offered > 0 {
+        top.line(&mut out, &vec![offered; seconds], "#999999");
+    }
     top.line(&mut out, &throughput, "#1f77b4");
     let p99_max = report.per_second_p99_ms.iter().copied().fold(0.0, f64::max);
     let bottom = Panel { top: TOP + PANEL + GAP, y_max: nice_ceiling(p99_max), seconds };
@@ -162,13 +172,14 @@ mod tests {
         let mut r = Recorder::new().unwrap();
         for second in 0..5usize {
             for i in 0..100u64 {
-                r.complete(second, Ok(1000 + i * (second as u64 + 1)));
+                r.complete(Some(second), Ok(1000 + i * (second as u64 + 1)));
             }
         }
         let report = Report::new("get", "nid", "open", 100, 5.0, &r);
         let svg = svg(&report);
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>"));
-        assert_eq!(svg.matches("<polyline").count(), 3);
+        // Offered, completions, p50, p99.
+        assert_eq!(svg.matches("<polyline").count(), 4);
         for line in svg.split("points=\"").skip(1) {
             let points = line.split('"').next().unwrap();
             assert_eq!(points.split(' ').count(), 5, "{points}");

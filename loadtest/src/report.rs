@@ -16,14 +16,23 @@ pub enum Outcome {
     No,
 }
 
-/// Collected while running.
+/// Collected while running. A request is *measured* when it was due (open loop) or sent (closed
+/// loop) inside the measured window; it *completed in the window* when its answer came before the
+/// window's end. Throughput counts only the latter: a server that falls behind shows up as a
+/// throughput below the offered rate and a backlog answered late, not as a flat line.
 pub struct Recorder {
-    /// Latencies of measured (post-warmup) successes, in microseconds.
+    /// Latencies of measured successes, in microseconds, late ones included.
     pub latency: Histogram<u64>,
-    /// Completions (success or error) per second since the start of measurement.
+    /// Completions (success or error) of measured requests by the second they completed in.
     pub per_second: Vec<u64>,
-    /// Latencies of the successes of each second (2 significant digits: for the plot).
+    /// Latencies of the successes completed in each second (2 significant digits: for the plot).
     pub per_second_latency: Vec<Histogram<u64>>,
+    /// Measured successes answered inside the window.
+    pub ok_in_window: u64,
+    /// Measured requests answered after the window (the backlog at its end), successes or not.
+    pub late: u64,
+    /// From the window's end to the last answer, in seconds (0 when nothing was late).
+    pub drain_seconds: f64,
     second_template: Histogram<u64>,
     /// Errors by "CODE" or "CODE/REASON".
     pub errors: BTreeMap<String, u64>,
@@ -44,6 +53,9 @@ impl Recorder {
             per_second_latency: Vec::new(),
             second_template: Histogram::new_with_bounds(1, 120_000_000, 2)?,
             errors: BTreeMap::new(),
+            ok_in_window: 0,
+            late: 0,
+            drain_seconds: 0.0,
             dropped: 0,
             auth_yes: 0,
             auth_no: 0,
@@ -59,18 +71,26 @@ impl Recorder {
         }
     }
 
-    /// Records one completion `second` seconds into the measurement.
-    pub fn complete(&mut self, second: usize, result: Result<u64, String>) {
-        while self.per_second.len() <= second {
-            self.per_second.push(0);
-            self.per_second_latency.push(Histogram::new_from(&self.second_template));
+    /// Records the answer to one measured request: `second` is the second of the window it
+    /// completed in, None when it completed after the window.
+    pub fn complete(&mut self, second: Option<usize>, result: Result<u64, String>) {
+        if let Some(second) = second {
+            while self.per_second.len() <= second {
+                self.per_second.push(0);
+                self.per_second_latency.push(Histogram::new_from(&self.second_template));
+            }
+            self.per_second[second] += 1;
+        } else {
+            self.late += 1;
         }
-        self.per_second[second] += 1;
         match result {
             Ok(us) => {
                 let us = us.clamp(1, 120_000_000);
                 let _ = self.latency.record(us);
-                let _ = self.per_second_latency[second].record(us);
+                if let Some(second) = second {
+                    self.ok_in_window += 1;
+                    let _ = self.per_second_latency[second].record(us);
+                }
             }
             Err(kind) => *self.errors.entry(kind).or_default() += 1,
         }
@@ -90,15 +110,21 @@ pub struct Report {
     pub load: u64,
     /// Measured seconds (after warmup).
     pub seconds: f64,
-    /// Successful requests.
+    /// Successful measured requests (answered in the window or after it).
     pub ok: u64,
-    /// Failed requests.
+    /// Failed measured requests.
     pub failed: u64,
-    /// Successful requests per second.
+    /// Successes answered inside the window, per second of the window.
     pub throughput: f64,
+    /// Open loop: the rate offered (sends due per second); closed loop: 0.
+    pub offered: u64,
+    /// Measured requests answered after the window: the backlog at its end.
+    pub late: u64,
+    /// Seconds from the window's end to the last answer.
+    pub drain_seconds: f64,
     /// Latency percentiles in milliseconds (open loop: from the intended send time).
     pub latency_ms: BTreeMap<String, f64>,
-    /// Completions per second over time.
+    /// Completions per second of the window, by the second they completed in.
     pub per_second: Vec<u64>,
     /// p50 latency of each second's successes, ms (0 for a second without one).
     pub per_second_p50_ms: Vec<f64>,
@@ -117,6 +143,16 @@ pub struct Report {
 impl Report {
     /// Builds the report from a recorder.
     pub fn new(scenario: &str, target: &str, mode: &str, load: u64, seconds: f64, r: &Recorder) -> Report {
+        // A window ends with its last second: answers come no later than it.
+        let window = (seconds.ceil() as usize).max(1);
+        let mut per_second = r.per_second.clone();
+        per_second.resize(window, 0);
+        let per_second_ms = |q: f64| -> Vec<f64> {
+            let mut v: Vec<f64> =
+                r.per_second_latency.iter().map(|h| h.value_at_quantile(q) as f64 / 1000.0).collect();
+            v.resize(window, 0.0);
+            v
+        };
         let h = &r.latency;
         let ms = |v: u64| v as f64 / 1000.0;
         let mut latency_ms = BTreeMap::new();
@@ -133,11 +169,14 @@ impl Report {
             seconds,
             ok: h.len(),
             failed,
-            throughput: if seconds > 0.0 { h.len() as f64 / seconds } else { 0.0 },
+            throughput: if seconds > 0.0 { r.ok_in_window as f64 / seconds } else { 0.0 },
+            offered: if mode == "open" { load } else { 0 },
+            late: r.late,
+            drain_seconds: r.drain_seconds,
             latency_ms,
-            per_second: r.per_second.clone(),
-            per_second_p50_ms: r.per_second_latency.iter().map(|h| ms(h.value_at_quantile(0.5))).collect(),
-            per_second_p99_ms: r.per_second_latency.iter().map(|h| ms(h.value_at_quantile(0.99))).collect(),
+            per_second,
+            per_second_p50_ms: per_second_ms(0.5),
+            per_second_p99_ms: per_second_ms(0.99),
             errors: r.errors.clone(),
             dropped: r.dropped,
             auth_yes: r.auth_yes,
@@ -149,15 +188,15 @@ impl Report {
     pub fn summary(&self) -> String {
         let l = &self.latency_ms;
         let mut out = format!(
-            "{} against {} ({} loop, load {}): {} ok, {} failed in {:.1} s = {:.0}/s\nlatency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n",
+            "{} against {} ({} loop, load {}): {:.0}/s answered in the {:.1} s window ({} ok, {} failed in all)\nlatency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n",
             self.scenario,
             self.target,
             self.mode,
             self.load,
+            self.throughput,
+            self.seconds,
             self.ok,
             self.failed,
-            self.seconds,
-            self.throughput,
             l["p50"],
             l["p90"],
             l["p99"],
@@ -166,6 +205,18 @@ impl Report {
         );
         for (kind, n) in &self.errors {
             out.push_str(&format!("error {kind}: {n}\n"));
+        }
+        if self.offered > 0 && self.throughput < 0.95 * self.offered as f64 {
+            out.push_str(&format!(
+                "BEHIND: offered {}/s, answered {:.0}/s in the window\n",
+                self.offered, self.throughput
+            ));
+        }
+        if self.late > 0 {
+            out.push_str(&format!(
+                "answered after the window (backlog at its end): {}, drained in {:.2} s\n",
+                self.late, self.drain_seconds
+            ));
         }
         if self.dropped > 0 {
             out.push_str(&format!("not sent (in-flight bound reached): {}\n", self.dropped));
@@ -185,13 +236,13 @@ mod tests {
     fn report_counts_percentiles_and_errors() {
         let mut r = Recorder::new().unwrap();
         for us in 1..=1000u64 {
-            r.complete((us / 500) as usize, Ok(us * 10));
+            r.complete(Some((us / 500) as usize), Ok(us * 10));
         }
-        r.complete(2, Err("Unavailable/NOT_LEADER".into()));
-        let rep = Report::new("get", "nid", "open", 500, 2.0, &r);
+        r.complete(Some(2), Err("Unavailable/NOT_LEADER".into()));
+        let rep = Report::new("get", "nid", "open", 500, 3.0, &r);
         assert_eq!(rep.ok, 1000);
         assert_eq!(rep.failed, 1);
-        assert_eq!(rep.throughput, 500.0);
+        assert!((rep.throughput - 1000.0 / 3.0).abs() < 1e-9);
         assert!((rep.latency_ms["p50"] - 5.0).abs() < 0.05, "{:?}", rep.latency_ms);
         assert!((rep.latency_ms["max"] - 10.0).abs() < 0.05);
         assert_eq!(rep.per_second, vec![499, 500, 2]);
@@ -202,8 +253,34 @@ mod tests {
         assert!(rep.summary().contains("error Unavailable/NOT_LEADER: 1"));
         // A second with only failures has no latency to plot.
         let mut r = Recorder::new().unwrap();
-        r.complete(0, Ok(100));
-        r.complete(1, Err("Unavailable".into()));
+        r.complete(Some(0), Ok(100));
+        r.complete(Some(1), Err("Unavailable".into()));
         assert_eq!(Report::new("get", "nid", "open", 1, 2.0, &r).per_second_p50_ms[1], 0.0);
+    }
+
+    #[test]
+    fn a_server_falling_behind_shows_a_backlog_not_the_offered_rate() {
+        // Offered 100/s for 2 s; the server answers 50 in each second and the other 100 late.
+        let mut r = Recorder::new().unwrap();
+        for second in 0..2 {
+            for _ in 0..50 {
+                r.complete(Some(second), Ok(5_000));
+            }
+        }
+        for _ in 0..100 {
+            r.complete(None, Ok(900_000));
+        }
+        r.drain_seconds = 1.0;
+        let rep = Report::new("auth", "nid", "open", 100, 2.0, &r);
+        assert_eq!(rep.ok, 200, "every answer counts for latency");
+        assert_eq!(rep.throughput, 50.0, "only answers inside the window count for throughput");
+        assert_eq!(rep.late, 100);
+        assert_eq!(rep.per_second, vec![50, 50]);
+        assert!(rep.latency_ms["p99"] > 800.0, "late answers' latency is in the percentiles");
+        let text = rep.summary();
+        assert!(
+            text.contains("BEHIND: offered 100/s") && text.contains("backlog at its end): 100"),
+            "{text}"
+        );
     }
 }

@@ -51,9 +51,14 @@ fn populate_then_open_and_closed_loop_runs_report_honestly() {
     assert_eq!(r["failed"], 0, "{r}");
     assert_eq!(r["per_second"].as_array().unwrap().len(), 2);
     assert_eq!(r["per_second_p99_ms"].as_array().unwrap().len(), 2);
-    // The plot sits next to the report: one polyline for throughput, one each for p50 and p99.
+    // Throughput counts what was answered inside the window; the rest is reported as late.
+    assert_eq!(r["offered"], 200, "{r}");
+    let in_window: u64 = r["per_second"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(in_window + r["late"].as_u64().unwrap(), r["ok"].as_u64().unwrap(), "{r}");
+    assert!((r["throughput"].as_f64().unwrap() - in_window as f64 / 2.0).abs() < 1e-9, "{r}");
+    // The plot sits next to the report: lines for the offered rate, completions, p50 and p99.
     let svg = std::fs::read_to_string(report.with_extension("svg")).unwrap();
-    assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() == 3, "{svg}");
+    assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() == 4, "{svg}");
     let p50 = r["latency_ms"]["p50"].as_f64().unwrap();
     let p99 = r["latency_ms"]["p99"].as_f64().unwrap();
     assert!(p50 > 0.0 && p99 >= p50);
