@@ -1,7 +1,8 @@
 //! `make bench` end to end in miniature: the suite starts its own cluster, runs the ceiling,
 //! enrolment and authentication rows through `nid-loadtest`, and writes the table, the targets and
 //! the per-process CPU breakdown to its output file, keeping hand-written text below the markers.
-//! (etcd, the cgroup scale-out and perf are left to `make bench`: they need root and minutes.)
+//! (etcd, the cgroup scale-out and perf are left to `make bench`: they need root and minutes; the
+//! rebalance section runs with 2,000 identities instead of 200,000.)
 
 use nid_tests::binary;
 use std::process::Command;
@@ -16,7 +17,7 @@ fn the_suite_writes_its_table_and_keeps_hand_written_text() {
     )
     .unwrap();
     let run = Command::new(binary("bench-suite"))
-        .args(["--seconds", "1", "--populate", "200", "--concurrency", "8"])
+        .args(["--seconds", "1", "--populate", "200", "--concurrency", "8", "--rebalance-identities", "2000"])
         .args(["--skip-etcd", "--skip-scaleout", "--skip-profile", "--out"])
         .arg(&out)
         .arg("--results")
@@ -36,6 +37,8 @@ fn the_suite_writes_its_table_and_keeps_hand_written_text() {
         "| 2b exactly-once | versioned update, request ids off | closed, c=8 |",
         "| request-id bookkeeping costs < 10% of enrolment throughput |",
         "CPU per authentication at max throughput: cell leader ",
+        "| 4 -> 5 cells, 2000 identities |",
+        "| adding a cell: 0 client errors, p99 during <= 2x before, freeze p99 <= 250 ms, >= 20 MB/s |",
         "## By hand\nkept\n",
     ] {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
