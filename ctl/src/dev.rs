@@ -608,6 +608,8 @@ async fn add_dev_partner(cluster: &ClusterFile, secrets: &Secrets) -> anyhow::Re
             .iter()
             .map(|t| nid_proto::v1::AuthTypeGrant { auth_type: (*t).into() })
             .collect(),
+        // No rate limit: the load-test harness authenticates as this partner.
+        ..Default::default()
     };
     let response = client
         .add_partner(crate::credentials::with_bearer(request, &token)?)

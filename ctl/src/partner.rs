@@ -9,7 +9,7 @@ use nid_proto::v1::admin_client::AdminClient;
 use nid_proto::v1::authentication_client::AuthenticationClient;
 use nid_proto::v1::{
     AddPartnerRequest, AuthFactors, AuthReason, AuthTypeGrant, AuthenticateRequest, DemographicFactor,
-    ListPartnersRequest, MatchMode, RevokePartnerRequest, VerifyAuditChainRequest,
+    ListPartnersRequest, MatchMode, RevokePartnerRequest, UpdatePartnerRequest, VerifyAuditChainRequest,
 };
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -39,6 +39,26 @@ pub enum PartnerCommand {
         /// Factors it may use: demographic, pin, totp (comma-separated).
         #[arg(long, value_delimiter = ',', required = true)]
         allow: Vec<String>,
+        /// Rate limit over the cluster, authentications per second ("200" or "200/s"; 0: none).
+        #[arg(long, default_value = "0", value_parser = parse_rate)]
+        rate: u32,
+        /// Burst above the rate (0: as many as the rate).
+        #[arg(long, default_value_t = 0)]
+        burst: u32,
+    },
+    /// Change a partner's display name or rate limit (its API key stays).
+    Update {
+        /// Partner id.
+        id: String,
+        /// New display name.
+        #[arg(long)]
+        name: Option<String>,
+        /// New rate limit, authentications per second ("200" or "200/s"; 0: none).
+        #[arg(long, value_parser = parse_rate)]
+        rate: Option<u32>,
+        /// New burst (0: as many as the rate).
+        #[arg(long)]
+        burst: Option<u32>,
     },
     /// List partners (secrets are never shown).
     List,
@@ -100,11 +120,13 @@ pub async fn partner(
 ) -> anyhow::Result<ExitCode> {
     let (mut client, token) = admin_client(admin, router, dir).await?;
     let result = match command {
-        PartnerCommand::Add { id, name, allow } => {
+        PartnerCommand::Add { id, name, allow, rate, burst } => {
             let request = AddPartnerRequest {
                 partner_id: id,
                 name,
                 allowed: allow.into_iter().map(|auth_type| AuthTypeGrant { auth_type }).collect(),
+                rate_per_second: rate,
+                burst,
             };
             client.add_partner(with_bearer(request, &token)?).await.map(|r| {
                 let r = r.into_inner();
@@ -122,18 +144,36 @@ pub async fn partner(
                 for p in r.into_inner().partners {
                     match output {
                         Output::Table => println!(
-                            "{:<24} {:<8} {:<28} {}",
+                            "{:<24} {:<8} {:<28} {:<16} {}",
                             p.partner_id,
                             if p.revoked { "revoked" } else { "active" },
                             p.allowed_auth_types.join(","),
+                            limit_text(p.rate_per_second, p.burst),
                             p.name
                         ),
                         Output::Json => println!(
                             "{}",
                             serde_json::json!({"partner_id": p.partner_id, "name": p.name,
-                            "allowed": p.allowed_auth_types, "revoked": p.revoked})
+                            "allowed": p.allowed_auth_types, "revoked": p.revoked,
+                            "rate_per_second": p.rate_per_second, "burst": p.burst})
                         ),
                     }
+                }
+            })
+        }
+        PartnerCommand::Update { id, name, rate, burst } => {
+            let request = UpdatePartnerRequest { partner_id: id, name, rate_per_second: rate, burst };
+            client.update_partner(with_bearer(request, &token)?).await.map(|r| {
+                let p = r.into_inner().partner.unwrap_or_default();
+                match output {
+                    Output::Table => {
+                        println!("{} {}", p.partner_id, limit_text(p.rate_per_second, p.burst))
+                    }
+                    Output::Json => println!(
+                        "{}",
+                        serde_json::json!({"partner_id": p.partner_id, "name": p.name,
+                        "rate_per_second": p.rate_per_second, "burst": p.burst})
+                    ),
                 }
             })
         }
@@ -240,5 +280,20 @@ pub async fn auth(
             eprintln!("nidctl: {}", describe(&e));
             Ok(ExitCode::from(1))
         }
+    }
+}
+
+/// "200" or "200/s".
+fn parse_rate(text: &str) -> Result<u32, String> {
+    text.trim_end_matches("/s")
+        .parse()
+        .map_err(|_| "expected authentications per second, e.g. 200/s".to_owned())
+}
+
+fn limit_text(rate: u32, burst: u32) -> String {
+    match (rate, burst) {
+        (0, _) => "no limit".to_owned(),
+        (r, 0) => format!("{r}/s"),
+        (r, b) => format!("{r}/s burst {b}"),
     }
 }

@@ -218,6 +218,16 @@ pub fn overloaded(message: impl Into<String>, retry_after: Duration) -> Status {
     Status::with_error_details(Code::ResourceExhausted, message, details)
 }
 
+/// RESOURCE_EXHAUSTED with reason RATE_LIMITED and a RetryInfo delay: the calling partner is over
+/// its rate limit (`limit_per_second` is what this router enforces); retry after `retry_after`.
+pub fn rate_limited(limit_per_second: f64, retry_after: Duration) -> Status {
+    let mut details = ErrorDetails::new();
+    let pairs = [("limit_per_second", format!("{limit_per_second:.1}"))];
+    details.set_error_info(reason_name(ErrorReason::RateLimited), ERROR_DOMAIN, metadata(&pairs));
+    details.set_retry_info(Some(retry_after));
+    Status::with_error_details(Code::ResourceExhausted, "the partner's rate limit is exceeded", details)
+}
+
 /// The RetryInfo delay a status carries, if any.
 pub fn retry_delay(status: &Status) -> Option<Duration> {
     status.get_error_details().retry_info().and_then(|r| r.retry_delay)

@@ -319,6 +319,7 @@ impl Admin for AdminService {
         if req.allowed.is_empty() {
             v.add("allowed", "grant at least one auth type");
         }
+        check_limits(&mut v, Some(req.rate_per_second), Some(req.burst));
         for (i, g) in req.allowed.iter().enumerate() {
             if auth_type_of(&g.auth_type).is_none() {
                 v.add(format!("allowed[{i}].auth_type"), "must be demographic, pin or totp");
@@ -353,6 +354,8 @@ impl Admin for AdminService {
             allowed_auth_types: allowed,
             revoked: false,
             created_at: Some(prost_types::Timestamp { seconds: now.as_secs() as i64, nanos: 0 }),
+            rate_per_second: req.rate_per_second,
+            burst: req.burst,
         };
         let put = PutPartnerRequest {
             partner: Some(partner.clone()),
@@ -400,6 +403,45 @@ impl Admin for AdminService {
         self.put_partner(put).await?;
         tracing::info!(partner = %id, "partner revoked");
         Ok(Response::new(RevokePartnerResponse {}))
+    }
+
+    async fn update_partner(
+        &self,
+        request: Request<UpdatePartnerRequest>,
+    ) -> Result<Response<UpdatePartnerResponse>, Status> {
+        self.require_admin(request.metadata())?;
+        let req = request.into_inner();
+        let mut v = FieldViolations::new();
+        if req.name.as_ref().is_some_and(|n| n.chars().count() > 128) {
+            v.add("name", "at most 128 characters");
+        }
+        check_limits(&mut v, req.rate_per_second, req.burst);
+        v.into_result()?;
+        self.partners.refresh(&self.router).await?;
+        let record = self
+            .partners
+            .list()
+            .into_iter()
+            .find(|p| p.partner.as_ref().is_some_and(|p| p.partner_id == req.partner_id))
+            .ok_or_else(|| Status::not_found("no partner with this id"))?;
+        let mut partner = record.partner.unwrap_or_default();
+        if let Some(name) = req.name {
+            partner.name = name;
+        }
+        if let Some(rate) = req.rate_per_second {
+            partner.rate_per_second = rate;
+        }
+        if let Some(burst) = req.burst {
+            partner.burst = burst;
+        }
+        let put = PutPartnerRequest {
+            partner: Some(partner.clone()),
+            secret_digest: record.secret_digest,
+            create_only: false,
+        };
+        self.put_partner(put).await?;
+        tracing::info!(partner = %partner.partner_id, rate = partner.rate_per_second, burst = partner.burst, "partner updated");
+        Ok(Response::new(UpdatePartnerResponse { partner: Some(partner) }))
     }
 
     async fn get_rebalance_status(
@@ -469,5 +511,15 @@ impl Admin for AdminService {
             },
         )
         .await
+    }
+}
+
+/// A partner's rate limit: at most a million per second, and a burst no smaller than one.
+fn check_limits(v: &mut FieldViolations, rate: Option<u32>, burst: Option<u32>) {
+    if rate.is_some_and(|r| r > 1_000_000) {
+        v.add("rate_per_second", "at most 1000000 (0: no limit)");
+    }
+    if burst.is_some_and(|b| b > 1_000_000) {
+        v.add("burst", "at most 1000000 (0: the rate)");
     }
 }

@@ -11,6 +11,7 @@ mod admin;
 mod descriptors;
 mod metrics;
 mod partners;
+mod quota;
 mod routing;
 mod service;
 
@@ -71,6 +72,14 @@ struct Flags {
     /// exactly-once bookkeeping costs (make bench); never in production.
     #[arg(long, hide = true)]
     unsafe_no_request_ids: bool,
+    /// Requests forwarded at once; beyond it the router answers RESOURCE_EXHAUSTED / OVERLOADED
+    /// with a retry delay at once instead of queueing (memory stays bounded under overload).
+    #[arg(long, default_value_t = 8192)]
+    max_in_flight: usize,
+    /// This router's share of every partner's rate limit: with N routers behind a load balancer
+    /// that spreads evenly, 1/N keeps each partner's cluster-wide rate at its configured limit.
+    #[arg(long, default_value_t = 1.0)]
+    quota_share: f64,
     /// Serve plaintext gRPC (required until mTLS lands; development only).
     #[arg(long)]
     insecure: bool,
@@ -82,6 +91,10 @@ fn main() -> ExitCode {
         flags.log_format,
         &[("role", "router".into()), ("zone", flags.zone.clone().into())],
     );
+    if !(flags.quota_share > 0.0 && flags.quota_share <= 1.0) {
+        eprintln!("nid-router: --quota-share must be in (0, 1]");
+        return ExitCode::from(2);
+    }
     if !flags.insecure {
         eprintln!(
             "nid-router: mTLS is not implemented yet; start with --insecure on a trusted network (development)"
@@ -106,7 +119,7 @@ fn main() -> ExitCode {
 
 async fn run(flags: Flags) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::RouterMetrics::new()?);
-    let mut router = routing::Router::new(flags.control.clone(), metrics.clone());
+    let mut router = routing::Router::new(flags.control.clone(), metrics.clone(), flags.max_in_flight);
     if flags.unsafe_no_request_ids {
         tracing::warn!("--unsafe-no-request-ids: retried writes may apply twice (benchmarks only)");
         router.assign_request_ids = false;
@@ -126,7 +139,8 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         Some(path) => Some(hex::encode(partners::read_secret_file(path)?).into_bytes()),
         None => None,
     };
-    let partners = Arc::new(partners::Partners::new(&partner_key));
+    let quotas = quota::Quotas::new(flags.quota_share, metrics.registry())?;
+    let partners = Arc::new(partners::Partners::new(&partner_key, quotas));
     partners.spawn_refresher(router.clone());
     if let Some(addr) = flags.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await?;

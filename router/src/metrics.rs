@@ -11,6 +11,8 @@ pub struct RouterMetrics {
     pub retries: IntCounterVec,
     /// Routing-table version in use.
     pub table_version: IntGauge,
+    /// Requests refused because the router had its limit of requests in flight.
+    pub shed: prometheus::IntCounter,
 }
 
 impl RouterMetrics {
@@ -28,8 +30,18 @@ impl RouterMetrics {
         )?;
         let table_version = IntGauge::new("nid_router_table_version", "Routing-table version in use.")?;
         registry.register(Box::new(retries.clone()))?;
+        let shed = prometheus::IntCounter::new(
+            "nid_router_shed_total",
+            "Requests refused (RESOURCE_EXHAUSTED/OVERLOADED) because the router had --max-in-flight requests in flight.",
+        )?;
         registry.register(Box::new(table_version.clone()))?;
-        Ok(RouterMetrics { registry, grpc, retries, table_version })
+        registry.register(Box::new(shed.clone()))?;
+        Ok(RouterMetrics { registry, grpc, retries, table_version, shed })
+    }
+
+    /// The registry, for metrics other modules own.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// The text exposition.

@@ -3,8 +3,10 @@
 //! The router holds that key (never the data keys); the control cell never sees a secret.
 //!
 //! The list is cached and refreshed every second (and at once, rate-limited, when an unknown partner
-//! shows up), so a revocation takes effect on every router within about a second.
+//! shows up), so a revocation or a new rate limit takes effect on every router within about a
+//! second. An authenticated partner over its rate limit is refused here (`quota.rs`).
 
+use crate::quota::Quotas;
 use crate::routing::{Authenticated, Router};
 use nid_proto::error::status_with_reason;
 use nid_proto::v1::{AuthType, ErrorReason, ListPartnersInternalRequest, PartnerRecord};
@@ -21,6 +23,7 @@ const ON_DEMAND_MIN: Duration = Duration::from_millis(250);
 /// The partner-credential key and the cached partner list.
 pub struct Partners {
     key: hmac::Key,
+    quotas: Quotas,
     cache: RwLock<(u64, HashMap<String, PartnerRecord>)>,
     last_fetch: Mutex<Option<Instant>>,
 }
@@ -48,10 +51,11 @@ pub fn read_secret_file(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
 }
 
 impl Partners {
-    /// Partners checked under `key`.
-    pub fn new(key: &[u8]) -> Partners {
+    /// Partners checked under `key`, rate-limited by `quotas`.
+    pub fn new(key: &[u8], quotas: Quotas) -> Partners {
         Partners {
             key: hmac::Key::new(hmac::HMAC_SHA256, key),
+            quotas,
             cache: RwLock::default(),
             last_fetch: Mutex::default(),
         }
@@ -149,6 +153,7 @@ impl Partners {
         if partner.revoked {
             return Err(unauthenticated("the partner is revoked"));
         }
+        self.quotas.admit(&partner.partner_id, partner.rate_per_second, partner.burst)?;
         let allowed =
             partner.allowed_auth_types.iter().filter_map(|t| auth_type_of(t)).map(|t| t as i32).collect();
         Ok(Authenticated { partner_id: partner.partner_id, allowed })
@@ -161,8 +166,9 @@ mod tests {
 
     #[test]
     fn digests_are_keyed() {
-        let a = Partners::new(&[1; 32]);
-        let b = Partners::new(&[2; 32]);
+        let quotas = || Quotas::new(1.0, &prometheus::Registry::new()).unwrap();
+        let a = Partners::new(&[1; 32], quotas());
+        let b = Partners::new(&[2; 32], quotas());
         assert_eq!(a.digest("s"), a.digest("s"));
         assert_ne!(a.digest("s"), b.digest("s"));
         assert_ne!(a.digest("s"), a.digest("t"));

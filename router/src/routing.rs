@@ -130,11 +130,18 @@ pub struct Router {
     /// Whether client calls without a request id get one (always, but for benchmarks measuring
     /// what the exactly-once bookkeeping costs).
     pub assign_request_ids: bool,
+    /// Requests being forwarded; a request finding none left is shed at once.
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
+/// How long a shed client should wait before retrying.
+const SHED_RETRY: Duration = Duration::from_millis(50);
+
 impl Router {
-    /// A router that learns its table from `control` replicas.
-    pub fn new(control: Vec<String>, metrics: Arc<RouterMetrics>) -> Router {
+    /// A router that learns its table from `control` replicas and forwards at most
+    /// `max_in_flight` requests at once (more are refused with RESOURCE_EXHAUSTED / OVERLOADED
+    /// and a retry delay, so memory and queues stay bounded under overload).
+    pub fn new(control: Vec<String>, metrics: Arc<RouterMetrics>, max_in_flight: usize) -> Router {
         Router {
             control,
             table: RwLock::default(),
@@ -144,6 +151,7 @@ impl Router {
             suspects: Mutex::default(),
             metrics,
             assign_request_ids: true,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1))),
         }
     }
 
@@ -352,6 +360,13 @@ impl Router {
         deadline: Instant,
         partner: Option<&Authenticated>,
     ) -> Result<CellResult, Status> {
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            self.metrics.shed.inc();
+            return Err(nid_proto::error::overloaded(
+                "the router is at its limit of requests in flight",
+                SHED_RETRY,
+            ));
+        };
         let partner_id = partner.map(|p| p.partner_id.clone()).unwrap_or_default();
         let partner_allowed = partner.map(|p| p.allowed.clone()).unwrap_or_default();
         let request_id = if self.assign_request_ids { new_request_id()? } else { String::new() };

@@ -221,3 +221,74 @@ async fn every_enrollment_rpc_reaches_the_owning_cell_through_the_router() {
     assert_eq!(bad.code(), Code::InvalidArgument);
     assert_eq!(reason_of(&bad).as_deref(), Some("INVALID_IDENTIFIER"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_over_its_rate_limit_is_told_when_to_retry_and_others_are_not_slowed() {
+    let cluster = DevCluster::start(1);
+    let dir = cluster.dir.path();
+    let router = cluster.router();
+    let ch = nid_tests::connect(&router).await;
+    let mut enrol = EnrollmentClient::new(ch.clone());
+    let mut auth = AuthenticationClient::new(ch.clone());
+    let mut person = enroll_request("RID-ROUTER-QUOTA", "Router Quota");
+    person.pin = "8642".into();
+    let uin = enrol.enroll(person).await.unwrap().into_inner().uin;
+
+    let (code, key) =
+        nidctl(dir, &["partner", "add", "bank-q", "--allow", "pin", "--rate", "2/s", "--burst", "3"]);
+    assert_eq!(code, 0);
+    let (_, listed) = nidctl(dir, &["partner", "list"]);
+    assert!(listed.lines().any(|l| l.starts_with("bank-q") && l.contains("2/s burst 3")), "{listed}");
+    let dev_key = std::fs::read_to_string(dir.join("secrets/dev-partner.apikey")).unwrap().trim().to_owned();
+
+    // 12 at once: the burst of 3 passes (at most one more token can drip in meanwhile), the rest
+    // are refused before any cell sees them, with a delay to retry after.
+    let started = Instant::now();
+    let mut admitted = 0;
+    let mut refused = Vec::new();
+    for k in 0..12 {
+        match auth.authenticate(bearer(request(&uin, &format!("Q-{k}"), pin("8642")), &key)).await {
+            Ok(r) => {
+                assert!(r.into_inner().decision.unwrap().authenticated);
+                admitted += 1;
+            }
+            Err(e) => refused.push(e),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(
+        admitted >= 3 && admitted as f64 <= 3.0 + 2.0 * elapsed + 1.0,
+        "{admitted} admitted in {elapsed:.2} s"
+    );
+    let e = refused.first().expect("some were refused");
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert_eq!(reason_of(e).as_deref(), Some("RATE_LIMITED"));
+    let wait = nid_proto::error::retry_delay(e).expect("a RetryInfo delay");
+    assert!(wait > Duration::ZERO && wait <= Duration::from_millis(500), "{wait:?}");
+    // Only authenticated callers spend a partner's tokens; the dev partner has no limit.
+    for k in 0..12 {
+        let r = auth.authenticate(bearer(request(&uin, &format!("D-{k}"), pin("8642")), &dev_key)).await;
+        assert!(r.is_ok(), "a partner without a limit is never refused: {r:?}");
+    }
+    // The refused ones applied nothing: the audit trail holds only the admitted and the dev
+    // partner's authentications.
+    let (code, out) = nidctl(dir, &["audit", "verify", &uin]);
+    assert_eq!((code, out), (0, format!("intact: {} records", admitted + 12)));
+
+    // Waiting the hinted delay is enough for the next one.
+    tokio::time::sleep(wait).await;
+    auth.authenticate(bearer(request(&uin, "Q-after-wait", pin("8642")), &key))
+        .await
+        .expect("after the delay");
+
+    // Raising the limit takes effect within the routers' refresh (about a second).
+    let (code, out) = nidctl(dir, &["partner", "update", "bank-q", "--rate", "0"]);
+    assert_eq!(code, 0, "{out}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for k in 0..12 {
+        let r = auth.authenticate(bearer(request(&uin, &format!("U-{k}"), pin("8642")), &key)).await;
+        assert!(r.is_ok(), "no limit any more: {r:?}");
+    }
+    let (code, _) = nidctl(dir, &["partner", "update", "bank-q", "--rate", "2000000"]);
+    assert_eq!(code, 1, "an absurd rate is refused");
+}
