@@ -43,6 +43,10 @@ const MAX_BATCH: usize = 64;
 const FEW_CHANGES: usize = 64;
 /// Catch-up rounds before freezing regardless (writes outpacing the copy).
 const MAX_ROUNDS: usize = 8;
+/// The reasons a move aborts for (metric label values).
+const ABORT_REASONS: [&str; 6] =
+    ["unreachable", "checksum", "owner_changed", "refused", "unknown_cell", "resumed"];
+
 /// How long a step before the commit may keep failing before the move aborts.
 const STEP_PATIENCE: Duration = Duration::from_secs(30);
 /// One call to a cell.
@@ -321,24 +325,53 @@ impl Rebalancer {
         });
     }
 
-    /// Drives one move to its end, or until this replica stops leading.
+    /// The move's record as the control log holds it now; None once it is finished.
+    async fn recorded(&self, bucket: u32) -> Result<Option<Migration>, StepError> {
+        let log = self.control.read_state(store::migrations).await.map_err(|e| self.control_error(e))?;
+        Ok(log.active.into_iter().find(|x| x.bucket == bucket))
+    }
+
+    /// Drives one move to its end, or until this replica stops leading. Before every step the
+    /// record is read again: the log, not this task's memory, says whether the move committed
+    /// (a commit whose answer was lost still applied) or is being given up.
     async fn drive(self: &Arc<Self>, m: Migration) {
-        // The planner's view may be older than the move's end: start from the record as it is now.
-        let mut m = match self.control.read_state(store::migrations).await {
-            Ok(log) => match log.active.into_iter().find(|x| x.bucket == m.bucket) {
-                Some(current) => current,
-                None => return,
-            },
-            Err(_) => return,
-        };
+        let mut m = m;
         let mut frozen_at: Option<Instant> = None;
         let mut first_failure: Option<Instant> = None;
         loop {
             if !self.control.node.is_leader() {
                 return;
             }
+            match self.recorded(m.bucket).await {
+                Ok(None) | Err(StepError::Deposed) => return,
+                Ok(Some(r)) => {
+                    if r.from_cell != m.from_cell || r.to_cell != m.to_cell {
+                        return;
+                    }
+                    // The log's phase wins when it is ahead (a commit or an abort this task did
+                    // not hear of, or a new leader starting); this task's copy progress is kept.
+                    if phase(&r) >= MigrationPhase::Committed || phase(&m) < phase(&r) {
+                        let (copy_index, keys, bytes) = (m.copy_index, m.keys, m.bytes);
+                        m = r;
+                        m.copy_index = m.copy_index.max(copy_index);
+                        m.keys = m.keys.max(keys);
+                        m.bytes = m.bytes.max(bytes);
+                    }
+                }
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            }
             let step = match phase(&m) {
                 MigrationPhase::CleanedUp | MigrationPhase::Aborted | MigrationPhase::Unspecified => return,
+                MigrationPhase::Aborting => {
+                    let reason =
+                        if m.abort_reason.is_empty() { "resumed".to_owned() } else { m.abort_reason.clone() };
+                    self.abort(&mut m, &reason).await;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
                 MigrationPhase::Committed => self.finish(&mut m, frozen_at).await,
                 _ => self.advance(&mut m, &mut frozen_at).await,
             };
@@ -350,7 +383,8 @@ impl Rebalancer {
                 Err(StepError::Deposed) => return,
                 Err(StepError::Abort(reason)) if phase(&m) < MigrationPhase::Committed => {
                     self.abort(&mut m, reason).await;
-                    return;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
                 }
                 Err(StepError::Abort(reason)) => reason.to_owned(),
                 Err(StepError::Transient(reason)) => reason,
@@ -359,7 +393,9 @@ impl Rebalancer {
             let since = *first_failure.get_or_insert_with(Instant::now);
             if phase(&m) < MigrationPhase::Committed && since.elapsed() > STEP_PATIENCE {
                 self.abort(&mut m, "unreachable").await;
-                return;
+                first_failure = None;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -381,6 +417,12 @@ impl Rebalancer {
                 m.keys += keys;
                 m.bytes += bytes;
                 self.record(m, MigrationPhase::Copy).await
+            }
+            MigrationPhase::Copy | MigrationPhase::CatchUp if frozen_at.is_some() => {
+                // A retry after this task froze the source: the buckets refuse writes, so no
+                // more rounds (nor their rate limit) and nothing recorded; straight to the end.
+                self.drain(m, &buckets).await?;
+                self.commit(m, &buckets, *frozen_at).await
             }
             MigrationPhase::Copy | MigrationPhase::CatchUp => {
                 // Rounds of changes since the last copy, until few remain; then the freeze.
@@ -495,6 +537,8 @@ impl Rebalancer {
     async fn finish(&self, m: &mut Migration, frozen_at: Option<Instant>) -> Result<(), StepError> {
         let (from, to, v) = (m.from_cell, m.to_cell, m.table_version);
         let buckets = nid_control::commands::buckets_of(m);
+        // In this order: the source stops serving reads (a FROZEN source still answers them)
+        // before the destination takes writes, so no read can miss an acknowledged write.
         self.set_state(from, &buckets, BucketState::NotOwned, v, false).await?;
         self.set_state(to, &buckets, BucketState::Owned, v, false).await?;
         if let Some(t) = frozen_at {
@@ -509,18 +553,31 @@ impl Rebalancer {
         Ok(())
     }
 
-    /// Gives a move up before its commit: the destination drops its copy, the source owns the
-    /// buckets again, unfrozen. Retried until it holds or this replica stops leading.
-    async fn abort(&self, m: &mut Migration, reason: &'static str) {
+    /// Gives a move up before its commit. The log decides first: ABORTING is recorded only while
+    /// the move has not committed, and from then on the commit cannot apply; if the log says the
+    /// move committed instead, nothing is undone and the caller goes on forward. Then the
+    /// destination drops its copy (best effort: it may be gone for good) and the source owns the
+    /// buckets again, unfrozen; then ABORTED. Returns when done, when the log says otherwise, or
+    /// when this replica stops leading (a new leader resumes an ABORTING move here).
+    async fn abort(&self, m: &mut Migration, reason: &str) {
         let (from, to, v) = (m.from_cell, m.to_cell, m.table_version);
         let buckets = nid_control::commands::buckets_of(m);
+        if phase(m) != MigrationPhase::Aborting {
+            let mut decided = m.clone();
+            decided.abort_reason = reason.to_owned();
+            match self.record(&mut decided, MigrationPhase::Aborting).await {
+                Ok(()) => *m = decided,
+                // Refused (the move committed, or finished) or unknown: the caller reads the
+                // record again and follows it.
+                Err(_) => return,
+            }
+        }
         tracing::warn!(bucket = m.bucket, buckets = buckets.len(), from, to, reason, "bucket move aborting");
         loop {
             if !self.control.node.is_leader() {
                 return;
             }
             let undone = async {
-                // The destination may be gone for good: its side is best effort; the source's is not.
                 let dest = async {
                     self.delete(to, &buckets, v).await?;
                     self.set_state(to, &buckets, BucketState::NotOwned, v, false).await
@@ -532,12 +589,12 @@ impl Rebalancer {
                     tracing::warn!(bucket = m.bucket, cell = to, error = ?e, "the destination did not drop its partial copy");
                 }
                 self.set_state(from, &buckets, BucketState::Owned, v, false).await?;
-                m.abort_reason = reason.to_owned();
                 self.record(m, MigrationPhase::Aborted).await
             };
             match undone.await {
                 Ok(()) => {
-                    self.metrics.moves.with_label_values(&["aborted", reason]).inc_by(buckets.len() as u64);
+                    let label = if ABORT_REASONS.contains(&reason) { reason } else { "other" };
+                    self.metrics.moves.with_label_values(&["aborted", label]).inc_by(buckets.len() as u64);
                     return;
                 }
                 Err(StepError::Deposed) => return,

@@ -164,12 +164,15 @@ async fn bucket_moves_follow_their_rules_and_a_batch_commits_whole_or_not_at_all
     assert!(conflict(c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::Copy)).await));
     assert!(conflict(c.must_propose(&record(&[10, 11], 2, 1, MigrationPhase::Planned)).await));
     assert!(c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::Planned)).await.is_ok());
+    // A bucket a move drives commits only as that move, once it has copied.
+    assert!(conflict(c.must_propose(&commit(&[10, 11], &[0, 0])).await), "nothing copied yet");
     // One move per bucket.
     assert!(conflict(c.must_propose(&record(&[11, 12], 1, 2, MigrationPhase::Planned)).await));
     // Forward only; COMMITTED only through the commit.
     assert!(c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::CatchUp)).await.is_ok());
     assert!(conflict(c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::Copy)).await));
     assert!(conflict(c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::Committed)).await));
+    assert!(conflict(c.must_propose(&commit(&[10], &[0])).await), "part of a batch never commits alone");
     // A batch with one stale epoch moves nothing.
     assert_eq!(c.must_propose(&commit(&[10, 11], &[0, 1])).await, Err(MoveConflict));
     let leader = tokio::task::block_in_place(|| c.must_leader());
@@ -185,6 +188,7 @@ async fn bucket_moves_follow_their_rules_and_a_batch_commits_whole_or_not_at_all
     // After the commit there is no way back; cleaned up, the move joins the history, and a late
     // record of it changes nothing.
     assert!(conflict(c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::Aborted)).await));
+    assert!(conflict(c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::Aborting)).await));
     assert!(c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::CleanedUp)).await.is_ok());
     let log = c.node(leader).view(|v| store::migrations(v)).unwrap();
     assert!(log.active.is_empty());
@@ -209,6 +213,13 @@ async fn bucket_moves_follow_their_rules_and_a_batch_commits_whole_or_not_at_all
     let mut all: Vec<u32> =
         (0..u32::from(nid_proto::bucket::BUCKETS)).filter(|&b| b != 10 && b != 11).collect();
     assert!(matches!(c.must_propose(&remove(1)).await, Err(CellBusy(_))), "a move involves it");
+    // Giving up is decided in the log first: once ABORTING is recorded the commit cannot apply,
+    // and the move only goes on to ABORTED.
+    assert!(c.must_propose(&record(&[12], 1, 2, MigrationPhase::CatchUp)).await.is_ok());
+    assert!(c.must_propose(&record(&[12], 1, 2, MigrationPhase::Aborting)).await.is_ok());
+    assert!(conflict(c.must_propose(&commit(&[12], &[0])).await), "no commit after ABORTING");
+    assert!(conflict(c.must_propose(&record(&[12], 1, 2, MigrationPhase::CatchUp)).await));
+    assert!(c.must_propose(&record(&[12], 1, 2, MigrationPhase::Aborting)).await.is_ok(), "idempotent");
     assert!(c.must_propose(&record(&[12], 1, 2, MigrationPhase::Aborted)).await.is_ok());
     all.sort_unstable();
     let epochs = vec![0; all.len()];

@@ -118,6 +118,12 @@ fn register_cell(cell: CellInfo, ctx: &mut ApplyContext<'_>) -> Result<ControlAp
         return Ok(Err(ControlRejection::Malformed("cell")));
     }
     let Some(mut table) = store::table(&*ctx)? else { return Ok(Err(ControlRejection::NoCluster)) };
+    let mut cell = cell;
+    // Registering a registered cell again may update its replicas, never its state (joining,
+    // active, draining change only through SetCellState and the rebalancer).
+    if let Some(existing) = table.cells.iter().find(|c| c.cell_id == cell.cell_id) {
+        cell.state = existing.state;
+    }
     if table.cells.contains(&cell) {
         return Ok(Ok(Changed { changed: false, version: table.version }));
     }
@@ -147,6 +153,26 @@ fn commit_move(c: &CommitMove, ctx: &mut ApplyContext<'_>) -> Result<ControlAppl
     {
         return Ok(Err(ControlRejection::Malformed("buckets, epochs or destination")));
     }
+    // A bucket a move is driving commits only as that move, whole, and only once the move has
+    // copied and not begun to abort; a bucket no move drives may be moved by hand (repairs, tests).
+    let mut log = store::migrations(&*ctx)?;
+    let driving =
+        log.active.iter().position(|m| crate::commands::buckets_of(m).iter().any(|b| distinct.contains(b)));
+    if let Some(i) = driving {
+        let m = &log.active[i];
+        let ready = matches!(
+            phase(m),
+            Some(
+                MigrationPhase::Copy
+                    | MigrationPhase::CatchUp
+                    | MigrationPhase::Frozen
+                    | MigrationPhase::Drained
+            )
+        );
+        if crate::commands::buckets_of(m) != buckets || m.from_cell != c.from || m.to_cell != c.to || !ready {
+            return Ok(Err(ControlRejection::MigrationConflict("the buckets are in another move or phase")));
+        }
+    }
     // Every bucket moves, or none.
     for (&b, &e) in buckets.iter().zip(&epochs) {
         if table.owner[b as usize] != c.from || table.epoch[b as usize] != e {
@@ -165,10 +191,7 @@ fn commit_move(c: &CommitMove, ctx: &mut ApplyContext<'_>) -> Result<ControlAppl
     ctx.put(TABLE, codec::encode(&table))?;
     // The move's record says committed in the same command: a resumed coordinator never has to
     // guess whether the compare-and-swap happened.
-    let mut log = store::migrations(&*ctx)?;
-    if let Some(m) =
-        log.active.iter_mut().find(|m| m.bucket == buckets[0] && m.from_cell == c.from && m.to_cell == c.to)
-    {
+    if let Some(m) = driving.and_then(|i| log.active.get_mut(i)) {
         m.phase = MigrationPhase::Committed as i32;
         m.table_version = version;
         ctx.put(MIGRATIONS, codec::encode(&log))?;
@@ -182,7 +205,7 @@ fn phase(m: &Migration) -> Option<MigrationPhase> {
 
 /// Records a move's progress. A new move of a bucket starts PLANNED, from its owner, to a cell
 /// that takes buckets, while no other move of it is in flight; a recorded move only goes forward
-/// (ABORTED from any phase before COMMITTED; COMMITTED only through the commit itself; CLEANED_UP
+/// (ABORTING, then ABORTED, from any phase before COMMITTED; COMMITTED only through the commit itself; CLEANED_UP
 /// after it). Finished moves leave the in-flight list for the bounded history.
 fn record_migration(m: Migration, ctx: &mut ApplyContext<'_>) -> Result<ControlApplied, StorageError> {
     use MigrationPhase as P;
@@ -244,11 +267,13 @@ fn record_migration(m: Migration, ctx: &mut ApplyContext<'_>) -> Result<ControlA
                 )));
             }
             let old = phase(current).unwrap_or(P::Unspecified);
+            // ABORTING (numbered after every other phase) is entered only before the commit and
+            // leaves only to ABORTED; the commit cannot happen once it is recorded.
             let allowed = match new {
-                P::Aborted => old < P::Committed,
+                P::Aborting | P::Aborted => old < P::Committed || old == P::Aborting,
                 P::Committed => old == P::Committed,
                 P::CleanedUp => old == P::Committed,
-                _ => new >= old && old < P::Committed,
+                _ => old < P::Committed && new >= old,
             };
             if !allowed {
                 return Ok(Err(ControlRejection::MigrationConflict("phases only go forward")));

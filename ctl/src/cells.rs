@@ -199,6 +199,11 @@ fn state_name(state: i32) -> &'static str {
     }
 }
 
+/// Done with, one way or the other.
+fn finished(m: &Migration) -> bool {
+    m.phase == MigrationPhase::CleanedUp as i32 || m.phase == MigrationPhase::Aborted as i32
+}
+
 fn phase_name(m: &Migration) -> &'static str {
     match MigrationPhase::try_from(m.phase) {
         Ok(MigrationPhase::Planned) => "planned",
@@ -210,6 +215,7 @@ fn phase_name(m: &Migration) -> &'static str {
         Ok(MigrationPhase::Committed) => "committed",
         Ok(MigrationPhase::CleanedUp) => "done",
         Ok(MigrationPhase::Aborted) => "aborted",
+        Ok(MigrationPhase::Aborting) => "aborting",
         _ => "unknown",
     }
 }
@@ -289,8 +295,7 @@ async fn status(
             Err(e) => return failed("rebalance status", e),
         };
         let (buckets_per_s, bytes_per_s) = recent_rate(&s);
-        let in_flight: Vec<&Migration> =
-            s.migrations.iter().filter(|m| m.phase < MigrationPhase::CleanedUp as i32).collect();
+        let in_flight: Vec<&Migration> = s.migrations.iter().filter(|m| !finished(m)).collect();
         let moving: usize = in_flight.iter().map(|m| size(m)).sum();
         let eta = if buckets_per_s > 0.0 { f64::from(s.buckets_misplaced) / buckets_per_s } else { 0.0 };
         match output {
@@ -314,7 +319,7 @@ async fn status(
                 let finished: Vec<serde_json::Value> = s
                     .migrations
                     .iter()
-                    .filter(|m| m.phase >= MigrationPhase::CleanedUp as i32)
+                    .filter(|m| finished(m))
                     .map(|m| {
                         serde_json::json!({"bucket": m.bucket, "buckets": size(m), "from": m.from_cell, "to": m.to_cell,
                         "phase": phase_name(m), "keys": m.keys, "bytes": m.bytes, "freeze_ms": m.freeze_ms,

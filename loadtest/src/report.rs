@@ -27,7 +27,7 @@ pub struct Recorder {
     pub per_second: Vec<u64>,
     /// Latencies of the successes completed in each second (2 significant digits: for the plot).
     pub per_second_latency: Vec<Histogram<u64>>,
-    /// Measured successes answered inside the window.
+    /// Successes answered inside the window (to requests due in it or in the warm-up).
     pub ok_in_window: u64,
     /// Measured requests answered after the window (the backlog at its end), successes or not.
     pub late: u64,
@@ -71,14 +71,28 @@ impl Recorder {
         }
     }
 
+    /// Counts an answer inside the window to a request due before it (in the warm-up): it adds
+    /// to what the server completed in the window, not to the latency figures.
+    pub fn complete_unmeasured(&mut self, second: usize, ok: bool) {
+        self.grow(second);
+        self.per_second[second] += 1;
+        if ok {
+            self.ok_in_window += 1;
+        }
+    }
+
+    fn grow(&mut self, second: usize) {
+        while self.per_second.len() <= second {
+            self.per_second.push(0);
+            self.per_second_latency.push(Histogram::new_from(&self.second_template));
+        }
+    }
+
     /// Records the answer to one measured request: `second` is the second of the window it
     /// completed in, None when it completed after the window.
     pub fn complete(&mut self, second: Option<usize>, result: Result<u64, String>) {
         if let Some(second) = second {
-            while self.per_second.len() <= second {
-                self.per_second.push(0);
-                self.per_second_latency.push(Histogram::new_from(&self.second_template));
-            }
+            self.grow(second);
             self.per_second[second] += 1;
         } else {
             self.late += 1;
@@ -212,7 +226,8 @@ impl Report {
                 self.offered, self.throughput
             ));
         }
-        if self.late > 0 {
+        // Closed loop always has its last requests in flight at the end: no backlog to speak of.
+        if self.late > 0 && self.mode == "open" {
             out.push_str(&format!(
                 "answered after the window (backlog at its end): {}, drained in {:.2} s\n",
                 self.late, self.drain_seconds

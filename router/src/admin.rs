@@ -134,14 +134,21 @@ async fn check_new_cell(router: &Router, cell: &CellInfo) -> Result<(), Status> 
         v.add("cell.weight", "must be 1..=1000 (0: the default)");
     }
     v.into_result()?;
-    // The keyring of a serving cell, to compare with.
+    // Every key generation a serving cell holds (one answering replica per cell): data sealed
+    // with any of them may move to the new cell, which must be able to open it.
     let mut reference: Option<Vec<KeyGeneration>> = None;
-    for r in table.cells.iter().flat_map(|c| &c.replicas) {
-        if let Ok(ch) = router.channel(&r.address) {
+    for c in &table.cells {
+        for r in &c.replicas {
+            let Ok(ch) = router.channel(&r.address) else { continue };
             let mut req = Request::new(GetKeyGenerationsRequest {});
             req.set_timeout(Duration::from_secs(2));
             if let Ok(k) = CellClient::new(ch).get_key_generations(req).await {
-                reference = Some(k.into_inner().held);
+                let all = reference.get_or_insert_with(Vec::new);
+                for g in k.into_inner().held {
+                    if !all.contains(&g) {
+                        all.push(g);
+                    }
+                }
                 break;
             }
         }
@@ -175,10 +182,16 @@ async fn check_new_cell(router: &Router, cell: &CellInfo) -> Result<(), Status> 
             .map_err(|_| nid_proto::error::invalid_field(&field, "does not answer for its keys"))?
             .into_inner()
             .held;
-        if let Some(reference) = &reference
-            && !held.iter().any(|k| reference.contains(k))
-        {
-            return Err(nid_proto::error::invalid_field(&field, "holds another cluster's keys"));
+        if let Some(reference) = &reference {
+            if !held.iter().any(|k| reference.contains(k)) {
+                return Err(nid_proto::error::invalid_field(&field, "holds another cluster's keys"));
+            }
+            if !reference.iter().all(|k| held.contains(k)) {
+                return Err(nid_proto::error::invalid_field(
+                    &field,
+                    "lacks a key generation the serving cells hold (give it the cluster's whole keyring)",
+                ));
+            }
         }
     }
     Ok(())

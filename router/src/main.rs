@@ -91,8 +91,12 @@ fn main() -> ExitCode {
         flags.log_format,
         &[("role", "router".into()), ("zone", flags.zone.clone().into())],
     );
-    if !(flags.quota_share > 0.0 && flags.quota_share <= 1.0) {
-        eprintln!("nid-router: --quota-share must be in (0, 1]");
+    if !(flags.quota_share >= 1e-6 && flags.quota_share <= 1.0) {
+        eprintln!("nid-router: --quota-share must be between 0.000001 and 1");
+        return ExitCode::from(2);
+    }
+    if !(1..=1_000_000).contains(&flags.max_in_flight) {
+        eprintln!("nid-router: --max-in-flight must be between 1 and 1000000");
         return ExitCode::from(2);
     }
     if !flags.insecure {

