@@ -15,6 +15,9 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tonic::Code;
 
+/// Each test runs its own dev cluster; more than one at a time overloads a small machine.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn bearer<T>(message: T, key: &str) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
     r.metadata_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
@@ -43,6 +46,7 @@ fn nidctl(dir: &Path, args: &[&str]) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partners_authenticate_through_the_router_and_decisions_verify() {
+    let _serial = SERIAL.lock().await;
     let cluster = DevCluster::start(1);
     let dir = cluster.dir.path();
     let router = cluster.router();
@@ -140,6 +144,7 @@ async fn partners_authenticate_through_the_router_and_decisions_verify() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_enrollment_rpc_reaches_the_owning_cell_through_the_router() {
+    let _serial = SERIAL.lock().await;
     let cluster = DevCluster::start(2);
     let mut c = EnrollmentClient::new(nid_tests::connect(&cluster.router()).await);
     let uin = c.enroll(enroll_request("RID-ROUTER-LIFE", "Router Life")).await.unwrap().into_inner().uin;
@@ -224,6 +229,7 @@ async fn every_enrollment_rpc_reaches_the_owning_cell_through_the_router() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partner_over_its_rate_limit_is_told_when_to_retry_and_others_are_not_slowed() {
+    let _serial = SERIAL.lock().await;
     let cluster = DevCluster::start(1);
     let dir = cluster.dir.path();
     let router = cluster.router();
