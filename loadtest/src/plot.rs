@@ -101,9 +101,10 @@ pub fn svg(report: &Report) -> String {
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>"#
     );
     let throughput: Vec<f64> = report.per_second.iter().map(|v| *v as f64).collect();
+    let failed: Vec<f64> = report.per_second_failed.iter().map(|v| *v as f64).collect();
     let offered = report.offered as f64;
-    let top =
-        Panel { top: TOP, y_max: nice_ceiling(throughput.iter().copied().fold(offered, f64::max)), seconds };
+    let y_max = nice_ceiling(throughput.iter().chain(&failed).copied().fold(offered, f64::max));
+    let top = Panel { top: TOP, y_max, seconds };
     let late =
         if report.late > 0 { format!(", {} answered after the window", report.late) } else { String::new() };
     top.frame(
@@ -113,15 +114,18 @@ pub fn svg(report: &Report) -> String {
             report.scenario, report.target, report.mode, report.load, report.throughput, report.failed
         ),
         if report.offered > 0 {
-            "completions per second (blue), offered (grey)"
+            "answered per second: ok (blue), failed (orange); offered (grey)"
         } else {
-            "completions per second"
+            "answered per second: ok (blue), failed (orange)"
         },
     );
     if report.offered > 0 {
         top.line(&mut out, &vec![offered; seconds], "#999999");
     }
     top.line(&mut out, &throughput, "#1f77b4");
+    if failed.iter().any(|f| *f > 0.0) {
+        top.line(&mut out, &failed, "#ff7f0e");
+    }
     let p99_max = report.per_second_p99_ms.iter().copied().fold(0.0, f64::max);
     let bottom = Panel { top: TOP + PANEL + GAP, y_max: nice_ceiling(p99_max), seconds };
     bottom.frame(

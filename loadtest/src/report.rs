@@ -23,8 +23,10 @@ pub enum Outcome {
 pub struct Recorder {
     /// Latencies of measured successes, in microseconds, late ones included.
     pub latency: Histogram<u64>,
-    /// Completions (success or error) of measured requests by the second they completed in.
+    /// Successes answered in each second of the window (by the second the answer came).
     pub per_second: Vec<u64>,
+    /// Failures answered in each second of the window.
+    pub per_second_failed: Vec<u64>,
     /// Latencies of the successes completed in each second (2 significant digits: for the plot).
     pub per_second_latency: Vec<Histogram<u64>>,
     /// Successes answered inside the window (to requests due in it or in the warm-up).
@@ -50,6 +52,7 @@ impl Recorder {
         Ok(Recorder {
             latency: Histogram::new_with_bounds(1, 120_000_000, 3)?,
             per_second: Vec::new(),
+            per_second_failed: Vec::new(),
             per_second_latency: Vec::new(),
             second_template: Histogram::new_with_bounds(1, 120_000_000, 2)?,
             errors: BTreeMap::new(),
@@ -75,15 +78,18 @@ impl Recorder {
     /// to what the server completed in the window, not to the latency figures.
     pub fn complete_unmeasured(&mut self, second: usize, ok: bool) {
         self.grow(second);
-        self.per_second[second] += 1;
         if ok {
+            self.per_second[second] += 1;
             self.ok_in_window += 1;
+        } else {
+            self.per_second_failed[second] += 1;
         }
     }
 
     fn grow(&mut self, second: usize) {
         while self.per_second.len() <= second {
             self.per_second.push(0);
+            self.per_second_failed.push(0);
             self.per_second_latency.push(Histogram::new_from(&self.second_template));
         }
     }
@@ -91,22 +97,26 @@ impl Recorder {
     /// Records the answer to one measured request: `second` is the second of the window it
     /// completed in, None when it completed after the window.
     pub fn complete(&mut self, second: Option<usize>, result: Result<u64, String>) {
-        if let Some(second) = second {
-            self.grow(second);
-            self.per_second[second] += 1;
-        } else {
-            self.late += 1;
+        match second {
+            Some(second) => self.grow(second),
+            None => self.late += 1,
         }
         match result {
             Ok(us) => {
                 let us = us.clamp(1, 120_000_000);
                 let _ = self.latency.record(us);
                 if let Some(second) = second {
+                    self.per_second[second] += 1;
                     self.ok_in_window += 1;
                     let _ = self.per_second_latency[second].record(us);
                 }
             }
-            Err(kind) => *self.errors.entry(kind).or_default() += 1,
+            Err(kind) => {
+                if let Some(second) = second {
+                    self.per_second_failed[second] += 1;
+                }
+                *self.errors.entry(kind).or_default() += 1
+            }
         }
     }
 }
@@ -138,8 +148,10 @@ pub struct Report {
     pub drain_seconds: f64,
     /// Latency percentiles in milliseconds (open loop: from the intended send time).
     pub latency_ms: BTreeMap<String, f64>,
-    /// Completions per second of the window, by the second they completed in.
+    /// Successes per second of the window, by the second the answer came in.
     pub per_second: Vec<u64>,
+    /// Failures per second of the window.
+    pub per_second_failed: Vec<u64>,
     /// p50 latency of each second's successes, ms (0 for a second without one).
     pub per_second_p50_ms: Vec<f64>,
     /// p99 latency of each second's successes, ms.
@@ -161,6 +173,8 @@ impl Report {
         let window = (seconds.ceil() as usize).max(1);
         let mut per_second = r.per_second.clone();
         per_second.resize(window, 0);
+        let mut per_second_failed = r.per_second_failed.clone();
+        per_second_failed.resize(window, 0);
         let per_second_ms = |q: f64| -> Vec<f64> {
             let mut v: Vec<f64> =
                 r.per_second_latency.iter().map(|h| h.value_at_quantile(q) as f64 / 1000.0).collect();
@@ -189,6 +203,7 @@ impl Report {
             drain_seconds: r.drain_seconds,
             latency_ms,
             per_second,
+            per_second_failed,
             per_second_p50_ms: per_second_ms(0.5),
             per_second_p99_ms: per_second_ms(0.99),
             errors: r.errors.clone(),
@@ -260,7 +275,8 @@ mod tests {
         assert!((rep.throughput - 1000.0 / 3.0).abs() < 1e-9);
         assert!((rep.latency_ms["p50"] - 5.0).abs() < 0.05, "{:?}", rep.latency_ms);
         assert!((rep.latency_ms["max"] - 10.0).abs() < 0.05);
-        assert_eq!(rep.per_second, vec![499, 500, 2]);
+        assert_eq!(rep.per_second, vec![499, 500, 1]);
+        assert_eq!(rep.per_second_failed, vec![0, 0, 1]);
         // Second 0 holds 10..=4990 us, second 1 5000..=9990 us, second 2 10000 us and the error.
         assert!((rep.per_second_p50_ms[0] - 2.5).abs() < 0.05, "{:?}", rep.per_second_p50_ms);
         assert!((rep.per_second_p99_ms[1] - 9.95).abs() < 0.1, "{:?}", rep.per_second_p99_ms);
