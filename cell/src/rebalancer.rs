@@ -165,6 +165,15 @@ fn now_ts() -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }
 
+/// Whether two records are of one move (a later move of the same buckets is another).
+fn same_move(a: &Migration, b: &Migration) -> bool {
+    a.bucket == b.bucket
+        && a.from_cell == b.from_cell
+        && a.to_cell == b.to_cell
+        && a.started_at == b.started_at
+        && nid_control::commands::buckets_of(a) == nid_control::commands::buckets_of(b)
+}
+
 fn phase(m: &Migration) -> MigrationPhase {
     MigrationPhase::try_from(m.phase).unwrap_or(MigrationPhase::Unspecified)
 }
@@ -345,7 +354,7 @@ impl Rebalancer {
             match self.recorded(m.bucket).await {
                 Ok(None) | Err(StepError::Deposed) => return,
                 Ok(Some(r)) => {
-                    if r.from_cell != m.from_cell || r.to_cell != m.to_cell {
+                    if !same_move(&r, &m) {
                         return;
                     }
                     // The log's phase wins when it is ahead (a commit or an abort this task did
@@ -573,10 +582,19 @@ impl Rebalancer {
             }
         }
         tracing::warn!(bucket = m.bucket, buckets = buckets.len(), from, to, reason, "bucket move aborting");
+        let mut first = true;
         loop {
             if !self.control.node.is_leader() {
                 return;
             }
+            // On a retry, only while the log still says this very move is being given up.
+            if !first {
+                match self.recorded(m.bucket).await {
+                    Ok(Some(r)) if same_move(&r, m) && phase(&r) == MigrationPhase::Aborting => {}
+                    _ => return,
+                }
+            }
+            first = false;
             let undone = async {
                 let dest = async {
                     self.delete(to, &buckets, v).await?;

@@ -188,6 +188,7 @@ async fn bucket_moves_follow_their_rules_and_a_batch_commits_whole_or_not_at_all
     // After the commit there is no way back; cleaned up, the move joins the history, and a late
     // record of it changes nothing.
     assert!(conflict(c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::Aborted)).await));
+    assert!(conflict(c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::CatchUp)).await));
     assert!(conflict(c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::Aborting)).await));
     assert!(c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::CleanedUp)).await.is_ok());
     let log = c.node(leader).view(|v| store::migrations(v)).unwrap();
@@ -197,6 +198,9 @@ async fn bucket_moves_follow_their_rules_and_a_batch_commits_whole_or_not_at_all
         c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::CleanedUp)).await.map(|r| r.changed),
         Ok(false)
     );
+    // A stale coordinator's other record of the finished move is refused, and so is its commit.
+    assert!(conflict(c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::CatchUp)).await));
+    assert!(conflict(c.must_propose(&record(&[10, 11], 1, 2, MigrationPhase::Aborting)).await));
     // A cell leaves only when it owns nothing and no move involves it; the last cell that takes
     // buckets cannot drain.
     let remove = |id: u64| ControlCommand::new(control_command::Kind::RemoveCell(id));
@@ -216,14 +220,20 @@ async fn bucket_moves_follow_their_rules_and_a_batch_commits_whole_or_not_at_all
     // Giving up is decided in the log first: once ABORTING is recorded the commit cannot apply,
     // and the move only goes on to ABORTED.
     assert!(c.must_propose(&record(&[12], 1, 2, MigrationPhase::CatchUp)).await.is_ok());
+    assert!(conflict(c.must_propose(&record(&[12], 1, 2, MigrationPhase::Aborted)).await), "ABORTING first");
     assert!(c.must_propose(&record(&[12], 1, 2, MigrationPhase::Aborting)).await.is_ok());
     assert!(conflict(c.must_propose(&commit(&[12], &[0])).await), "no commit after ABORTING");
     assert!(conflict(c.must_propose(&record(&[12], 1, 2, MigrationPhase::CatchUp)).await));
     assert!(c.must_propose(&record(&[12], 1, 2, MigrationPhase::Aborting)).await.is_ok(), "idempotent");
     assert!(c.must_propose(&record(&[12], 1, 2, MigrationPhase::Aborted)).await.is_ok());
+    // After the abort, a stale coordinator's commit of the batch finds no move and is refused.
+    assert!(conflict(c.must_propose(&commit(&[12], &[0])).await), "no commit without its move");
     all.sort_unstable();
     let epochs = vec![0; all.len()];
+    assert!(c.must_propose(&record(&all, 1, 2, MigrationPhase::Planned)).await.is_ok());
+    assert!(c.must_propose(&record(&all, 1, 2, MigrationPhase::CatchUp)).await.is_ok());
     assert!(c.must_propose(&commit(&all, &epochs)).await.is_ok());
+    assert!(c.must_propose(&record(&all, 1, 2, MigrationPhase::CleanedUp)).await.is_ok());
     assert!(c.must_propose(&remove(1)).await.is_ok());
     let table = c.node(leader).view(|v| store::table(v)).unwrap().unwrap();
     assert_eq!(table.cells.iter().map(|x| x.cell_id).collect::<Vec<_>>(), vec![2]);

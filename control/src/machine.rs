@@ -154,10 +154,20 @@ fn commit_move(c: &CommitMove, ctx: &mut ApplyContext<'_>) -> Result<ControlAppl
         return Ok(Err(ControlRejection::Malformed("buckets, epochs or destination")));
     }
     // A bucket a move is driving commits only as that move, whole, and only once the move has
-    // copied and not begun to abort; a bucket no move drives may be moved by hand (repairs, tests).
+    // copied and not begun to abort. A commit naming its batch (the rebalancer's) needs its move in
+    // flight; a hand commit of one bucket (repairs, tests) needs no move to drive it.
     let mut log = store::migrations(&*ctx)?;
     let driving =
         log.active.iter().position(|m| crate::commands::buckets_of(m).iter().any(|b| distinct.contains(b)));
+    match (driving, c.buckets.is_empty()) {
+        (None, false) => {
+            return Ok(Err(ControlRejection::MigrationConflict("no move of these buckets is in flight")));
+        }
+        (Some(_), true) => {
+            return Ok(Err(ControlRejection::MigrationConflict("a move drives this bucket")));
+        }
+        _ => {}
+    }
     if let Some(i) = driving {
         let m = &log.active[i];
         let ready = matches!(
@@ -228,12 +238,14 @@ fn record_migration(m: Migration, ctx: &mut ApplyContext<'_>) -> Result<ControlA
     match log.active.iter().position(|a| a.bucket == m.bucket) {
         None => {
             if new != P::Planned {
-                // A late record of a move that already finished changes nothing.
-                if log
-                    .finished
-                    .iter()
-                    .any(|f| f.bucket == m.bucket && f.from_cell == m.from_cell && f.to_cell == m.to_cell)
-                {
+                // A late copy of a move's last record changes nothing; any other record of a
+                // finished move (a stale coordinator's) is refused.
+                if log.finished.iter().any(|f| {
+                    f.bucket == m.bucket
+                        && f.from_cell == m.from_cell
+                        && f.to_cell == m.to_cell
+                        && f.phase == m.phase
+                }) {
                     return Ok(Ok(unchanged));
                 }
                 return Ok(Err(ControlRejection::MigrationConflict("no move of this bucket is in flight")));
@@ -270,7 +282,8 @@ fn record_migration(m: Migration, ctx: &mut ApplyContext<'_>) -> Result<ControlA
             // ABORTING (numbered after every other phase) is entered only before the commit and
             // leaves only to ABORTED; the commit cannot happen once it is recorded.
             let allowed = match new {
-                P::Aborting | P::Aborted => old < P::Committed || old == P::Aborting,
+                P::Aborting => old < P::Committed || old == P::Aborting,
+                P::Aborted => old == P::Aborting,
                 P::Committed => old == P::Committed,
                 P::CleanedUp => old == P::Committed,
                 _ => old < P::Committed && new >= old,
