@@ -126,6 +126,11 @@ impl<SM: StateMachine> Node<SM> {
     /// Hands client work to the loop without waiting: refused at once (`Busy`) when the client
     /// queue is full, or `Stopped` when the loop is gone.
     pub fn submit(&self, message: Client<SM::Output>) -> Result<(), EngineError> {
+        // A stopped loop may not have dropped its inbox yet: refuse at once rather than queue work
+        // nobody will take.
+        if self.shared.stopped.is_cancelled() {
+            return Err(EngineError::Stopped);
+        }
         self.client.try_send(message).map_err(|e| match e {
             crossbeam_channel::TrySendError::Full(_) => {
                 self.metrics.proposals_failed.with_label_values(&["busy"]).inc();
