@@ -280,6 +280,23 @@ async fn a_replica_killed_while_catching_up_by_snapshot_recovers_complete() {
     cell.node(lagging).kill9();
     let (acked, _) = write_many(&cell, "SNAP", 120).await;
     assert!(acked.len() >= 100);
+    // The leader compacts its log on its own schedule: wait until it has, so that the lagging
+    // replica can only catch up by snapshot.
+    let l = leader(&cell).await;
+    let metrics = cell.nodes[(l - 1) as usize].metrics_addr.clone();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = nid_tests::http_get(&metrics, "/metrics").await.unwrap_or_default();
+        let entries = text
+            .lines()
+            .find_map(|line| line.strip_prefix("nid_raft_log_entries "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        if entries.is_some_and(|n| n < 100.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the leader never compacted its log: {entries:?} entries");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Kill it again and again while it restarts and installs the snapshot.
     for delay_ms in [80, 200, 350, 600] {
         cell.node(lagging).spawn();
