@@ -45,9 +45,27 @@ pub struct Flags {
     /// Allow replicas of this cell to share a zone (development clusters only).
     #[arg(long)]
     pub dev_allow_same_zone: bool,
-    /// Serve plaintext gRPC. Required until mTLS lands; development only.
+    /// Serve and dial plaintext gRPC: no certificates, every caller accepted. Development only.
     #[arg(long)]
     pub insecure: bool,
+    /// Directory with `ca.pem` and this replica's `cell-<cell>-<node>.pem/.key` (a control
+    /// replica's `control-<node>.pem/.key`), as `nidctl cert` writes them.
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
+    /// The cluster CA certificate (PEM); overrides the one in --tls-dir.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// This replica's certificate (PEM); overrides the one in --tls-dir.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// This replica's private key (PEM); overrides the one in --tls-dir.
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// Control replicas: the admin credential's secret file (as the routers'). With it, a router
+    /// may write to the control cell on behalf of an admin whose credential it forwards; without
+    /// it only admin and control-replica certificates write.
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
     /// The cluster's id-scheme seed (64 hex characters); defaults to the development seed.
     #[arg(long, env = "NID_ID_SCHEME_SEED", hide_env_values = true)]
     pub id_scheme_seed: Option<String>,
@@ -103,6 +121,11 @@ struct FileConfig {
     role: Option<String>,
     dev_allow_same_zone: Option<bool>,
     insecure: Option<bool>,
+    tls_dir: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    admin_token_file: Option<PathBuf>,
     id_scheme_seed: Option<String>,
     keyring_file: Option<PathBuf>,
     tick_ms: Option<u64>,
@@ -160,6 +183,10 @@ pub struct CellConfig {
     pub role: Role,
     /// Plaintext gRPC allowed.
     pub insecure: bool,
+    /// Mutual TLS certificate files (None only with `insecure`).
+    pub tls: Option<nid_support::tls::TlsPaths>,
+    /// The admin credential's secret file (control replicas).
+    pub admin_token_file: Option<PathBuf>,
     /// Voters of this cell may share a zone (development clusters only).
     pub dev_allow_same_zone: bool,
     /// Id-scheme seed hex, if configured.
@@ -263,11 +290,26 @@ impl CellConfig {
             }
         }
         let insecure = flags.insecure || file.insecure.unwrap_or(false);
-        if !insecure {
-            return Err(
-                "mTLS is not implemented yet; start with --insecure on a trusted network (development)"
-                    .into(),
-            );
+        let name = match role {
+            Role::Data => format!("cell-{cell_id}-{node_id}"),
+            Role::Control => format!("control-{node_id}"),
+        };
+        let tls = nid_support::tls::resolve_paths(
+            flags.tls_dir.or(file.tls_dir),
+            flags.tls_ca.or(file.tls_ca),
+            flags.tls_cert.or(file.tls_cert),
+            flags.tls_key.or(file.tls_key),
+            &name,
+        )?;
+        match (&tls, insecure) {
+            (Some(_), true) => return Err("--insecure and the TLS settings exclude each other".into()),
+            (None, false) => {
+                return Err(format!(
+                    "mutual TLS needs --tls-dir (with ca.pem and {name}.pem/.key) or --tls-ca/--tls-cert/--tls-key; \
+                     --insecure serves plaintext to anyone (development only)"
+                ));
+            }
+            _ => {}
         }
         let tick_ms = flags.tick_ms.or(file.tick_ms).unwrap_or(100);
         if !(1..=10_000).contains(&tick_ms) {
@@ -284,6 +326,8 @@ impl CellConfig {
             peers,
             role,
             insecure,
+            tls,
+            admin_token_file: flags.admin_token_file.or(file.admin_token_file),
             dev_allow_same_zone: allow_same_zone,
             id_scheme_seed: flags.id_scheme_seed.or(file.id_scheme_seed),
             keyring_file: flags.keyring_file.or(file.keyring_file),

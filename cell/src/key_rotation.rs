@@ -25,15 +25,13 @@ impl VoterKeys for GrpcVoterKeys {
     async fn generations(&self, node_id: u64, address: &str) -> Result<KeyGenerations, CellError> {
         let unreachable =
             |_| CellError::NotAllowed(format!("voter {node_id} did not answer; it must hold the generation"));
-        let channel = self
+        let endpoint = self
             .0
             .endpoint(address)
             .map_err(|_| CellError::Internal("bad member address".into()))?
             .connect_timeout(std::time::Duration::from_secs(2))
-            .timeout(RAFT_TIMEOUT)
-            .connect()
-            .await
-            .map_err(unreachable)?;
+            .timeout(RAFT_TIMEOUT);
+        let channel = self.0.connect(endpoint).await.map_err(unreachable)?;
         let answer = CellClient::new(channel).get_key_generations(GetKeyGenerationsRequest {}).await;
         answer
             .map(|r| r.into_inner())

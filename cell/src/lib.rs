@@ -8,10 +8,12 @@
 //! - [`cell_service`], [`bucket_admin`], [`control_service`]: the gRPC services; [`replica`]: what
 //!   every replica answers about itself.
 //! - [`error`]: the one error type, mapped to gRPC statuses in one place.
-//! - [`server`], [`config`], [`metrics`], [`readiness`]: the process.
+//! - [`server`], [`config`], [`metrics`], [`readiness`]: the process; [`access`]: who may call
+//!   which service over mutual TLS, and how a replica dials others.
 //!
 //! Invariant: handlers never build statuses themselves; every failure is a [`error::CellError`].
 
+pub mod access;
 pub mod bucket_admin;
 pub mod cell_service;
 pub mod config;

@@ -796,7 +796,9 @@ impl Rebalancer {
                 break;
             }
             let channel = match self.dialer.endpoint(&address) {
-                Ok(e) => e.connect_timeout(Duration::from_secs(1)).timeout(CALL_TIMEOUT).connect_lazy(),
+                Ok(e) => {
+                    self.dialer.connect_lazy(e.connect_timeout(Duration::from_secs(1)).timeout(CALL_TIMEOUT))
+                }
                 Err(_) => continue,
             };
             let client = BucketAdminClient::new(channel).max_decoding_message_size(16 << 20);

@@ -4,6 +4,7 @@
 //! Raft loop stops on a failure (health turns NOT_SERVING and the process exits non-zero, so a
 //! supervisor restarts it).
 
+use crate::access::ReplicaDialer;
 use crate::bucket_admin::BucketAdminService;
 use crate::cell_service::CellService;
 use crate::config::{CellConfig, Role};
@@ -18,7 +19,7 @@ use nid_domain::commands::AuthPolicy;
 use nid_domain::keyring::Keyring;
 use nid_domain::time::Clock;
 use nid_engine::db::open_db;
-use nid_engine::transport::{Dialer, GrpcTransport, MAX_MESSAGE_BYTES, PlainDialer};
+use nid_engine::transport::{Dialer, GrpcTransport, MAX_MESSAGE_BYTES};
 use nid_engine::transport_service::RaftTransportService;
 use nid_engine::{Member, Node, NodeSetup, PeerConfig, StateMachine};
 use nid_identity::{CellKeys, IdentityMachine};
@@ -27,6 +28,7 @@ use nid_proto::v1::bucket_admin_server::BucketAdminServer;
 use nid_proto::v1::cell_server::CellServer;
 use nid_proto::v1::control_server::ControlServer;
 use nid_proto::v1::raft_transport_server::RaftTransportServer;
+use nid_support::tls::{Dial, Peer};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -166,7 +168,39 @@ fn start<SM: StateMachine>(
 pub async fn run(config: CellConfig, shutdown: CancellationToken) -> anyhow::Result<Ended> {
     let registry = prometheus::Registry::new();
     let grpc_metrics = nid_support::grpc_metrics::GrpcMetrics::new(&registry)?;
-    let dialer: Arc<dyn Dialer> = Arc::new(PlainDialer);
+    let tls = match &config.tls {
+        Some(paths) => {
+            let tls = nid_support::tls::Tls::load(paths.clone(), &registry)?;
+            let expected = match config.role {
+                Role::Data => Peer::Cell { cell: config.cell_id, node: config.node_id },
+                Role::Control => Peer::Control { node: config.node_id },
+            };
+            anyhow::ensure!(
+                tls.identity() == expected,
+                "the certificate names {} but this replica is {expected}",
+                tls.identity()
+            );
+            tls.spawn_reloader();
+            Some(tls)
+        }
+        None => {
+            tracing::warn!(
+                "--insecure: plaintext gRPC, every caller accepted, Raft senders unchecked (DEVELOPMENT ONLY)"
+            );
+            None
+        }
+    };
+    let dial = tls.clone().map_or(Dial::Plain, Dial::Tls);
+    let own_role = if config.role == Role::Control { "control" } else { "cell" };
+    let dialer: Arc<dyn Dialer> = Arc::new(ReplicaDialer { dial: dial.clone(), server_name: own_role });
+    let admin_token = match &config.admin_token_file {
+        Some(path) => Some(nid_support::secret::AdminToken::from_file(path)?),
+        None => None,
+    };
+    let access = nid_support::access::AccessLayer::new(
+        tls.as_ref().map(|_| crate::access::policy(config.role, config.cell_id, admin_token)),
+        &registry,
+    )?;
     let tasks = TaskTracker::new();
     let (health, health_service) = tonic_health::server::health_reporter();
 
@@ -221,7 +255,7 @@ pub async fn run(config: CellConfig, shutdown: CancellationToken) -> anyhow::Res
             let control = Arc::new(ControlCell { node: node.clone(), table_version: version_rx });
             let rebalancer = Arc::new(crate::rebalancer::Rebalancer::new(
                 control.clone(),
-                dialer.clone(),
+                Arc::new(ReplicaDialer { dial: dial.clone(), server_name: "cell" }),
                 crate::rebalancer::RebalanceMetrics::new(&registry)?,
             ));
             tasks.spawn(rebalancer.run(shutdown.clone()));
@@ -244,8 +278,18 @@ pub async fn run(config: CellConfig, shutdown: CancellationToken) -> anyhow::Res
             Started::new(&config, node, thread, routes)
         }
     };
-    let Started { stopped, failure, hand_over, stop_node, thread, routes: role_routes, raft: raft_service } =
-        started;
+    let Started {
+        stopped,
+        failure,
+        hand_over,
+        stop_node,
+        thread,
+        routes: role_routes,
+        raft: mut raft_service,
+    } = started;
+    if tls.is_some() {
+        raft_service.sender_of = Some(crate::access::sender_of(config.role, config.cell_id));
+    }
     health.set_serving::<RaftTransportServer<RaftTransportService>>().await;
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
 
@@ -316,17 +360,20 @@ pub async fn run(config: CellConfig, shutdown: CancellationToken) -> anyhow::Res
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             );
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .http2_keepalive_interval(Some(Duration::from_secs(10)))
-                .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-                .layer(nid_support::grpc_metrics::GrpcMetricsLayer(grpc_metrics))
-                .add_routes(routes)
-                .serve_with_incoming_shutdown(nid_support::incoming(listener), async move {
-                    stop.cancelled().await
-                }),
-        )
+        let server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .layer(nid_support::grpc_metrics::GrpcMetricsLayer(grpc_metrics))
+            .layer(access)
+            .add_routes(routes);
+        let stopped = async move { stop.cancelled().await };
+        match &tls {
+            Some(tls) => tokio::spawn(server.serve_with_incoming_shutdown(tls.incoming(listener), stopped)),
+            None => {
+                tokio::spawn(server.serve_with_incoming_shutdown(nid_support::incoming(listener), stopped))
+            }
+        }
     };
 
     let ended = tokio::select! {
@@ -383,6 +430,7 @@ impl Started {
             inbox: node.inbox().clone(),
             metrics: node.metrics().clone(),
             snap_root: node.snap_root().to_path_buf(),
+            sender_of: None,
         };
         let (for_failure, for_stop) = (node.clone(), node.clone());
         Started {

@@ -149,15 +149,19 @@ pub async fn init(spec_path: &Path, wait: Duration) -> anyhow::Result<()> {
 
 /// `nidctl probe ADDRESS [--service NAME]`: true when the server's gRPC health check answers
 /// SERVING (for `service`, or the server as a whole when empty) within `timeout`.
-pub async fn probe(address: &str, service: &str, timeout: Duration) -> anyhow::Result<bool> {
+pub async fn probe(
+    address: &str,
+    server: &'static str,
+    service: &str,
+    timeout: Duration,
+) -> anyhow::Result<bool> {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     let check = async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .connect()
+        let endpoint = nid_support::tls::Dial::endpoint(address)?.connect_timeout(timeout).timeout(timeout);
+        let channel = crate::tls::dial()
+            .connect(endpoint, server)
             .await
             .with_context(|| format!("connect to {address}"))?;
         let response = HealthClient::new(channel)

@@ -64,6 +64,18 @@ pub struct ClusterFile {
     pub id_scheme_seed: String,
     /// Development partner credentials (partners arrive with the identity domain; placeholder id).
     pub dev_partner: DevPartner,
+    /// Plaintext (`dev up --insecure`); otherwise every process has a certificate of the dev CA
+    /// in `DIR/secrets/tls`.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// Reads `DIR/cluster.json`.
+pub fn load_cluster(dir: &Path) -> anyhow::Result<ClusterFile> {
+    let file = dir.join("cluster.json");
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("no {} (start the cluster with nidctl dev up)", file.display()))?;
+    serde_json::from_str(&text).context("read cluster.json")
 }
 
 /// Development partner credentials.
@@ -115,6 +127,7 @@ fn plan(cells: u64) -> anyhow::Result<ClusterFile> {
         cells: (1..=cells).map(cell).collect::<anyhow::Result<_>>()?,
         id_scheme_seed: IdSchemeSeed::dev().to_hex(),
         dev_partner: DevPartner { partner_id: "dev-partner".into() },
+        insecure: false,
     })
 }
 
@@ -232,7 +245,52 @@ pub fn secrets(dir: &Path) -> anyhow::Result<Secrets> {
     Ok(s)
 }
 
-fn cell_args(dir: &Path, cell: &CellEntry, p: &ProcessInfo, role: &str, seed: &str) -> Vec<String> {
+/// The certificate name of a replica of `cell`.
+fn replica_cert(cell: &CellEntry, p: &ProcessInfo) -> String {
+    if cell.cell_id == CONTROL_CELL_ID {
+        format!("control-{}", p.node_id)
+    } else {
+        format!("cell-{}-{}", cell.cell_id, p.node_id)
+    }
+}
+
+/// The dev CA and a certificate for every process and client role of `cluster` (kept when they
+/// exist), in `DIR/secrets/tls`; nidctl then dials as the admin.
+fn issue_certificates(dir: &Path, cluster: &ClusterFile) -> anyhow::Result<()> {
+    let tls = crate::tls::dev_tls_dir(dir);
+    nid_support::pki::ensure_ca(&tls, "nid development CA")?;
+    let mut names = vec![
+        "router".to_owned(),
+        "admin".to_owned(),
+        "enroller-dev".to_owned(),
+        format!("partner-{}", cluster.dev_partner.partner_id),
+    ];
+    for cell in std::iter::once(&cluster.control).chain(&cluster.cells) {
+        names.extend(cell.replicas.iter().map(|p| replica_cert(cell, p)));
+    }
+    for name in names {
+        nid_support::pki::ensure(&tls, &name, 365)?;
+    }
+    crate::tls::init(Some(&tls), "admin", dir)
+}
+
+/// How a dev process serves: `--tls-dir` of the dev CA, or `--insecure`.
+fn security_args(dir: &Path, insecure: bool) -> Vec<String> {
+    if insecure {
+        vec!["--insecure".into()]
+    } else {
+        vec!["--tls-dir".into(), crate::tls::dev_tls_dir(dir).display().to_string()]
+    }
+}
+
+fn cell_args(
+    dir: &Path,
+    cell: &CellEntry,
+    p: &ProcessInfo,
+    role: &str,
+    seed: &str,
+    insecure: bool,
+) -> Vec<String> {
     let peers = cell
         .replicas
         .iter()
@@ -260,23 +318,37 @@ fn cell_args(dir: &Path, cell: &CellEntry, p: &ProcessInfo, role: &str, seed: &s
         seed.into(),
         "--keyring-file".into(),
         dir.join("secrets").join("keyring").display().to_string(),
-        "--insecure".into(),
+        // Control replicas check the admin credential a router forwards on writes.
+        "--admin-token-file".into(),
+        dir.join("secrets").join("admin.token").display().to_string(),
     ]
+    .into_iter()
+    .chain(security_args(dir, insecure))
+    .collect()
 }
 
+/// A channel to the router at `address`.
 pub(crate) async fn channel(address: &str) -> anyhow::Result<tonic::transport::Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+    connect(address, "router").await
+}
+
+/// A channel to a replica of `cell`.
+async fn replica_channel(cell: &CellEntry, address: &str) -> anyhow::Result<tonic::transport::Channel> {
+    connect(address, if cell.cell_id == CONTROL_CELL_ID { "control" } else { "cell" }).await
+}
+
+async fn connect(address: &str, server: &'static str) -> anyhow::Result<tonic::transport::Channel> {
+    let endpoint = nid_support::tls::Dial::endpoint(address)?
         .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await?)
+        .timeout(Duration::from_secs(10));
+    Ok(crate::tls::dial().connect(endpoint, server).await?)
 }
 
 /// Waits until some replica of `cell` reports a leader; returns the leader's address.
 async fn wait_leader(cell: &CellEntry, deadline: Instant) -> anyhow::Result<String> {
     loop {
         for r in &cell.replicas {
-            if let Ok(ch) = channel(&r.address).await
+            if let Ok(ch) = replica_channel(cell, &r.address).await
                 && let Ok(status) = CellClient::new(ch).get_cell_status(GetCellStatusRequest {}).await
                 && let Some(leader) = status.into_inner().replicas.iter().find(|x| x.is_leader)
                 && let Some(l) = cell.replicas.iter().find(|x| x.node_id == leader.node_id)
@@ -299,7 +371,7 @@ where
 {
     loop {
         let leader = wait_leader(cell, deadline).await?;
-        match f(channel(&leader).await?).await {
+        match f(replica_channel(cell, &leader).await?).await {
             Ok(v) => return Ok(v),
             Err(e) if Instant::now() > deadline => bail!("cell {}: {}", cell.cell_id, e.message()),
             Err(e) => {
@@ -421,7 +493,7 @@ async fn wait_router(cluster: &ClusterFile, deadline: Instant) -> anyhow::Result
 }
 
 /// `nidctl dev up`.
-pub async fn up(cells: u64, replicas: u64, dir: &Path) -> anyhow::Result<()> {
+pub async fn up(cells: u64, replicas: u64, dir: &Path, insecure: bool) -> anyhow::Result<()> {
     if replicas != 3 {
         bail!("--replicas: a dev cell has 3 replicas, one per zone (got {replicas})");
     }
@@ -438,20 +510,27 @@ pub async fn up(cells: u64, replicas: u64, dir: &Path) -> anyhow::Result<()> {
         }
         Err(_) => plan(cells)?,
     };
+    cluster.insecure = insecure;
     let secrets = secrets(dir)?;
+    if insecure {
+        eprintln!("nidctl: --insecure: plaintext gRPC, every caller accepted (development only)");
+        crate::tls::set(nid_support::tls::Dial::Plain);
+    } else {
+        issue_certificates(dir, &cluster)?;
+    }
     let cell_bin = sibling_binary("nid-cell")?;
     let router_bin = sibling_binary("nid-router")?;
     let mut running = Running { children: Vec::new() };
     let seed = cluster.id_scheme_seed.clone();
     let control = cluster.control.clone();
     for p in &mut cluster.control.replicas {
-        let args = cell_args(dir, &control, p, "control", &seed);
+        let args = cell_args(dir, &control, p, "control", &seed, insecure);
         spawn(&mut running, dir, p, &cell_bin, args)?;
     }
     for i in 0..cluster.cells.len() {
         let cell = cluster.cells[i].clone();
         for p in &mut cluster.cells[i].replicas {
-            let args = cell_args(dir, &cell, p, "data", &seed);
+            let args = cell_args(dir, &cell, p, "data", &seed, insecure);
             spawn(&mut running, dir, p, &cell_bin, args)?;
         }
     }
@@ -476,8 +555,10 @@ pub async fn up(cells: u64, replicas: u64, dir: &Path) -> anyhow::Result<()> {
         // about a third less CPU per request than a multi-threaded runtime (make bench-router).
         "--threads".into(),
         "1".into(),
-        "--insecure".into(),
-    ];
+    ]
+    .into_iter()
+    .chain(security_args(dir, insecure))
+    .collect();
     let mut router = cluster.router.clone();
     spawn(&mut running, dir, &mut router, &router_bin, router_args)?;
     cluster.router = router;
@@ -534,7 +615,7 @@ fn adopt_new_cells(
     for mut cell in new {
         let entry = cell.clone();
         for p in &mut cell.replicas {
-            let args = cell_args(dir, &entry, p, "data", seed);
+            let args = cell_args(dir, &entry, p, "data", seed, cluster.insecure);
             spawn(running, dir, p, cell_bin, args)?;
         }
         eprintln!("nidctl: started the replicas of added cell {}", cell.cell_id);
@@ -548,14 +629,16 @@ fn adopt_new_cells(
 /// the cell through the router's `Admin.AddCell`; the rebalancer then moves buckets to it.
 pub async fn add_cell(dir: &Path, output: crate::Output) -> anyhow::Result<()> {
     let file = dir.join("cluster.json");
-    let text = std::fs::read_to_string(&file)
-        .with_context(|| format!("no {} (start the cluster with nidctl dev up)", file.display()))?;
-    let mut cluster: ClusterFile = serde_json::from_str(&text).context("read cluster.json")?;
+    let mut cluster = load_cluster(dir)?;
     let cell_id = cluster.cells.iter().map(|c| c.cell_id).max().unwrap_or(0) + 1;
     let replicas = (1..=3u64)
         .map(|n| new_process(format!("cell-{cell_id}-node-{n}"), ZONES[(n - 1) as usize], n))
         .collect::<anyhow::Result<Vec<_>>>()?;
     cluster.cells.push(CellEntry { cell_id, replicas });
+    if !cluster.insecure {
+        // The replicas' certificates, before `dev up` starts them.
+        issue_certificates(dir, &cluster)?;
+    }
     write_cluster_file(dir, &cluster)?;
     eprintln!("nidctl: cell {cell_id} planned; waiting for nidctl dev up to start it");
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -11,6 +11,7 @@ mod id;
 mod identity;
 mod partner;
 mod status;
+mod tls;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -26,6 +27,14 @@ struct Cli {
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// Certificate directory (ca.pem, NAME.pem, NAME.key as `nidctl cert` writes them): speak
+    /// mutual TLS. Default: the dev cluster's DIR/secrets/tls when it has one, else plaintext.
+    #[arg(long, global = true, env = "NIDCTL_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// The certificate to present (its NAME in the certificate directory). Default: admin;
+    /// enroller-dev for enroll and get, partner-dev-partner for auth.
+    #[arg(long = "as", global = true, value_name = "NAME")]
+    as_name: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -99,9 +108,18 @@ enum Command {
         /// The service to ask about (empty: the server as a whole).
         #[arg(long, default_value = "")]
         service: String,
+        /// With TLS: the role the server holds.
+        #[arg(long, value_enum, default_value_t = ServerRole::Router)]
+        server: ServerRole,
         /// Give up after this many milliseconds.
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
+    },
+    /// Create a cluster CA and issue certificates from it (names: router, cell-<cell>-<node>,
+    /// control-<node>, admin, enroller-<centre>, partner-<id>).
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
     },
     /// Print a shell completion script: `nidctl completion bash > /etc/bash_completion.d/nidctl`.
     Completion {
@@ -152,6 +170,39 @@ enum ClusterCommand {
     },
 }
 
+/// The roles that serve.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ServerRole {
+    /// A router.
+    Router,
+    /// A data-cell replica.
+    Cell,
+    /// A control-cell replica.
+    Control,
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Create the CA (ca.pem, ca.key) in DIR unless it exists.
+    InitCa {
+        /// The certificate directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue NAME.pem and NAME.key in DIR from its CA (replacing an older pair: running
+    /// processes pick the new one up within seconds, or at once on SIGHUP).
+    Issue {
+        /// The certificate name.
+        name: String,
+        /// The certificate directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 90)]
+        days: u64,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Check an identity's audit hash chain; exit 3 when it is broken.
@@ -185,6 +236,10 @@ enum DevCommand {
         /// Where data, logs and cluster.json go.
         #[arg(long, default_value = ".nid/dev")]
         data_dir: PathBuf,
+        /// Plaintext gRPC, every caller accepted (development only). Default: a dev CA in
+        /// DIR/secrets/tls and a certificate for every process and client role.
+        #[arg(long)]
+        insecure: bool,
     },
     /// Add a data cell (three new replicas, zone-a/b/c) to the running `dev up` cluster and
     /// register it; the rebalancer then moves its share of the buckets to it.
@@ -199,13 +254,39 @@ fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyho
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(f)
 }
 
+/// The dev cluster directory a command works in, and the certificate it presents by default.
+fn defaults(command: &Command) -> (PathBuf, &'static str) {
+    match command {
+        Command::Dev { command: DevCommand::Up { data_dir, .. } | DevCommand::AddCell { data_dir } } => {
+            (data_dir.clone(), "admin")
+        }
+        Command::Enroll { target, .. } | Command::Get { target, .. } => {
+            (target.dev_dir.clone(), "enroller-dev")
+        }
+        Command::Auth { target, .. } => (target.dev_dir.clone(), "partner-dev-partner"),
+        Command::Status { target }
+        | Command::Partner { target, .. }
+        | Command::Cell { target, .. }
+        | Command::Rebalance { target, .. }
+        | Command::Audit { target, .. } => (target.dev_dir.clone(), "admin"),
+        _ => (PathBuf::from(".nid/dev"), "admin"),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let (dev_dir, default_name) = defaults(&cli.command);
+    if let Err(e) =
+        tls::init(cli.tls_dir.as_deref(), cli.as_name.as_deref().unwrap_or(default_name), &dev_dir)
+    {
+        eprintln!("nidctl: {e:#}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Id { command } => config::Config::load(cli.config.as_deref())
             .and_then(|config| id::run(command, &config, cli.output)),
-        Command::Dev { command: DevCommand::Up { cells, replicas, data_dir } } => {
-            block_on(dev::up(cells, replicas, &data_dir)).map(|()| ExitCode::SUCCESS)
+        Command::Dev { command: DevCommand::Up { cells, replicas, data_dir, insecure } } => {
+            block_on(dev::up(cells, replicas, &data_dir, insecure)).map(|()| ExitCode::SUCCESS)
         }
         Command::Dev { command: DevCommand::AddCell { data_dir } } => {
             block_on(dev::add_cell(&data_dir, cli.output)).map(|()| ExitCode::SUCCESS)
@@ -235,8 +316,14 @@ fn main() -> ExitCode {
             block_on(cluster::init(&spec, std::time::Duration::from_secs(wait_secs)))
                 .map(|()| ExitCode::SUCCESS)
         }
-        Command::Probe { address, service, timeout_ms } => {
-            match block_on(cluster::probe(&address, &service, std::time::Duration::from_millis(timeout_ms))) {
+        Command::Probe { address, service, server, timeout_ms } => {
+            let server = match server {
+                ServerRole::Router => "router",
+                ServerRole::Cell => "cell",
+                ServerRole::Control => "control",
+            };
+            let timeout = std::time::Duration::from_millis(timeout_ms);
+            match block_on(cluster::probe(&address, server, &service, timeout)) {
                 Ok(true) => Ok(ExitCode::SUCCESS),
                 Ok(false) => {
                     eprintln!("nidctl: {address} is not serving");
@@ -247,6 +334,12 @@ fn main() -> ExitCode {
                     Ok(ExitCode::from(1))
                 }
             }
+        }
+        Command::Cert { command: CertCommand::InitCa { dir } } => {
+            nid_support::pki::ensure_ca(&dir, "nid cluster CA").map(|()| ExitCode::SUCCESS)
+        }
+        Command::Cert { command: CertCommand::Issue { name, dir, days } } => {
+            nid_support::pki::issue(&dir, &name, days).map(|()| ExitCode::SUCCESS)
         }
         Command::Completion { shell } => {
             use clap::CommandFactory as _;

@@ -11,10 +11,7 @@ use std::process::ExitCode;
 /// Prints the cluster status.
 pub async fn run(router: Option<&str>, dir: &Path, output: Output) -> anyhow::Result<ExitCode> {
     let address = dev::router_address(router, dir)?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
-        .connect_timeout(std::time::Duration::from_secs(2))
-        .connect()
-        .await?;
+    let channel = dev::channel(&address).await?;
     let status = match AdminClient::new(channel).get_cluster_status(GetClusterStatusRequest {}).await {
         Ok(s) => s.into_inner(),
         Err(e) => {

@@ -43,18 +43,33 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// See [`KEEPALIVE_INTERVAL`].
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Opens gRPC channels to peers (plaintext here; mTLS wraps this).
+/// A channel being opened by a [`Dialer`].
+pub type Connecting = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<tonic::transport::Channel, tonic::transport::Error>> + Send>,
+>;
+
+/// Opens gRPC channels to peers: plaintext ([`PlainDialer`]) or mutual TLS (the cell binary's).
 pub trait Dialer: Send + Sync + 'static {
-    /// An endpoint for `address` (host:port).
-    fn endpoint(&self, address: &str) -> Result<tonic::transport::Endpoint, tonic::transport::Error>;
+    /// An endpoint for `address` (host:port), to tune before connecting.
+    fn endpoint(&self, address: &str) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+        tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+    }
+    /// Connects now.
+    fn connect(&self, endpoint: tonic::transport::Endpoint) -> Connecting;
+    /// A channel that connects when first used.
+    fn connect_lazy(&self, endpoint: tonic::transport::Endpoint) -> tonic::transport::Channel;
 }
 
 /// Plaintext HTTP/2.
 pub struct PlainDialer;
 
 impl Dialer for PlainDialer {
-    fn endpoint(&self, address: &str) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
-        tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+    fn connect(&self, endpoint: tonic::transport::Endpoint) -> Connecting {
+        Box::pin(async move { endpoint.connect().await })
+    }
+
+    fn connect_lazy(&self, endpoint: tonic::transport::Endpoint) -> tonic::transport::Channel {
+        endpoint.connect_lazy()
     }
 }
 
@@ -174,7 +189,7 @@ impl Link {
                     .keep_alive_while_idle(true),
                 Err(_) => return,
             };
-            match endpoint.connect().await {
+            match self.dialer.connect(endpoint).await {
                 Ok(channel) => {
                     backoff = Duration::from_millis(50);
                     let client = RaftTransportClient::new(channel)
@@ -248,14 +263,13 @@ impl SnapshotSender {
         let manifest: SnapshotManifest = codec::decode(&snap.data)?;
         manifest.validate()?;
         let dir = snapshot::gen_dir(&self.snap_root, meta.index, meta.term);
-        let channel = self
+        let endpoint = self
             .dialer
             .endpoint(&address)?
             .connect_timeout(Duration::from_secs(2))
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .connect()
-            .await?;
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+        let channel = self.dialer.connect(endpoint).await?;
         let mut client = RaftTransportClient::new(channel)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
             .max_decoding_message_size(MAX_MESSAGE_BYTES);

@@ -25,6 +25,10 @@ use tonic::{Request, Response, Status, Streaming};
 /// A snapshot stream that sends nothing for this long is abandoned.
 pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The node a connection's verified certificate belongs to, if it is a member's; None for anyone
+/// else. Unset on a plaintext listener, where nothing can be checked.
+pub type SenderOf = Arc<dyn Fn(&tonic::Extensions) -> Option<u64> + Send + Sync>;
+
 /// The receiving side of the transport.
 pub struct RaftTransportService {
     /// This cell.
@@ -39,6 +43,9 @@ pub struct RaftTransportService {
     pub metrics: RaftMetrics,
     /// Where received snapshot files go.
     pub snap_root: PathBuf,
+    /// With mutual TLS: who the sender is by its certificate. Every batch's `from_node` must be
+    /// that node (refused as `sender_mismatch` otherwise).
+    pub sender_of: Option<SenderOf>,
 }
 
 impl RaftTransportService {
@@ -60,7 +67,11 @@ impl RaftTransportService {
 
     /// Receives one snapshot stream, checking every file, and returns the snapshot message to step
     /// once everything is local.
-    async fn receive_snapshot(&self, mut stream: Streaming<SnapshotChunk>) -> Result<Message, Status> {
+    async fn receive_snapshot(
+        &self,
+        sender: Option<u64>,
+        mut stream: Streaming<SnapshotChunk>,
+    ) -> Result<Message, Status> {
         let header = match self.next_chunk(&mut stream).await? {
             Some(SnapshotChunk { piece: Some(Piece::Header(h)) }) => h,
             _ => return Err(self.refuse("no_header")),
@@ -72,7 +83,7 @@ impl RaftTransportService {
             messages: vec![header.raft_message],
         };
         let m = self
-            .accept(&batch)
+            .accept_from(sender, &batch)
             .map_err(|r| self.refuse(r))?
             .pop()
             .ok_or_else(|| self.refuse("no_message"))?;
@@ -137,6 +148,28 @@ impl RaftTransportService {
         Ok(m)
     }
 
+    /// The node the connection's certificate names, when there is a certificate to check:
+    /// Ok(None) on plaintext, Err when the certificate is no member's.
+    fn sender(&self, extensions: &tonic::Extensions) -> Result<Option<u64>, &'static str> {
+        match &self.sender_of {
+            None => Ok(None),
+            Some(of) => of(extensions).map(Some).ok_or("sender_mismatch"),
+        }
+    }
+
+    /// Checks one batch (from `sender` by its certificate, when known) and returns its
+    /// messages, or why it was refused.
+    pub fn accept_from(
+        &self,
+        sender: Option<u64>,
+        batch: &RaftMessageBatch,
+    ) -> Result<Vec<Message>, &'static str> {
+        if sender.is_some_and(|s| s != batch.from_node) {
+            return Err("sender_mismatch");
+        }
+        self.accept(batch)
+    }
+
     /// Checks one batch and returns its messages, or why it was refused.
     pub fn accept(&self, batch: &RaftMessageBatch) -> Result<Vec<Message>, &'static str> {
         if batch.cell_id != self.cell_id {
@@ -166,10 +199,14 @@ impl RaftTransport for RaftTransportService {
         &self,
         request: Request<Streaming<RaftMessageBatch>>,
     ) -> Result<Response<RaftStreamDone>, Status> {
+        let sender = self.sender(request.extensions()).map_err(|reason| {
+            self.metrics.messages_rejected.with_label_values(&[reason]).inc();
+            Status::permission_denied(format!("raft batch refused: {reason}"))
+        })?;
         let mut stream = request.into_inner();
         while let Some(batch) = stream.next().await {
             let batch = batch?;
-            match self.accept(&batch) {
+            match self.accept_from(sender, &batch) {
                 Ok(messages) => {
                     for m in messages {
                         if !self.inbox.deliver(m) {
@@ -191,7 +228,8 @@ impl RaftTransport for RaftTransportService {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<SnapshotDone>, Status> {
-        let m = self.receive_snapshot(request.into_inner()).await?;
+        let sender = self.sender(request.extensions()).map_err(|r| self.refuse(r))?;
+        let m = self.receive_snapshot(sender, request.into_inner()).await?;
         self.metrics.snapshots.with_label_values(&["received"]).inc();
         if !self.inbox.deliver(m) {
             return Err(Status::unavailable("replica busy"));

@@ -348,6 +348,7 @@ async fn the_transport_refuses_malformed_or_misaddressed_raft_bytes() {
         inbox: node.inbox().clone(),
         metrics: node.metrics().clone(),
         snap_root: std::env::temp_dir().join("nid-unused-snap-root"),
+        sender_of: None,
     };
     let mut m = raft::prelude::Message { from: 2, to: 1, ..Default::default() };
     m.set_msg_type(MessageType::MsgHeartbeat);
@@ -363,6 +364,12 @@ async fn the_transport_refuses_malformed_or_misaddressed_raft_bytes() {
     assert_eq!(service.accept(&batch(1, 2, 3, vec![good.clone()])).unwrap_err(), "wrong_node");
     assert_eq!(service.accept(&batch(1, 5, 1, vec![good.clone()])).unwrap_err(), "unknown_peer");
     assert_eq!(service.accept(&batch(1, 1, 1, vec![good.clone()])).unwrap_err(), "mismatched_from_to");
+    // A batch claiming another sender than its connection's certificate is refused.
+    assert_eq!(service.accept_from(Some(2), &batch(1, 2, 1, vec![good.clone()])).unwrap().len(), 1);
+    assert_eq!(
+        service.accept_from(Some(3), &batch(1, 2, 1, vec![good.clone()])).unwrap_err(),
+        "sender_mismatch"
+    );
     for garbage in
         [vec![0xff; 7], vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f], b"not a raft message at all".to_vec()]
     {
@@ -399,6 +406,7 @@ async fn oversized_raft_batches_are_refused_by_the_server() {
         inbox: node.inbox().clone(),
         metrics: node.metrics().clone(),
         snap_root: std::env::temp_dir().join("nid-unused-snap-root"),
+        sender_of: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -122,12 +122,13 @@ pub struct Clients {
 }
 
 impl Clients {
-    /// Every client over one channel.
-    pub fn new(channel: Channel) -> Clients {
+    /// Authentication over `partner`, everything else over `enroller` (over TLS each channel
+    /// presents the certificate of its role; in plaintext they may be one channel).
+    pub fn new(enroller: Channel, partner: Channel) -> Clients {
         Clients {
-            enroll: EnrollmentClient::new(channel.clone()),
-            auth: AuthenticationClient::new(channel.clone()),
-            diagnostics: DiagnosticsClient::new(channel),
+            enroll: EnrollmentClient::new(enroller.clone()),
+            auth: AuthenticationClient::new(partner),
+            diagnostics: DiagnosticsClient::new(enroller),
         }
     }
 }

@@ -20,7 +20,45 @@ use std::time::Duration;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
+
+/// Mutual TLS to the router (without --tls-dir: plaintext, for `--insecure` routers).
+#[derive(Debug, Clone, clap::Args)]
+struct TlsArgs {
+    /// Certificate directory (ca.pem and the named certificates, as `nidctl cert` writes them).
+    #[arg(long, global = true, env = "NID_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// The certificate enrolments, reads and echoes present.
+    #[arg(long, global = true, default_value = "enroller-dev")]
+    enroller_cert: String,
+    /// The certificate authentications present.
+    #[arg(long, global = true, default_value = "partner-dev-partner")]
+    partner_cert: String,
+}
+
+/// How to reach the router: one dialer per certificate (or plaintext for both).
+#[derive(Clone)]
+struct Dialers {
+    enroller: nid_support::tls::Dial,
+    partner: nid_support::tls::Dial,
+}
+
+impl Dialers {
+    fn new(args: &TlsArgs) -> anyhow::Result<Dialers> {
+        use nid_support::tls::{Dial, Tls, TlsPaths};
+        let Some(dir) = &args.tls_dir else {
+            return Ok(Dialers { enroller: Dial::Plain, partner: Dial::Plain });
+        };
+        let load = |name: &str| -> anyhow::Result<Dial> {
+            Ok(Dial::Tls(Tls::load(TlsPaths::in_dir(dir, name), &prometheus::Registry::new())?))
+        };
+        Ok(Dialers { enroller: load(&args.enroller_cert)?, partner: load(&args.partner_cert)? })
+    }
+}
+
+static DIALERS: std::sync::OnceLock<Dialers> = std::sync::OnceLock::new();
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum ScenarioArg {
@@ -128,13 +166,16 @@ async fn connections(target: &str, n: usize) -> anyhow::Result<Vec<driver::Conn>
 async fn clients(target: &str, n: usize) -> anyhow::Result<Vec<driver::Clients>> {
     let mut out = Vec::new();
     for _ in 0..n.max(1) {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))?
-            .tcp_nodelay(true)
-            .timeout(Duration::from_secs(30))
-            .connect()
-            .await
-            .with_context(|| format!("connect to {target}"))?;
-        out.push(driver::Clients::new(channel));
+        let endpoint =
+            nid_support::tls::Dial::endpoint(target)?.tcp_nodelay(true).timeout(Duration::from_secs(30));
+        let dialers = DIALERS.get().context("dialers not set")?;
+        let enroller = dialers.enroller.connect(endpoint.clone(), "router").await;
+        let enroller = enroller.with_context(|| format!("connect to {target}"))?;
+        let partner = match &dialers.partner {
+            nid_support::tls::Dial::Plain => enroller.clone(),
+            tls => tls.connect(endpoint, "router").await.with_context(|| format!("connect to {target}"))?,
+        };
+        out.push(driver::Clients::new(enroller, partner));
     }
     Ok(out)
 }
@@ -228,7 +269,9 @@ fn load_uins(path: &PathBuf) -> anyhow::Result<Arc<Vec<String>>> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let _ = DIALERS.set(Dialers::new(&cli.tls)?);
+    match cli.command {
         Command::Populate { target, count, seed, concurrency, out } => {
             populate(target, count, seed, concurrency, out).await
         }

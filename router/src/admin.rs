@@ -21,8 +21,8 @@ pub struct AdminService {
     pub router: Arc<Router>,
     /// Partner credentials.
     pub partners: Arc<Partners>,
-    /// The admin token; None refuses every admin-only call.
-    pub admin_token: Option<Vec<u8>>,
+    /// The admin credential; None refuses every admin-only call.
+    pub admin_token: Option<nid_support::secret::AdminToken>,
 }
 
 fn admin_required(message: &str) -> Status {
@@ -31,9 +31,9 @@ fn admin_required(message: &str) -> Status {
 
 impl AdminService {
     /// Stores a partner in the control cell, then refreshes this router's cached list.
-    async fn put_partner(&self, put: PutPartnerRequest) -> Result<(), Status> {
+    async fn put_partner(&self, admin: &str, put: PutPartnerRequest) -> Result<(), Status> {
         self.router
-            .control_call(|mut c| {
+            .control_call(admin, |mut c| {
                 let put = put.clone();
                 async move { c.put_partner(put).await }
             })
@@ -42,8 +42,9 @@ impl AdminService {
         Ok(())
     }
 
-    /// Checks `authorization: Bearer <admin token>` in constant time.
-    fn require_admin(&self, metadata: &MetadataMap) -> Result<(), Status> {
+    /// Checks `authorization: Bearer <admin token>` in constant time; returns the token, which
+    /// goes along to the control cell on writes.
+    fn require_admin(&self, metadata: &MetadataMap) -> Result<String, Status> {
         let Some(token) = &self.admin_token else {
             return Err(admin_required(
                 "this router has no admin credential configured (--admin-token-file)",
@@ -55,14 +56,12 @@ impl AdminService {
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| {
                 admin_required("the admin credential is required (authorization: Bearer <token>)")
-            })?;
-        let given = given.trim().as_bytes();
-        let ok =
-            given.len() == token.len() && given.iter().zip(token).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
-        if !ok {
+            })?
+            .trim();
+        if !token.matches(given) {
             return Err(admin_required("wrong admin credential"));
         }
-        Ok(())
+        Ok(given.to_owned())
     }
 
     async fn cell_status(&self, cell: &CellInfo, owned: u32) -> CellStatus {
@@ -241,7 +240,7 @@ impl Admin for AdminService {
     }
 
     async fn add_cell(&self, request: Request<AddCellRequest>) -> Result<Response<AddCellResponse>, Status> {
-        self.require_admin(request.metadata())?;
+        let admin = self.require_admin(request.metadata())?;
         let mut cell = request
             .into_inner()
             .cell
@@ -255,7 +254,7 @@ impl Admin for AdminService {
         let registered = cell.clone();
         let table_version = self
             .router
-            .control_call(|mut c| {
+            .control_call(&admin, |mut c| {
                 let cell = registered.clone();
                 async move { c.register_cell(RegisterCellRequest { cell: Some(cell) }).await }
             })
@@ -276,11 +275,11 @@ impl Admin for AdminService {
         &self,
         request: Request<DrainCellRequest>,
     ) -> Result<Response<SetCellStateResponse>, Status> {
-        self.require_admin(request.metadata())?;
+        let admin = self.require_admin(request.metadata())?;
         let cell_id = request.into_inner().cell_id;
         let r = self
             .router
-            .control_call(|mut c| async move {
+            .control_call(&admin, |mut c| async move {
                 c.set_cell_state(SetCellStateRequest { cell_id, state: CellState::Draining as i32 }).await
             })
             .await?;
@@ -293,11 +292,11 @@ impl Admin for AdminService {
         &self,
         request: Request<RemoveCellRequest>,
     ) -> Result<Response<RemoveCellResponse>, Status> {
-        self.require_admin(request.metadata())?;
+        let admin = self.require_admin(request.metadata())?;
         let cell_id = request.into_inner().cell_id;
         let r = self
             .router
-            .control_call(|mut c| async move { c.remove_cell(RemoveCellRequest { cell_id }).await })
+            .control_call(&admin, |mut c| async move { c.remove_cell(RemoveCellRequest { cell_id }).await })
             .await?;
         tracing::info!(cell = cell_id, "cell removed");
         let _ = self.router.refresh().await;
@@ -308,9 +307,9 @@ impl Admin for AdminService {
         &self,
         request: Request<SetRebalanceRequest>,
     ) -> Result<Response<RebalanceSettings>, Status> {
-        self.require_admin(request.metadata())?;
+        let admin = self.require_admin(request.metadata())?;
         let req = request.into_inner();
-        let r = self.router.control_call(|mut c| async move { c.set_rebalance(req).await }).await?;
+        let r = self.router.control_call(&admin, |mut c| async move { c.set_rebalance(req).await }).await?;
         Ok(Response::new(r))
     }
 
@@ -318,7 +317,7 @@ impl Admin for AdminService {
         &self,
         request: Request<AddPartnerRequest>,
     ) -> Result<Response<AddPartnerResponse>, Status> {
-        self.require_admin(request.metadata())?;
+        let admin = self.require_admin(request.metadata())?;
         let req = request.into_inner();
         let mut v = FieldViolations::new();
         let id_ok = (1..=64).contains(&req.partner_id.len())
@@ -375,7 +374,7 @@ impl Admin for AdminService {
             secret_digest: self.partners.digest(&secret),
             create_only: true,
         };
-        self.put_partner(put).await?;
+        self.put_partner(&admin, put).await?;
         tracing::info!(partner = %partner.partner_id, "partner added");
         Ok(Response::new(AddPartnerResponse {
             api_key: format!("{}.{secret}", partner.partner_id),
@@ -397,7 +396,7 @@ impl Admin for AdminService {
         &self,
         request: Request<RevokePartnerRequest>,
     ) -> Result<Response<RevokePartnerResponse>, Status> {
-        self.require_admin(request.metadata())?;
+        let admin = self.require_admin(request.metadata())?;
         let id = request.into_inner().partner_id;
         self.partners.refresh(&self.router).await?;
         let record = self
@@ -413,7 +412,7 @@ impl Admin for AdminService {
             secret_digest: record.secret_digest,
             create_only: false,
         };
-        self.put_partner(put).await?;
+        self.put_partner(&admin, put).await?;
         tracing::info!(partner = %id, "partner revoked");
         Ok(Response::new(RevokePartnerResponse {}))
     }
@@ -422,7 +421,7 @@ impl Admin for AdminService {
         &self,
         request: Request<UpdatePartnerRequest>,
     ) -> Result<Response<UpdatePartnerResponse>, Status> {
-        self.require_admin(request.metadata())?;
+        let admin = self.require_admin(request.metadata())?;
         let req = request.into_inner();
         let mut v = FieldViolations::new();
         if req.name.as_ref().is_some_and(|n| n.chars().count() > 128) {
@@ -452,7 +451,7 @@ impl Admin for AdminService {
             secret_digest: record.secret_digest,
             create_only: false,
         };
-        self.put_partner(put).await?;
+        self.put_partner(&admin, put).await?;
         tracing::info!(partner = %partner.partner_id, rate = partner.rate_per_second, burst = partner.burst, "partner updated");
         Ok(Response::new(UpdatePartnerResponse { partner: Some(partner) }))
     }

@@ -7,6 +7,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod access;
 mod admin;
 mod descriptors;
 mod metrics;
@@ -80,9 +81,25 @@ struct Flags {
     /// that spreads evenly, 1/N keeps each partner's cluster-wide rate at its configured limit.
     #[arg(long, default_value_t = 1.0)]
     quota_share: f64,
-    /// Serve plaintext gRPC (required until mTLS lands; development only).
+    /// Serve and dial plaintext gRPC: no certificates, every client accepted. Development only.
     #[arg(long)]
     insecure: bool,
+    /// Directory with `ca.pem` and this router's `<--tls-name>.pem/.key` (as `nidctl cert`
+    /// writes them).
+    #[arg(long)]
+    tls_dir: Option<std::path::PathBuf>,
+    /// The router's certificate name in --tls-dir (`router` or `router-<name>`).
+    #[arg(long, default_value = "router")]
+    tls_name: String,
+    /// The cluster CA certificate (PEM); overrides the one in --tls-dir.
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// The router's certificate (PEM); overrides the one in --tls-dir.
+    #[arg(long)]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The router's private key (PEM); overrides the one in --tls-dir.
+    #[arg(long)]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -99,11 +116,32 @@ fn main() -> ExitCode {
         eprintln!("nid-router: --max-in-flight must be between 1 and 1000000");
         return ExitCode::from(2);
     }
-    if !flags.insecure {
-        eprintln!(
-            "nid-router: mTLS is not implemented yet; start with --insecure on a trusted network (development)"
-        );
-        return ExitCode::from(2);
+    let tls = match nid_support::tls::resolve_paths(
+        flags.tls_dir.clone(),
+        flags.tls_ca.clone(),
+        flags.tls_cert.clone(),
+        flags.tls_key.clone(),
+        &flags.tls_name,
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("nid-router: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match (&tls, flags.insecure) {
+        (Some(_), true) => {
+            eprintln!("nid-router: --insecure and the TLS settings exclude each other");
+            return ExitCode::from(2);
+        }
+        (None, false) => {
+            eprintln!(
+                "nid-router: mutual TLS needs --tls-dir (with ca.pem and router.pem/.key) or \
+                 --tls-ca/--tls-cert/--tls-key; --insecure serves plaintext to anyone (development only)"
+            );
+            return ExitCode::from(2);
+        }
+        _ => {}
     }
     let runtime = match nid_support::runtime(flags.threads) {
         Ok(r) => r,
@@ -112,7 +150,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(flags)) {
+    match runtime.block_on(run(flags, tls)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("nid-router: {e:#}");
@@ -121,9 +159,28 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(flags: Flags) -> anyhow::Result<()> {
+async fn run(flags: Flags, tls: Option<nid_support::tls::TlsPaths>) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::RouterMetrics::new()?);
-    let mut router = routing::Router::new(flags.control.clone(), metrics.clone(), flags.max_in_flight);
+    let tls = match tls {
+        Some(paths) => {
+            let tls = nid_support::tls::Tls::load(paths, metrics.registry())?;
+            anyhow::ensure!(
+                matches!(tls.identity(), nid_support::tls::Peer::Router(_)),
+                "the certificate names {}, not a router",
+                tls.identity()
+            );
+            tls.spawn_reloader();
+            Some(tls)
+        }
+        None => {
+            tracing::warn!("--insecure: plaintext gRPC, every client accepted (DEVELOPMENT ONLY)");
+            None
+        }
+    };
+    let dial = tls.clone().map_or(nid_support::tls::Dial::Plain, nid_support::tls::Dial::Tls);
+    let access =
+        nid_support::access::AccessLayer::new(tls.as_ref().map(|_| access::policy()), metrics.registry())?;
+    let mut router = routing::Router::new(flags.control.clone(), metrics.clone(), flags.max_in_flight, dial);
     if flags.unsafe_no_request_ids {
         tracing::warn!("--unsafe-no-request-ids: retried writes may apply twice (benchmarks only)");
         router.assign_request_ids = false;
@@ -131,7 +188,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     let router = Arc::new(router);
     router.spawn_refresher(Duration::from_millis(flags.refresh_ms.max(50)), !flags.no_watch);
     let partner_key = match &flags.partner_key_file {
-        Some(path) => partners::read_secret_file(path)?,
+        Some(path) => nid_support::secret::read_secret_file(path)?,
         None => {
             tracing::warn!(
                 "no --partner-key-file: using the DEVELOPMENT partner-credential key (never in production)"
@@ -140,7 +197,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         }
     };
     let admin_token = match &flags.admin_token_file {
-        Some(path) => Some(hex::encode(partners::read_secret_file(path)?).into_bytes()),
+        Some(path) => Some(nid_support::secret::AdminToken::from_file(path)?),
         None => None,
     };
     let quotas = quota::Quotas::new(flags.quota_share, metrics.registry())?;
@@ -181,10 +238,11 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     tracing::info!(%local, zone = %flags.zone, "router serving");
     println!("nid-router ready listen={local}");
     let gzip = tonic::codec::CompressionEncoding::Gzip;
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         // Outermost first: the metrics see the code the client sees.
         .layer(nid_support::grpc_metrics::GrpcMetricsLayer(metrics.grpc.clone()))
+        .layer(access)
         .layer(nid_support::oversized::OversizedLayer)
         .layer(nid_support::accept_encoding::AdvertiseEncodingLayer("gzip"))
         .add_service(health_service)
@@ -213,11 +271,14 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
             DiagnosticsServer::new(service::DiagnosticsService(router.clone()))
                 .accept_compressed(gzip)
                 .send_compressed(gzip)
-        }))
-        .serve_with_incoming_shutdown(nid_support::incoming(listener), async {
-            nid_support::shutdown_signal().await;
-            tracing::info!("router stopping");
-        })
-        .await?;
+        }));
+    let stop = async {
+        nid_support::shutdown_signal().await;
+        tracing::info!("router stopping");
+    };
+    match &tls {
+        Some(tls) => server.serve_with_incoming_shutdown(tls.incoming(listener), stop).await?,
+        None => server.serve_with_incoming_shutdown(nid_support::incoming(listener), stop).await?,
+    }
     Ok(())
 }

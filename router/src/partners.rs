@@ -42,14 +42,6 @@ pub fn auth_type_of(name: &str) -> Option<AuthType> {
     }
 }
 
-/// Reads a 32+ byte hex secret from a file (one line).
-pub fn read_secret_file(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("read {}: {e}", path.display()))?;
-    let bytes = hex::decode(text.trim()).map_err(|_| anyhow::anyhow!("{} is not hex", path.display()))?;
-    anyhow::ensure!(bytes.len() >= 32, "{} must hold at least 32 bytes (64 hex characters)", path.display());
-    Ok(bytes)
-}
-
 impl Partners {
     /// Partners checked under `key`, rate-limited by `quotas`.
     pub fn new(key: &[u8], quotas: Quotas) -> Partners {

@@ -92,6 +92,20 @@ pub fn new_request_id() -> Result<String, Status> {
     Ok(hex::encode(bytes))
 }
 
+/// A control-cell client whose calls carry an admin's credential.
+pub type AdminControlClient = ControlClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
 /// The routing table as the router uses it.
 #[derive(Debug, Default)]
 pub struct Table {
@@ -132,6 +146,8 @@ pub struct Router {
     pub assign_request_ids: bool,
     /// Requests being forwarded; a request finding none left is shed at once.
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Plaintext or mutual TLS to the replicas.
+    dial: nid_support::tls::Dial,
 }
 
 /// How long a shed client should wait before retrying.
@@ -141,7 +157,12 @@ impl Router {
     /// A router that learns its table from `control` replicas and forwards at most
     /// `max_in_flight` requests at once (more are refused with RESOURCE_EXHAUSTED / OVERLOADED
     /// and a retry delay, so memory and queues stay bounded under overload).
-    pub fn new(control: Vec<String>, metrics: Arc<RouterMetrics>, max_in_flight: usize) -> Router {
+    pub fn new(
+        control: Vec<String>,
+        metrics: Arc<RouterMetrics>,
+        max_in_flight: usize,
+        dial: nid_support::tls::Dial,
+    ) -> Router {
         Router {
             control,
             table: RwLock::default(),
@@ -152,6 +173,7 @@ impl Router {
             metrics,
             assign_request_ids: true,
             in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1))),
+            dial,
         }
     }
 
@@ -175,15 +197,17 @@ impl Router {
         if let Some(c) = channels.get(address) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{address}"))
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|_| Status::internal("bad replica address in the routing table"))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             // A paused or partitioned replica's connection is declared dead within seconds.
             .http2_keep_alive_interval(Duration::from_secs(2))
             .keep_alive_timeout(Duration::from_secs(2))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+            .keep_alive_while_idle(true);
+        // Over TLS the replica must hold the role it is dialled as.
+        let role = if self.control.iter().any(|c| c == address) { "control" } else { "cell" };
+        let channel = self.dial.connect_lazy(endpoint, role);
         channels.insert(address.to_owned(), channel.clone());
         Ok(channel)
     }
@@ -278,14 +302,23 @@ impl Router {
         }
     }
 
-    /// Writes through the control cell's leader, following not-leader hints across the configured
-    /// replicas; any other answer (a timeout included: the write may have applied) is final.
-    pub async fn control_call<T, F, Fut>(&self, f: F) -> Result<T, Status>
+    /// Writes through the control cell's leader for an admin, following not-leader hints across
+    /// the configured replicas; any other answer (a timeout included: the write may have applied)
+    /// is final. The admin's own credential (`admin_token`, already checked here) goes along: the
+    /// control cell checks it again, so a router's certificate alone cannot write.
+    pub async fn control_call<T, F, Fut>(&self, admin_token: &str, f: F) -> Result<T, Status>
     where
-        F: FnMut(ControlClient<Channel>) -> Fut,
+        F: FnMut(AdminControlClient) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        self.control_loop(f, false).await
+        let bearer = tonic::metadata::MetadataValue::try_from(format!("Bearer {admin_token}"))
+            .map_err(|_| Status::invalid_argument("the admin credential is not a valid header value"))?;
+        self.control_loop(
+            |channel| ControlClient::with_interceptor(channel, Bearer(bearer.clone())),
+            f,
+            false,
+        )
+        .await
     }
 
     /// Reads from the control cell's leader; like [`Router::control_call`], but any failure moves
@@ -295,12 +328,17 @@ impl Router {
         F: FnMut(ControlClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        self.control_loop(f, true).await
+        self.control_loop(ControlClient::new, f, true).await
     }
 
-    async fn control_loop<T, F, Fut>(&self, mut f: F, read: bool) -> Result<T, Status>
+    async fn control_loop<C, T, F, Fut>(
+        &self,
+        client: impl Fn(Channel) -> C,
+        mut f: F,
+        read: bool,
+    ) -> Result<T, Status>
     where
-        F: FnMut(ControlClient<Channel>) -> Fut,
+        F: FnMut(C) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let mut last = Status::unavailable("no control-cell address configured");
@@ -312,7 +350,7 @@ impl Router {
             if tried > 6 {
                 break;
             }
-            match f(ControlClient::new(self.channel(&address)?)).await {
+            match f(client(self.channel(&address)?)).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(e) => {
                     match RoutingHint::from_status(&e) {

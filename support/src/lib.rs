@@ -4,10 +4,14 @@
 //! and free of storage dependencies, so every binary may use it.
 
 pub mod accept_encoding;
+pub mod access;
 pub mod grpc_metrics;
 pub mod logging;
 pub mod metrics_http;
 pub mod oversized;
+pub mod pki;
+pub mod secret;
+pub mod tls;
 
 use tokio::net::TcpListener;
 

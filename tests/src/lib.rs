@@ -265,12 +265,23 @@ pub struct DevCluster {
 }
 
 impl DevCluster {
-    /// Starts `nidctl dev up --cells N` in a fresh directory and waits for its `cluster.json`.
+    /// Starts `nidctl dev up --cells N --insecure` (plaintext) in a fresh directory and waits
+    /// for its `cluster.json`.
     pub fn start(cells: u64) -> DevCluster {
+        DevCluster::start_with(cells, &["--insecure"])
+    }
+
+    /// Starts `nidctl dev up --cells N` with mutual TLS (the dev CA in `DIR/secrets/tls`).
+    pub fn start_tls(cells: u64) -> DevCluster {
+        DevCluster::start_with(cells, &[])
+    }
+
+    fn start_with(cells: u64, extra: &[&str]) -> DevCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut process = Command::new(binary("nidctl"))
             .args(["dev", "up", "--cells", &cells.to_string(), "--data-dir"])
             .arg(dir.path())
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -99,7 +99,7 @@ fn allowed() -> BTreeMap<&'static str, Vec<&'static str>> {
         ),
         ("nid-router", vec!["nid-proto", "nid-support", "nid-domain"]),
         ("nidctl", vec!["nid-proto", "nid-support"]),
-        ("nid-loadtest", vec!["nid-proto"]),
+        ("nid-loadtest", vec!["nid-proto", "nid-support"]),
     ])
 }
 
