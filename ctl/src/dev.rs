@@ -70,6 +70,18 @@ pub struct ClusterFile {
     pub insecure: bool,
 }
 
+/// The dev cluster's certificate directory under `dir`.
+pub fn dev_tls_dir(dir: &Path) -> PathBuf {
+    dir.join("secrets").join("tls")
+}
+
+/// The certificate directory of the dev cluster in `dir` when it runs TLS.
+pub fn cluster_tls_dir(dir: &Path) -> Option<PathBuf> {
+    let tls = dev_tls_dir(dir);
+    let insecure = load_cluster(dir).map(|c| c.insecure).unwrap_or(false);
+    (tls.join(nid_support::pki::CA_CERT).exists() && !insecure).then_some(tls)
+}
+
 /// Reads `DIR/cluster.json`.
 pub fn load_cluster(dir: &Path) -> anyhow::Result<ClusterFile> {
     let file = dir.join("cluster.json");
@@ -257,7 +269,7 @@ fn replica_cert(cell: &CellEntry, p: &ProcessInfo) -> String {
 /// The dev CA and a certificate for every process and client role of `cluster` (kept when they
 /// exist), in `DIR/secrets/tls`; nidctl then dials as the admin.
 fn issue_certificates(dir: &Path, cluster: &ClusterFile) -> anyhow::Result<()> {
-    let tls = crate::tls::dev_tls_dir(dir);
+    let tls = dev_tls_dir(dir);
     nid_support::pki::ensure_ca(&tls, "nid development CA")?;
     let mut names = vec![
         "router".to_owned(),
@@ -271,7 +283,7 @@ fn issue_certificates(dir: &Path, cluster: &ClusterFile) -> anyhow::Result<()> {
     for name in names {
         nid_support::pki::ensure(&tls, &name, 365)?;
     }
-    crate::tls::init(Some(&tls), "admin", dir)
+    crate::tls::init(Some(&tls), "admin")
 }
 
 /// How a dev process serves: `--tls-dir` of the dev CA, or `--insecure`.
@@ -279,7 +291,7 @@ fn security_args(dir: &Path, insecure: bool) -> Vec<String> {
     if insecure {
         vec!["--insecure".into()]
     } else {
-        vec!["--tls-dir".into(), crate::tls::dev_tls_dir(dir).display().to_string()]
+        vec!["--tls-dir".into(), dev_tls_dir(dir).display().to_string()]
     }
 }
 

@@ -276,9 +276,8 @@ fn defaults(command: &Command) -> (PathBuf, &'static str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (dev_dir, default_name) = defaults(&cli.command);
-    if let Err(e) =
-        tls::init(cli.tls_dir.as_deref(), cli.as_name.as_deref().unwrap_or(default_name), &dev_dir)
-    {
+    let tls_dir = cli.tls_dir.clone().or_else(|| dev::cluster_tls_dir(&dev_dir));
+    if let Err(e) = tls::init(tls_dir.as_deref(), cli.as_name.as_deref().unwrap_or(default_name)) {
         eprintln!("nidctl: {e:#}");
         return ExitCode::from(2);
     }
