@@ -108,9 +108,16 @@ impl IdentityCell {
         };
         let mut rng = random()?;
         for _ in 0..3 {
-            let prepared =
-                prepare::enroll(&req, &creator, &self.sealer(&keyring), &self.scheme, now, &mut rng)
-                    .map_err(|e| CellError::Internal(e.to_string()))?;
+            let prepared = prepare::enroll(
+                &req,
+                &creator,
+                actor(route),
+                &self.sealer(&keyring),
+                &self.scheme,
+                now,
+                &mut rng,
+            )
+            .map_err(|e| CellError::Internal(e.to_string()))?;
             let command = Command::new(command::Kind::Enroll(prepared.command));
             match self.propose_raw(&command).await? {
                 Ok(outcome) => {
@@ -190,6 +197,7 @@ impl IdentityCell {
             &op,
             self.clock.now_ms(),
             request,
+            actor(route),
             &mut rng,
         )
         .map_err(|e| CellError::Internal(e.to_string()))?;
@@ -283,6 +291,7 @@ impl IdentityCell {
             &op,
             self.clock.now_ms(),
             request,
+            actor(route),
             &mut rng,
         )
         .map_err(|e| CellError::Internal(e.to_string()))?;
@@ -425,7 +434,7 @@ impl IdentityCell {
         let outcome = if self.known(&a.id, &keyring).await? {
             let mut rng = random()?;
             let now = self.clock.now_ms();
-            let cmd = prepare::identity_command(&self.sealer(&keyring), &a.id, &op, now, None, &mut rng)
+            let cmd = prepare::identity_command(&self.sealer(&keyring), &a.id, &op, now, None, "", &mut rng)
                 .map_err(|e| CellError::Internal(e.to_string()))?;
             self.propose::<AuthOutcome>(&Command::new(command::Kind::Identity(cmd))).await?
         } else {
@@ -487,6 +496,12 @@ impl IdentityCell {
     pub fn signing_keys(&self) -> GetSigningKeysResponse {
         views::signing_keys(&self.keys.keyring())
     }
+}
+
+/// Who asks, as the router authenticated the caller (its certificate name); empty without a route
+/// or on a plaintext cluster.
+fn actor(route: Option<&RouteHeader>) -> &str {
+    route.map(|r| r.caller.as_str()).unwrap_or("")
 }
 
 /// The request id a write is keyed by: its own, or the one its route carries for the call.

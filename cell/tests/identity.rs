@@ -940,6 +940,7 @@ async fn one_uin_never_names_two_people() {
     let mut prepared = prepare::enroll(
         &sample_request(&same_bucket_rid),
         &[],
+        "",
         &sealer,
         &nid_proto::ids::IdScheme::dev(),
         c.clock.now_ms(),

@@ -145,6 +145,10 @@ pub struct IdentityCommand {
     /// keyed digest of the request's content.
     #[prost(message, optional, tag = "8")]
     pub request: Option<RequestKey>,
+    /// Who asked (the caller's certificate name, as the router authenticated it; empty when
+    /// unknown): recorded as `updated_by` of the version a change makes.
+    #[prost(string, tag = "9")]
+    pub actor: String,
 }
 
 /// The idempotency key of a mutating request.

@@ -183,6 +183,7 @@ pub fn history_entry(profile: &AuthProfile, cold: &IdentityRecord) -> HistoryEnt
         locks: profile.locks.clone(),
         has_pin: profile.pin.is_some(),
         has_totp: !profile.totp_secret.is_empty(),
+        updated_by: profile.updated_by.clone(),
     }
 }
 

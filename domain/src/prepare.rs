@@ -136,6 +136,7 @@ pub struct PreparedEnrollment {
 pub fn enroll(
     req: &EnrollRequest,
     creator: &[u8],
+    actor: &str,
     sealer: &Sealer<'_>,
     scheme: &IdScheme,
     now_ms: u64,
@@ -167,6 +168,7 @@ pub fn enroll(
         totp_secret: totp_secret.clone(),
         digests: Some(demographics::digests(keyring, &demographics)),
         next_vid_slot: 0,
+        updated_by: actor.to_owned(),
     };
     let cold = IdentityRecord {
         uin: uin.clone(),
@@ -242,6 +244,7 @@ pub fn identity_command(
     op: &IdentityOp,
     now_ms: u64,
     request: Option<RequestKey>,
+    actor: &str,
     rng: &mut Stream,
 ) -> Result<IdentityCommand, PrepareError> {
     let (kind, hash) = target(sealer.keyring, id);
@@ -256,6 +259,7 @@ pub fn identity_command(
         seed: rng.array::<16>().to_vec(),
         index_fingerprint: sealer.keyring.index_fingerprint().to_vec(),
         request,
+        actor: actor.to_owned(),
     })
 }
 
@@ -403,8 +407,16 @@ mod tests {
         let sealer = Sealer { keyring: &keyring, generation: 0 };
         let scheme = IdScheme::dev();
         let mut rng = Stream::new().unwrap();
-        let p =
-            enroll(&request("RID-SECRET-42"), &[], &sealer, &scheme, 1_700_000_000_000, &mut rng).unwrap();
+        let p = enroll(
+            &request("RID-SECRET-42"),
+            &[],
+            "enroller-x",
+            &sealer,
+            &scheme,
+            1_700_000_000_000,
+            &mut rng,
+        )
+        .unwrap();
         let bytes = nid_proto::codec::encode(&crate::commands::Command::new(
             crate::commands::command::Kind::Enroll(p.command.clone()),
         ));

@@ -251,6 +251,11 @@ pub struct AuthProfile {
     /// The next VID slot to hand out.
     #[prost(uint32, tag = "11")]
     pub next_vid_slot: u32,
+    /// Who made the current version: the caller's certificate name (an enrolment centre, an
+    /// operator), as the router authenticated it; empty when unknown (a plaintext development
+    /// cluster, data written before it was recorded).
+    #[prost(string, tag = "12")]
+    pub updated_by: String,
 }
 
 /// Uses of one VID.
@@ -336,6 +341,9 @@ pub struct HistoryEntry {
     /// A TOTP secret was enrolled.
     #[prost(bool, tag = "9")]
     pub has_totp: bool,
+    /// Who made this version (see [`AuthProfile::updated_by`]).
+    #[prost(string, tag = "10")]
+    pub updated_by: String,
 }
 
 /// One audited authentication decision. Records form a hash chain per identity: `prev` is the

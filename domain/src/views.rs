@@ -80,6 +80,7 @@ pub fn identity(cold: &IdentityRecord, profile: &AuthProfile, state: &AuthState,
         auth_locks: locks(&profile.locks, now_ms),
         has_pin: profile.pin.is_some(),
         has_totp: !profile.totp_secret.is_empty(),
+        updated_by: profile.updated_by.clone(),
     }
 }
 
@@ -105,6 +106,7 @@ pub fn history(
         auth_locks: locks(&entry.locks, now_ms),
         has_pin: entry.has_pin,
         has_totp: entry.has_totp,
+        updated_by: entry.updated_by.clone(),
     }
 }
 

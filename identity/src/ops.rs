@@ -75,7 +75,7 @@ pub fn apply(
             identity_op::Op::Authenticate(a) => Err(unknown_identity(&a, c.now_ms)),
             _ => Err(Unknown::Rejected(Rejection::NotFound)),
         }),
-        Some(found) => apply_to(&keyring, &writer, bucket, found, op, c.now_ms, ctx),
+        Some(found) => apply_to(&keyring, &writer, bucket, found, op, c.now_ms, &c.actor, ctx),
     }?;
     let result = match result {
         Ok(r) => Ok(r),
@@ -125,10 +125,14 @@ fn write_version(
     writer: &Writer<'_>,
     bucket: BucketId,
     uin_hash: &[u8; 32],
-    profile: &AuthProfile,
+    profile: &mut AuthProfile,
     before: u64,
+    actor: &str,
     ctx: &mut ApplyContext<'_>,
 ) -> Result<(), StorageError> {
+    if profile.version != before {
+        actor.clone_into(&mut profile.updated_by);
+    }
     let key = lookup::profile_key(bucket, uin_hash);
     writer.put(ctx, &key, &key, nonce::PROFILE, profile)?;
     if profile.version != before {
@@ -146,6 +150,7 @@ fn apply_to(
     found: Found,
     op: identity_op::Op,
     now: u64,
+    actor: &str,
     ctx: &mut ApplyContext<'_>,
 ) -> OpResult {
     let uin_hash = found.uin_hash;
@@ -167,7 +172,7 @@ fn apply_to(
                 Ok(version) => {
                     let key = lookup::cold_key(bucket, &uin_hash);
                     writer.put(ctx, &key, &cold_aad(&key, profile.cold_version), nonce::COLD, &cold)?;
-                    write_version(keyring, writer, bucket, &uin_hash, &profile, before, ctx)?;
+                    write_version(keyring, writer, bucket, &uin_hash, &mut profile, before, actor, ctx)?;
                     Outcome::Version(NewVersion(version))
                 }
                 Err(r) => return Ok(Err(r.into())),
@@ -177,7 +182,7 @@ fn apply_to(
             match lifecycle::set_status(&mut profile, s.status, &s.reason, now) {
                 Ok(version) => {
                     if version != before {
-                        write_version(keyring, writer, bucket, &uin_hash, &profile, before, ctx)?;
+                        write_version(keyring, writer, bucket, &uin_hash, &mut profile, before, actor, ctx)?;
                     }
                     Outcome::Version(NewVersion(version))
                 }
@@ -212,7 +217,7 @@ fn apply_to(
                         let h = keyring.index_hash(VID_DOMAIN, old.vid.as_bytes());
                         ctx.delete(&keys::hashed(bucket, Table::Vid, &h))?;
                     }
-                    write_version(keyring, writer, bucket, &uin_hash, &profile, before, ctx)?;
+                    write_version(keyring, writer, bucket, &uin_hash, &mut profile, before, actor, ctx)?;
                     Outcome::Vid(entry)
                 }
                 Err(r) => return Ok(Err(r.into())),
@@ -225,7 +230,7 @@ fn apply_to(
             match lifecycle::revoke_vid(&mut profile, &vid.vid, now) {
                 Ok(()) => {
                     if profile.version != before {
-                        write_version(keyring, writer, bucket, &uin_hash, &profile, before, ctx)?;
+                        write_version(keyring, writer, bucket, &uin_hash, &mut profile, before, actor, ctx)?;
                     }
                     Outcome::VidRevoked(VidRevoked)
                 }
@@ -236,7 +241,7 @@ fn apply_to(
             match lifecycle::lock_auth_types(&mut profile, &l.lock, &l.unlock, now) {
                 Ok(locks) => {
                     if profile.version != before {
-                        write_version(keyring, writer, bucket, &uin_hash, &profile, before, ctx)?;
+                        write_version(keyring, writer, bucket, &uin_hash, &mut profile, before, actor, ctx)?;
                     }
                     Outcome::Locks(LocksInForce(locks))
                 }

@@ -507,6 +507,7 @@ impl Admin for AdminService {
     ) -> Result<Response<VerifyAuditChainResponse>, Status> {
         self.require_admin(request.metadata())?;
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let caller = crate::service::caller_of(&request);
         let req = request.into_inner();
         let id = crate::service::checked(&self.router, |scheme| {
             nid_domain::validate::verify_audit_chain(scheme, &req)
@@ -517,6 +518,7 @@ impl Admin for AdminService {
             nid_proto::v1::cell_request::Operation::VerifyAuditChain(req),
             deadline,
             None,
+            &caller,
             |r| match r {
                 nid_proto::v1::cell_response::Result::VerifyAuditChain(r) => Some(r),
                 _ => None,

@@ -383,11 +383,13 @@ impl Router {
         bucket: u16,
         operation: Operation,
         deadline: Instant,
+        caller: &str,
     ) -> Result<CellResult, Status> {
-        self.forward_as(bucket, operation, deadline, None).await
+        self.forward_as(bucket, operation, deadline, None, caller).await
     }
 
-    /// [`Router::forward`] on behalf of an authenticated partner. Every operation is safe to send
+    /// [`Router::forward`] on behalf of an authenticated partner, for `caller` (the client
+    /// certificate's name; empty on a plaintext listener). Every operation is safe to send
     /// again after an ambiguous failure: reads change nothing, an enrolment is keyed by its RID,
     /// an authentication by its transaction id, and every other write by its request id (the
     /// client's, or one the router assigns here, once per client call, in `request_id`).
@@ -397,6 +399,7 @@ impl Router {
         operation: Operation,
         deadline: Instant,
         partner: Option<&Authenticated>,
+        caller: &str,
     ) -> Result<CellResult, Status> {
         let Ok(_permit) = self.in_flight.try_acquire() else {
             self.metrics.shed.inc();
@@ -415,7 +418,7 @@ impl Router {
                     table_version,
                     partner_id: partner_id.clone(),
                     partner_allowed: partner_allowed.clone(),
-                    caller: String::new(),
+                    caller: caller.to_owned(),
                     request_id: request_id.clone(),
                 }),
                 operation: Some(operation.clone()),

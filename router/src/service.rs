@@ -61,6 +61,12 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
+/// Who calls, by the name in the verified client certificate (empty on a plaintext listener): the
+/// cells key request ids by it and record it as the author of each change.
+pub fn caller_of<T>(request: &Request<T>) -> String {
+    nid_support::tls::peer_of(request.extensions()).map(|p| p.name()).unwrap_or_default()
+}
+
 /// Wraps a handler's result in a response (the gRPC metrics layer records every call).
 pub async fn respond<T>(body: impl Future<Output = Result<T, Status>>) -> Result<Response<T>, Status> {
     body.await.map(Response::new)
@@ -74,11 +80,12 @@ fn unexpected() -> Status {
 impl Enrollment for EnrollmentService {
     async fn enroll(&self, request: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
         let deadline = deadline_of(&request);
+        let caller = caller_of(&request);
         let req = request.into_inner();
         respond(async {
             validate::enroll(&req, now_ms()).map_err(invalid)?;
             let bucket = bucket_of_key(KeyDomain::Rid, req.rid.as_bytes()).get();
-            match self.0.forward(bucket, Operation::Enroll(req), deadline).await? {
+            match self.0.forward(bucket, Operation::Enroll(req), deadline, &caller).await? {
                 CellResult::Enroll(r) => Ok(r),
                 _ => Err(unexpected()),
             }
@@ -91,10 +98,11 @@ impl Enrollment for EnrollmentService {
         request: Request<GetIdentityRequest>,
     ) -> Result<Response<GetIdentityResponse>, Status> {
         let deadline = deadline_of(&request);
+        let caller = caller_of(&request);
         let req = request.into_inner();
         respond(async {
             let bucket = checked(&self.0, |scheme| validate::get_identity(scheme, &req))?.bucket().get();
-            match self.0.forward(bucket, Operation::GetIdentity(req), deadline).await? {
+            match self.0.forward(bucket, Operation::GetIdentity(req), deadline, &caller).await? {
                 CellResult::GetIdentity(r) => Ok(r),
                 _ => Err(unexpected()),
             }
@@ -107,9 +115,10 @@ impl Enrollment for EnrollmentService {
         request: Request<UpdateIdentityRequest>,
     ) -> Result<Response<UpdateIdentityResponse>, Status> {
         let deadline = deadline_of(&request);
+        let caller = caller_of(&request);
         let req = request.into_inner();
         let bucket = checked(&self.0, |scheme| validate::update(scheme, &req, now_ms()));
-        by_bucket(&self.0, bucket, Operation::UpdateIdentity(req), deadline, None, |r| match r {
+        by_bucket(&self.0, bucket, Operation::UpdateIdentity(req), deadline, None, &caller, |r| match r {
             CellResult::UpdateIdentity(r) => Some(r),
             _ => None,
         })
@@ -121,9 +130,10 @@ impl Enrollment for EnrollmentService {
         request: Request<SetStatusRequest>,
     ) -> Result<Response<SetStatusResponse>, Status> {
         let deadline = deadline_of(&request);
+        let caller = caller_of(&request);
         let req = request.into_inner();
         let bucket = checked(&self.0, |scheme| validate::set_status(scheme, &req));
-        by_bucket(&self.0, bucket, Operation::SetStatus(req), deadline, None, |r| match r {
+        by_bucket(&self.0, bucket, Operation::SetStatus(req), deadline, None, &caller, |r| match r {
             CellResult::SetStatus(r) => Some(r),
             _ => None,
         })
@@ -135,9 +145,10 @@ impl Enrollment for EnrollmentService {
         request: Request<GetHistoryRequest>,
     ) -> Result<Response<GetHistoryResponse>, Status> {
         let deadline = deadline_of(&request);
+        let caller = caller_of(&request);
         let req = request.into_inner();
         let bucket = checked(&self.0, |scheme| validate::get_history(scheme, &req).map(|(id, _)| id));
-        by_bucket(&self.0, bucket, Operation::GetHistory(req), deadline, None, |r| match r {
+        by_bucket(&self.0, bucket, Operation::GetHistory(req), deadline, None, &caller, |r| match r {
             CellResult::GetHistory(r) => Some(r),
             _ => None,
         })
@@ -149,9 +160,10 @@ impl Enrollment for EnrollmentService {
         request: Request<CreateVidRequest>,
     ) -> Result<Response<CreateVidResponse>, Status> {
         let deadline = deadline_of(&request);
+        let caller = caller_of(&request);
         let req = request.into_inner();
         let bucket = checked(&self.0, |scheme| validate::create_vid(scheme, &req, now_ms()).map(|v| v.uin));
-        by_bucket(&self.0, bucket, Operation::CreateVid(req), deadline, None, |r| match r {
+        by_bucket(&self.0, bucket, Operation::CreateVid(req), deadline, None, &caller, |r| match r {
             CellResult::CreateVid(r) => Some(r),
             _ => None,
         })
@@ -163,9 +175,10 @@ impl Enrollment for EnrollmentService {
         request: Request<RevokeVidRequest>,
     ) -> Result<Response<RevokeVidResponse>, Status> {
         let deadline = deadline_of(&request);
+        let caller = caller_of(&request);
         let req = request.into_inner();
         let bucket = checked(&self.0, |scheme| validate::revoke_vid(scheme, &req));
-        by_bucket(&self.0, bucket, Operation::RevokeVid(req), deadline, None, |r| match r {
+        by_bucket(&self.0, bucket, Operation::RevokeVid(req), deadline, None, &caller, |r| match r {
             CellResult::RevokeVid(r) => Some(r),
             _ => None,
         })
@@ -177,10 +190,11 @@ impl Enrollment for EnrollmentService {
         request: Request<LockAuthTypesRequest>,
     ) -> Result<Response<LockAuthTypesResponse>, Status> {
         let deadline = deadline_of(&request);
+        let caller = caller_of(&request);
         let req = request.into_inner();
         let bucket =
             checked(&self.0, |scheme| validate::lock_auth_types(scheme, &req, now_ms()).map(|l| l.id));
-        by_bucket(&self.0, bucket, Operation::LockAuthTypes(req), deadline, None, |r| match r {
+        by_bucket(&self.0, bucket, Operation::LockAuthTypes(req), deadline, None, &caller, |r| match r {
             CellResult::LockAuthTypes(r) => Some(r),
             _ => None,
         })
@@ -197,11 +211,12 @@ pub async fn by_bucket<T>(
     operation: Operation,
     deadline: Instant,
     partner: Option<&Authenticated>,
+    caller: &str,
     extract: impl FnOnce(CellResult) -> Option<T>,
 ) -> Result<Response<T>, Status> {
     respond(async {
         let bucket = id?.bucket().get();
-        let result = router.forward_as(bucket, operation, deadline, partner).await?;
+        let result = router.forward_as(bucket, operation, deadline, partner, caller).await?;
         extract(result).ok_or_else(unexpected)
     })
     .await
@@ -248,6 +263,7 @@ impl Authentication for AuthenticationService {
         request: Request<AuthenticateRequest>,
     ) -> Result<Response<AuthenticateResponse>, Status> {
         let deadline = deadline_of(&request);
+        let caller = caller_of(&request);
         let partner = self.partners.authenticate(&self.router, request.metadata()).await;
         let req = request.into_inner();
         let partner = match partner {
@@ -255,10 +271,18 @@ impl Authentication for AuthenticationService {
             Err(e) => return respond(async { Err(e) }).await,
         };
         let bucket = checked(&self.router, |scheme| validate::authenticate(scheme, &req).map(|a| a.id));
-        by_bucket(&self.router, bucket, Operation::Authenticate(req), deadline, Some(&partner), |r| match r {
-            CellResult::Authenticate(r) => Some(r),
-            _ => None,
-        })
+        by_bucket(
+            &self.router,
+            bucket,
+            Operation::Authenticate(req),
+            deadline,
+            Some(&partner),
+            &caller,
+            |r| match r {
+                CellResult::Authenticate(r) => Some(r),
+                _ => None,
+            },
+        )
         .await
     }
 
@@ -295,13 +319,22 @@ impl Authentication for AuthenticationService {
         request: Request<GetAuthHistoryRequest>,
     ) -> Result<Response<GetAuthHistoryResponse>, Status> {
         let deadline = deadline_of(&request);
+        let caller = caller_of(&request);
         let req = request.into_inner();
         let bucket =
             checked(&self.router, |scheme| validate::get_auth_history(scheme, &req).map(|(id, _, _)| id));
-        by_bucket(&self.router, bucket, Operation::GetAuthHistory(req), deadline, None, |r| match r {
-            CellResult::GetAuthHistory(r) => Some(r),
-            _ => None,
-        })
+        by_bucket(
+            &self.router,
+            bucket,
+            Operation::GetAuthHistory(req),
+            deadline,
+            None,
+            &caller,
+            |r| match r {
+                CellResult::GetAuthHistory(r) => Some(r),
+                _ => None,
+            },
+        )
         .await
     }
 }

@@ -92,8 +92,26 @@ async fn only_holders_of_a_valid_cluster_certificate_of_the_right_role_get_throu
 
     // The enroller enrols; nidctl (as admin, from the dev directory) sees the cluster.
     let ch = channel(&enroller, &router, "router").await.expect("enroller connects");
-    let enrolled = EnrollmentClient::new(ch).enroll(enroll_request("tls-rid-1", "Ada Tls")).await;
-    assert!(enrolled.is_ok(), "the enroller enrols: {enrolled:?}");
+    let enrolled = EnrollmentClient::new(ch.clone()).enroll(enroll_request("tls-rid-1", "Ada Tls")).await;
+    let uin = enrolled.expect("the enroller enrols").into_inner().uin;
+    // Every version names who made it: the enrolment centre, then another centre's update.
+    nid_support::pki::issue(&dir, "enroller-centre-2", 1).unwrap();
+    let centre2 = channel(&dialer(&dir, &dir, "enroller-centre-2"), &router, "router").await.unwrap();
+    let update = UpdateIdentityRequest {
+        uin: uin.clone(),
+        expected_version: 1,
+        demographics: enroll_request("x", "Ada Tls-Updated").demographics,
+        ..Default::default()
+    };
+    EnrollmentClient::new(centre2).update_identity(update).await.expect("the second centre updates");
+    let history = EnrollmentClient::new(ch)
+        .get_history(GetHistoryRequest { uin: uin.clone(), from_version: 1, limit: 10 })
+        .await
+        .expect("history")
+        .into_inner();
+    let authors: Vec<(u64, &str)> =
+        history.versions.iter().map(|v| (v.version, v.updated_by.as_str())).collect();
+    assert_eq!(authors, vec![(1, "enroller-dev"), (2, "enroller-centre-2")], "each version names its author");
     let (ok, out) = nidctl(&dev, &["status"]);
     assert!(ok, "nidctl status over TLS: {out}");
 
