@@ -75,7 +75,9 @@ pub fn apply(
             identity_op::Op::Authenticate(a) => Err(unknown_identity(&a, c.now_ms)),
             _ => Err(Unknown::Rejected(Rejection::NotFound)),
         }),
-        Some(found) => apply_to(&keyring, &writer, bucket, found, op, c.now_ms, &c.actor, ctx),
+        Some(found) => {
+            apply_to(&keyring, &writer, bucket, found, op, Stamp { now: c.now_ms, actor: &c.actor }, ctx)
+        }
     }?;
     let result = match result {
         Ok(r) => Ok(r),
@@ -143,16 +145,22 @@ fn write_version(
     Ok(())
 }
 
+/// When a command was proposed (the leader's clock) and who asked for it.
+struct Stamp<'a> {
+    now: u64,
+    actor: &'a str,
+}
+
 fn apply_to(
     keyring: &Keyring,
     writer: &Writer<'_>,
     bucket: BucketId,
     found: Found,
     op: identity_op::Op,
-    now: u64,
-    actor: &str,
+    stamp: Stamp<'_>,
     ctx: &mut ApplyContext<'_>,
 ) -> OpResult {
+    let Stamp { now, actor } = stamp;
     let uin_hash = found.uin_hash;
     let Some(mut profile) = lookup::profile(&*ctx, keyring, bucket, &uin_hash)? else {
         return Ok(Err(Rejection::NotFound.into()));
