@@ -439,12 +439,22 @@ pub fn fdatasync_latency(dir: &std::path::Path) -> (Duration, Duration) {
     (samples[samples.len() / 2], samples[samples.len() * 99 / 100])
 }
 
-/// The leader replica of data cell `index` of a dev cluster's `cluster.json`: (address, pid).
+/// The leader replica of data cell `index` of a dev cluster's `cluster.json`: (address, pid). Asks
+/// each replica's metrics endpoint (plain HTTP, so it works for TLS clusters too), else its gRPC
+/// status (plaintext clusters without metrics).
 pub async fn cell_leader(cluster: &serde_json::Value, index: usize) -> Option<(String, u64)> {
     let replicas = cluster["cells"][index]["replicas"].as_array()?.clone();
     for _ in 0..100 {
         for r in &replicas {
             let address = r["address"].as_str().unwrap_or_default().to_owned();
+            if let Some(metrics) = r["metrics"].as_str()
+                && let Some(text) = http_get(metrics, "/metrics").await
+            {
+                if text.lines().any(|l| l.trim() == "nid_raft_is_leader 1") {
+                    return Some((address, r["pid"].as_u64().unwrap_or(0)));
+                }
+                continue;
+            }
             let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{address}")) else {
                 continue;
             };

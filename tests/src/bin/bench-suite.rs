@@ -561,6 +561,51 @@ async fn main() -> anyhow::Result<()> {
     }
     cluster.stop();
 
+    // (3b) The same closed-loop authentication with mutual TLS on every hop (client to router,
+    // router to cell, Raft between replicas): a fresh TLS cluster populated the same way, run
+    // alone on the machine like (3).
+    println!("\n== (3b) authentication over mutual TLS, beside the plaintext run of (3)");
+    let tls_cluster = DevCluster::start_tls(1);
+    let tls_router = tls_cluster.router();
+    let tls_dir = tls_cluster.dir.path().join("secrets/tls").display().to_string();
+    let tls_key = std::fs::read_to_string(tls_cluster.dir.path().join("secrets/dev-partner.apikey"))?;
+    let tls_people = options.results.join("people-tls.jsonl");
+    let status = Command::new(binary("nid-loadtest"))
+        .args(["--tls-dir", &tls_dir, "populate", "--target", &tls_router])
+        .args(["--count", &options.populate.to_string(), "--seed", "11", "--out"])
+        .arg(&tls_people)
+        .status()?;
+    anyhow::ensure!(status.success(), "populate over TLS failed");
+    let tls_groups = process_groups(&tls_cluster.info).await;
+    let tls_people = tls_people.display().to_string();
+    let (tls_auth, tls_cpu) = cpu_breakdown(&tls_groups, || {
+        loadtest(
+            &options,
+            "3b-auth-tls",
+            &[
+                "--tls-dir",
+                &tls_dir,
+                "--target",
+                &tls_router,
+                "--scenario",
+                "auth",
+                "--wrong-percent",
+                "10",
+                "--api-key",
+                tls_key.trim(),
+                "--people",
+                &tls_people,
+                "--concurrency",
+                &c,
+            ],
+        )
+    })?;
+    notes.push(format!("CPU per authentication at max throughput over mutual TLS: {tls_cpu}"));
+    let mut row = Row::from_report("3b auth TLS", "auth over mutual TLS (10% wrong factors)", &tls_auth);
+    row.ratio = format!("{:.2} of plaintext (3)", row.throughput / auth_max.max(1.0));
+    rows.push(row);
+    drop(tls_cluster);
+
     // (4) etcd, same harness and value size.
     let mut etcd_figures = None;
     if options.etcd {
