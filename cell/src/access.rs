@@ -5,7 +5,10 @@
 //! | service | data replica of cell C | control replica |
 //! |---|---|---|
 //! | `RaftTransport` | replicas of C | control replicas |
-//! | `Cell` | routers, control replicas, admins, replicas of C (key generations) | routers, control replicas, admins |
+//! | `Cell.Execute`, `Cell.Echo` | routers (which name the caller in the route header) | — |
+//! | `Cell.GetSigningKeys` | routers, admins | — |
+//! | `Cell.GetCellStatus`, `Cell.GetKeyGenerations` | routers, admins, control replicas, replicas of C | routers, admins, control replicas |
+//! | `Cell.ChangeMembership`, `Cell.TransferLeader`, `Cell.ActivateKeyGeneration` | admins | admins |
 //! | `BucketAdmin` | control replicas (the rebalancer), admins | — |
 //! | `Control` reads | — | routers, control replicas, admins |
 //! | `Control` writes | — | admins, control replicas, and routers forwarding a valid admin credential (`authorization: Bearer`) |
@@ -42,7 +45,17 @@ pub fn policy(role: Role, cell_id: u64, admin: Option<AdminToken>) -> Policy {
         let operator = matches!(peer, Peer::Admin(_) | Peer::Control { .. });
         match (role, service) {
             (_, "nid.v1.RaftTransport") => member,
-            (_, "nid.v1.Cell") => member || operator || matches!(peer, Peer::Router(_)),
+            (_, "nid.v1.Cell") => {
+                let router = matches!(peer, Peer::Router(_));
+                let admin = matches!(peer, Peer::Admin(_));
+                match method {
+                    "Execute" | "Echo" => router && role == Role::Data,
+                    "GetSigningKeys" => (router || admin) && role == Role::Data,
+                    "GetCellStatus" | "GetKeyGenerations" => member || operator || router,
+                    // ChangeMembership, TransferLeader, ActivateKeyGeneration, anything new.
+                    _ => admin,
+                }
+            }
             (Role::Data, "nid.v1.BucketAdmin") => operator,
             (Role::Control, "nid.v1.Control") => {
                 operator
@@ -113,11 +126,24 @@ mod tests {
         for p in [&other, &router, &admin, &ctl, &partner] {
             assert!(!data("nid.v1.RaftTransport", "SendMessages", p), "{p}");
         }
+        assert!(data("nid.v1.Cell", "Execute", &router));
+        for p in [&admin, &ctl, &same, &other, &partner, &enroller] {
+            assert!(!data("nid.v1.Cell", "Execute", p), "only routers name callers: {p}");
+        }
         for p in [&router, &admin, &ctl, &same] {
-            assert!(data("nid.v1.Cell", "Execute", p), "{p}");
+            assert!(data("nid.v1.Cell", "GetCellStatus", p), "{p}");
+            assert!(data("nid.v1.Cell", "GetKeyGenerations", p), "{p}");
+        }
+        for method in ["ChangeMembership", "TransferLeader", "ActivateKeyGeneration"] {
+            assert!(data("nid.v1.Cell", method, &admin));
+            assert!(control("nid.v1.Cell", method, &admin));
+            for p in [&router, &ctl, &same, &partner] {
+                assert!(!data("nid.v1.Cell", method, p), "{method} {p}");
+                assert!(!control("nid.v1.Cell", method, p), "{method} {p}");
+            }
         }
         for p in [&other, &partner, &enroller] {
-            assert!(!data("nid.v1.Cell", "Execute", p), "{p}");
+            assert!(!data("nid.v1.Cell", "GetCellStatus", p), "{p}");
         }
         assert!(data("nid.v1.BucketAdmin", "SetBucketState", &ctl));
         for p in [&router, &same, &other, &partner] {

@@ -254,32 +254,33 @@ fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyho
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(f)
 }
 
-/// The dev cluster directory a command works in, and the certificate it presents by default.
-fn defaults(command: &Command) -> (PathBuf, &'static str) {
+/// For commands that dial: the dev cluster directory they work in and the certificate they
+/// present by default. None for commands that dial nothing, and for `dev up`/`dev add-cell`,
+/// which issue (or renew) the dev certificates first and then dial as the admin.
+fn defaults(command: &Command) -> Option<(PathBuf, &'static str)> {
     match command {
-        Command::Dev { command: DevCommand::Up { data_dir, .. } | DevCommand::AddCell { data_dir } } => {
-            (data_dir.clone(), "admin")
-        }
         Command::Enroll { target, .. } | Command::Get { target, .. } => {
-            (target.dev_dir.clone(), "enroller-dev")
+            Some((target.dev_dir.clone(), "enroller-dev"))
         }
-        Command::Auth { target, .. } => (target.dev_dir.clone(), "partner-dev-partner"),
+        Command::Auth { target, .. } => Some((target.dev_dir.clone(), "partner-dev-partner")),
         Command::Status { target }
         | Command::Partner { target, .. }
         | Command::Cell { target, .. }
         | Command::Rebalance { target, .. }
-        | Command::Audit { target, .. } => (target.dev_dir.clone(), "admin"),
-        _ => (PathBuf::from(".nid/dev"), "admin"),
+        | Command::Audit { target, .. } => Some((target.dev_dir.clone(), "admin")),
+        Command::Cluster { .. } | Command::Probe { .. } => Some((PathBuf::from(".nid/dev"), "admin")),
+        Command::Id { .. } | Command::Dev { .. } | Command::Cert { .. } | Command::Completion { .. } => None,
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (dev_dir, default_name) = defaults(&cli.command);
-    let tls_dir = cli.tls_dir.clone().or_else(|| dev::cluster_tls_dir(&dev_dir));
-    if let Err(e) = tls::init(tls_dir.as_deref(), cli.as_name.as_deref().unwrap_or(default_name)) {
-        eprintln!("nidctl: {e:#}");
-        return ExitCode::from(2);
+    if let Some((dev_dir, default_name)) = defaults(&cli.command) {
+        let tls_dir = cli.tls_dir.clone().or_else(|| dev::cluster_tls_dir(&dev_dir));
+        if let Err(e) = tls::init(tls_dir.as_deref(), cli.as_name.as_deref().unwrap_or(default_name)) {
+            eprintln!("nidctl: {e:#}");
+            return ExitCode::from(2);
+        }
     }
     let result = match cli.command {
         Command::Id { command } => config::Config::load(cli.config.as_deref())

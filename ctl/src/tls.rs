@@ -1,6 +1,7 @@
 //! How nidctl reaches servers. With a certificate directory (`--tls-dir`, or the dev cluster's
 //! `secrets/tls` when `dev up` made one) it speaks mutual TLS as `--as` (by default `admin`;
-//! `enroller-dev` for enrol/get and `partner-dev` for auth, the certificates `dev up` issues).
+//! `enroller-dev` for enrol/get and `partner-dev-partner` for auth, the certificates `dev up`
+//! issues).
 //! Without one it speaks plaintext, which only `--insecure` servers accept.
 
 use nid_support::tls::{Dial, Tls, TlsPaths};

@@ -264,12 +264,28 @@ impl Authentication for AuthenticationService {
     ) -> Result<Response<AuthenticateResponse>, Status> {
         let deadline = deadline_of(&request);
         let caller = caller_of(&request);
+        let peer = nid_support::tls::peer_of(request.extensions());
         let partner = self.partners.authenticate(&self.router, request.metadata()).await;
         let req = request.into_inner();
         let partner = match partner {
             Ok(p) => p,
             Err(e) => return respond(async { Err(e) }).await,
         };
+        // Over TLS the API key must be the certificate holder's own: a leaked key is useless
+        // without the partner's certificate, and the reverse.
+        if let Some(nid_support::tls::Peer::Partner(id)) = &peer
+            && *id != partner.partner_id
+        {
+            return respond(async {
+                Err(nid_proto::error::status_with_reason(
+                    tonic::Code::PermissionDenied,
+                    "the API key belongs to another partner than the client certificate",
+                    ErrorReason::UnauthenticatedPartner,
+                    &[],
+                ))
+            })
+            .await;
+        }
         let bucket = checked(&self.router, |scheme| validate::authenticate(scheme, &req).map(|a| a.id));
         by_bucket(
             &self.router,

@@ -40,6 +40,21 @@ pub fn is_open(service: &str) -> bool {
     )
 }
 
+/// The services nid serves (metric labels; any other path counts as `other`).
+const KNOWN: &[&str] = &[
+    "nid.v1.Enrollment",
+    "nid.v1.Authentication",
+    "nid.v1.Admin",
+    "nid.v1.Diagnostics",
+    "nid.v1.Cell",
+    "nid.v1.BucketAdmin",
+    "nid.v1.RaftTransport",
+    "nid.v1.Control",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
 /// `("nid.v1.Cell", "Execute")` from `/nid.v1.Cell/Execute`.
 pub fn split_path(path: &str) -> (&str, &str) {
     let path = path.strip_prefix('/').unwrap_or(path);
@@ -89,7 +104,7 @@ impl<S> Access<S> {
         let Some(policy) = &self.policy else { return Ok(()) };
         let (service, method) = split_path(request.uri().path());
         // Known service names only as labels: a caller cannot grow the metric with made-up paths.
-        let label = if service.starts_with("nid.v1.") || is_open(service) { service } else { "other" };
+        let label = KNOWN.iter().find(|k| **k == service).copied().unwrap_or("other");
         let peer = if is_tls(request.extensions()) { peer_of(request.extensions()) } else { None };
         let Some(peer) = peer else {
             self.denied.with_label_values(&[label, "none"]).inc();
@@ -101,10 +116,7 @@ impl<S> Access<S> {
             return Ok(());
         }
         self.denied.with_label_values(&[label, peer.role()]).inc();
-        Err(tonic::Status::permission_denied(format!(
-            "a {} certificate may not call {label}/{method}",
-            peer.role()
-        )))
+        Err(tonic::Status::permission_denied(format!("a {} certificate may not call {label}", peer.role())))
     }
 }
 

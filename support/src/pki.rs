@@ -105,10 +105,22 @@ pub fn issue(dir: &Path, name: &str, days: u64) -> anyhow::Result<()> {
     issue_between(dir, name, now - Duration::from_secs(3600), now + Duration::from_secs(days * 86_400))
 }
 
-/// Issues a certificate for `name` unless its files exist.
+/// Issues a certificate for `name` unless its files exist and it is valid for another week.
 pub fn ensure(dir: &Path, name: &str, days: u64) -> anyhow::Result<()> {
-    if dir.join(format!("{name}.pem")).exists() && dir.join(format!("{name}.key")).exists() {
-        return Ok(());
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let cert = dir.join(format!("{name}.pem"));
+    if cert.exists() && dir.join(format!("{name}.key")).exists() {
+        let week_ahead = SystemTime::now() + Duration::from_secs(7 * 86_400);
+        let week_ahead =
+            week_ahead.duration_since(SystemTime::UNIX_EPOCH).map_or(i64::MAX, |d| d.as_secs() as i64);
+        let lasts = CertificateDer::from_pem_file(&cert)
+            .ok()
+            .and_then(|c| crate::tls::names_and_expiry(&c).ok())
+            .is_some_and(|(_, not_after)| not_after > week_ahead);
+        if lasts {
+            return Ok(());
+        }
     }
     issue(dir, name, days)
 }

@@ -22,8 +22,44 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// A handshake that has not finished by then is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Handshakes in progress at once on one listener; more connections wait to be accepted.
-const MAX_HANDSHAKES: usize = 1024;
+/// Handshakes in progress at once on one listener; a connection beyond is closed.
+pub const MAX_HANDSHAKES: usize = 1024;
+/// Handshakes in progress at once from one source address; a connection beyond is closed.
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 64;
+
+/// One handshake in progress from a source address (released on drop).
+struct SourceSlot {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl SourceSlot {
+    fn take(
+        counts: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<SourceSlot> {
+        let mut map = counts.lock().ok()?;
+        let n = map.entry(ip).or_insert(0);
+        if *n >= MAX_HANDSHAKES_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot { counts: counts.clone(), ip })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.counts.lock()
+            && let Some(n) = map.get_mut(&self.ip)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
 /// How often the certificate files are checked for a change.
 pub const RELOAD_POLL: Duration = Duration::from_secs(2);
 
@@ -411,8 +447,11 @@ impl Tls {
         });
     }
 
-    /// The TLS connections accepted on `listener`; handshakes run off the accept loop, bounded in
-    /// number and time. Ends when the server drops the stream.
+    /// The TLS connections accepted on `listener`; handshakes run off the accept loop, each
+    /// within [`HANDSHAKE_TIMEOUT`], at most [`MAX_HANDSHAKES`] at once and
+    /// [`MAX_HANDSHAKES_PER_SOURCE`] per source address: beyond that a new connection is closed at
+    /// once (and counted), so idle connections from one place cannot stop the listener accepting
+    /// others. Ends when the server drops the stream.
     pub fn incoming(
         self: &Arc<Self>,
         listener: TcpListener,
@@ -421,12 +460,13 @@ impl Tls {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let tls = self.clone();
         let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let per_source: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> =
+            Arc::default();
         tokio::spawn(async move {
             loop {
-                let Ok(permit) = permits.clone().acquire_owned().await else { return };
-                let tcp = tokio::select! {
+                let (tcp, source) = tokio::select! {
                     accepted = listener.accept() => match accepted {
-                        Ok((tcp, _)) => tcp,
+                        Ok(a) => a,
                         Err(_) => {
                             // Out of descriptors or an aborted connection: wait a moment.
                             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -435,13 +475,22 @@ impl Tls {
                     },
                     () = tx.closed() => return,
                 };
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    tls.handshake_failures.inc();
+                    continue;
+                };
+                let Some(slot) = SourceSlot::take(&per_source, source.ip()) else {
+                    tls.handshake_failures.inc();
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.current().server.clone());
                 let (tx, tls) = (tx.clone(), tls.clone());
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                    drop((permit, slot));
+                    match handshake {
                         Ok(Ok(stream)) => {
-                            drop(permit);
                             let _ = tx.send(Ok(stream)).await;
                         }
                         _ => tls.handshake_failures.inc(),

@@ -184,6 +184,36 @@ async fn only_holders_of_a_valid_cluster_certificate_of_the_right_role_get_throu
         "with the admin credential the router's write passes the gate: {forwarded:?}"
     );
 
+    // A router's certificate may not change a cell's membership; an admin may not call
+    // Cell.Execute directly (only routers, which name the caller from a verified certificate).
+    let refused = nid_proto::v1::cell_client::CellClient::new(
+        channel(&router_cert, &control, "control").await.unwrap(),
+    )
+    .transfer_leader(TransferLeaderRequest::default())
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let admin = dialer(&dir, &dir, "admin");
+    let data_replica = dev.info["cells"][0]["replicas"][0]["address"].as_str().unwrap().to_owned();
+    let refused =
+        nid_proto::v1::cell_client::CellClient::new(channel(&admin, &data_replica, "cell").await.unwrap())
+            .execute(CellRequest::default())
+            .await
+            .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "an admin cannot forge a routed call: {refused:?}");
+    // A partner's certificate with another partner's API key is refused.
+    nid_support::pki::issue(&dir, "partner-bank-z", 1).unwrap();
+    let dev_key = std::fs::read_to_string(dev.dir.path().join("secrets").join("dev-partner.apikey")).unwrap();
+    let mut request = tonic::Request::new(AuthenticateRequest::default());
+    request.metadata_mut().insert("authorization", format!("Bearer {}", dev_key.trim()).parse().unwrap());
+    let refused = nid_proto::v1::authentication_client::AuthenticationClient::new(
+        channel(&dialer(&dir, &dir, "partner-bank-z"), &router, "router").await.unwrap(),
+    )
+    .authenticate(request)
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "another partner's key: {refused:?}");
+
     let cell = &dev.info["cells"][0];
     let replica = cell["replicas"][0]["address"].as_str().unwrap().to_owned();
     let replica_metrics = cell["replicas"][0]["metrics"].as_str().unwrap().to_owned();
