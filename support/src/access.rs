@@ -1,10 +1,11 @@
 //! Who may call what: a tower layer in front of every gRPC service of a TLS listener. It reads
-//! the caller from the verified client certificate ([`crate::tls::peer_of`]) and the method from
+//! the caller from the verified client certificate ([`crate::tls::peer_of`], left in the
+//! request's extensions for the handlers) and the method from
 //! the request path, and refuses before any request byte is parsed: UNAUTHENTICATED when the
 //! certificate names no nid identity, PERMISSION_DENIED when the holder's role may not call the
 //! method. Refusals are counted in `nid_access_denied_total{service,role}`.
 
-use crate::tls::{Peer, is_tls, peer_of};
+use crate::tls::{Peer, peer_of};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -100,20 +101,20 @@ pub struct Access<S> {
 }
 
 impl<S> Access<S> {
-    fn check<B>(&self, request: &http::Request<B>) -> Result<(), tonic::Status> {
-        let Some(policy) = &self.policy else { return Ok(()) };
+    /// The caller, when the policy admits the call (None without a policy).
+    fn check<B>(&self, request: &http::Request<B>) -> Result<Option<Peer>, tonic::Status> {
+        let Some(policy) = &self.policy else { return Ok(None) };
         let (service, method) = split_path(request.uri().path());
         // Known service names only as labels: a caller cannot grow the metric with made-up paths.
         let label = KNOWN.iter().find(|k| **k == service).copied().unwrap_or("other");
-        let peer = if is_tls(request.extensions()) { peer_of(request.extensions()) } else { None };
-        let Some(peer) = peer else {
+        let Some(peer) = peer_of(request.extensions()) else {
             self.denied.with_label_values(&[label, "none"]).inc();
             return Err(tonic::Status::unauthenticated(
                 "a client certificate of the cluster CA naming a nid identity is required",
             ));
         };
         if is_open(service) || policy(&Call { service, method, peer: &peer, headers: request.headers() }) {
-            return Ok(());
+            return Ok(Some(peer));
         }
         self.denied.with_label_values(&[label, peer.role()]).inc();
         Err(tonic::Status::permission_denied(format!("a {} certificate may not call {label}", peer.role())))
@@ -135,9 +136,15 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         match self.check(&request) {
-            Ok(()) => Box::pin(self.inner.call(request)),
+            Ok(peer) => {
+                // Parsed once here; handlers read it back through `peer_of`.
+                if let Some(peer) = peer {
+                    request.extensions_mut().insert(peer);
+                }
+                Box::pin(self.inner.call(request))
+            }
             Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
         }
     }

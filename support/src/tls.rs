@@ -232,17 +232,15 @@ pub fn peer_of_chain(certs: &[CertificateDer<'_>]) -> Option<Peer> {
     names.iter().find_map(|n| Peer::parse(n))
 }
 
-/// The caller of a request on a TLS listener (None on a plaintext one).
+/// The caller of a request on a TLS listener (None on a plaintext one): the [`Peer`] the access
+/// layer left in the extensions, else parsed from the connection's certificate.
 pub fn peer_of(extensions: &http::Extensions) -> Option<Peer> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    if let Some(peer) = extensions.get::<Peer>() {
+        return Some(peer.clone());
+    }
     let info = extensions.get::<TlsConnectInfo<TcpConnectInfo>>()?;
     peer_of_chain(&info.peer_certs()?)
-}
-
-/// Whether the request arrived over TLS (then a missing [`peer_of`] means an unnamed caller).
-pub fn is_tls(extensions: &http::Extensions) -> bool {
-    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-    extensions.get::<TlsConnectInfo<TcpConnectInfo>>().is_some()
 }
 
 /// One loaded set of certificate files.
