@@ -143,10 +143,11 @@ pub enum Conn {
 }
 
 /// How much load.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Load {
-    /// Open loop: requests per second.
-    Rate(u64),
+    /// Open loop: requests per second for the warm-up and the measured duration, then each
+    /// further (rate, seconds) phase in turn, measured too (an overload and the recovery after it).
+    Rate(u64, Vec<(u64, u64)>),
     /// Closed loop: requests in flight.
     Concurrency(usize),
 }
@@ -184,6 +185,16 @@ fn etcd_error_kind(e: &etcd_client::Error) -> String {
 
 /// Sends one request of the scenario; `k` picks the item.
 pub async fn one(conn: &mut Conn, scenario: &Scenario, k: u64) -> Result<Outcome, String> {
+    attempt(conn, scenario, k, &mut None).await
+}
+
+/// [`one`], leaving the delay a RESOURCE_EXHAUSTED answer asked for in `retry_after`.
+async fn attempt(
+    conn: &mut Conn,
+    scenario: &Scenario,
+    k: u64,
+    retry_after: &mut Option<Duration>,
+) -> Result<Outcome, String> {
     let scenario = scenario.pick(k);
     let clients = match conn {
         Conn::Nid(c) => c,
@@ -289,7 +300,12 @@ pub async fn one(conn: &mut Conn, scenario: &Scenario, k: u64) -> Result<Outcome
             }
         }
     };
-    result.map_err(|s| error_kind(&s))
+    result.map_err(|s| {
+        if s.code() == tonic::Code::ResourceExhausted {
+            *retry_after = nid_proto::error::retry_delay(&s);
+        }
+        error_kind(&s)
+    })
 }
 
 /// The index of the person authentication `k` uses. People sent wrong factors are kept apart from
@@ -308,6 +324,12 @@ pub fn auth_person(people: usize, wrong_percent: u64, wrong: bool, k: u64) -> us
         if wrong { n - wrong_people + k % wrong_people.max(1) } else { k % (n - wrong_people).max(1) };
     index.min(n.saturating_sub(1)) as usize
 }
+
+/// The error kind of a request the router refused because the cell was at its limit.
+const OVERLOADED: &str = "ResourceExhausted/OVERLOADED";
+/// How long a closed-loop worker waits before sending a refused request again, when the refusal
+/// names no delay.
+const CLOSED_LOOP_BACKOFF: Duration = Duration::from_millis(20);
 
 /// The intended send time of request `i` at `rate` per second after `start`.
 pub fn intended(start: Instant, i: u64, rate: u64) -> Instant {
@@ -332,21 +354,43 @@ pub async fn run(
     anyhow::ensure!(!clients.is_empty(), "no clients");
     let start = Instant::now();
     let measure_from = start + warmup;
-    let end = measure_from + duration;
+    // Open loop: (from, until, rate) segments; the first covers the warm-up and the duration.
+    let mut segments = Vec::new();
+    let mut end = measure_from + duration;
+    if let Load::Rate(rate, then) = &load {
+        segments.push((start, end, *rate));
+        for (rate, seconds) in then {
+            let until = end + Duration::from_secs(*seconds);
+            segments.push((end, until, *rate));
+            end = until;
+        }
+    }
+    let phase_of = {
+        let bounds: Vec<Instant> = segments.iter().map(|(_, until, _)| *until).collect();
+        move |at: Instant| bounds.iter().position(|b| at < *b).unwrap_or(0)
+    };
     let (tx, mut rx) = mpsc::unbounded_channel::<Done>();
     let dropped = Arc::new(AtomicU64::new(0));
+    let retried = Arc::new(AtomicU64::new(0));
     let producer = {
-        let (clients, scenario, dropped) = (clients.clone(), scenario.clone(), dropped.clone());
+        let (clients, scenario, dropped, retried) =
+            (clients.clone(), scenario.clone(), dropped.clone(), retried.clone());
+        let segments = segments.clone();
         tokio::spawn(async move {
             match load {
-                Load::Rate(rate) => {
+                Load::Rate(..) => {
                     let in_flight = Arc::new(AtomicUsize::new(0));
                     let mut i = 0u64;
-                    loop {
-                        let at = intended(start, i, rate);
-                        if at >= end {
-                            break;
+                    let mut segment = 0;
+                    let mut j = 0u64;
+                    while let Some(&(from, until, rate)) = segments.get(segment) {
+                        let at = intended(from, j, rate);
+                        if at >= until {
+                            segment += 1;
+                            j = 0;
+                            continue;
                         }
+                        j += 1;
                         tokio::time::sleep_until(at.into()).await;
                         if in_flight.load(Ordering::Relaxed) >= max_in_flight {
                             if at >= measure_from {
@@ -370,12 +414,24 @@ pub async fn run(
                     let mut workers = Vec::new();
                     for w in 0..c {
                         let mut client = clients[w % clients.len()].clone();
-                        let (scenario, tx) = (scenario.clone(), tx.clone());
+                        let (scenario, tx, retried) = (scenario.clone(), tx.clone(), retried.clone());
                         workers.push(tokio::spawn(async move {
                             let mut k = w as u64;
                             while Instant::now() < end {
                                 let sent = Instant::now();
-                                let result = one(&mut client, &scenario, k).await;
+                                let mut hint = None;
+                                let mut result = attempt(&mut client, &scenario, k, &mut hint).await;
+                                // A well-behaved client: a request the router refused for an
+                                // overloaded cell waits the delay the answer gives and goes again;
+                                // its latency counts from the first send.
+                                while matches!(&result, Err(kind) if kind == OVERLOADED)
+                                    && Instant::now() < end
+                                {
+                                    retried.fetch_add(1, Ordering::Relaxed);
+                                    let wait = hint.take().unwrap_or(CLOSED_LOOP_BACKOFF);
+                                    tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
+                                    result = attempt(&mut client, &scenario, k, &mut hint).await;
+                                }
                                 let _ = tx.send(Done { intended: sent, finished: Instant::now(), result });
                                 k += c as u64;
                             }
@@ -412,13 +468,18 @@ pub async fn run(
             if let Ok(outcome) = &d.result {
                 recorder.auth(*outcome);
             }
-            recorder.complete(second, d.result.map(|_| latency));
+            let result = d.result.map(|_| latency);
+            if segments.len() > 1 {
+                recorder.phase(phase_of(d.intended), &result);
+            }
+            recorder.complete(second, result);
         }
     };
     // The producer and its request tasks hold the only senders: the channel closes when all finish.
     let (produced, ()) = tokio::join!(producer, collect);
     produced?;
     recorder.dropped = dropped.load(Ordering::Relaxed);
+    recorder.retried = retried.load(Ordering::Relaxed);
     Ok(recorder)
 }
 

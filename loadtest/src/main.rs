@@ -105,9 +105,16 @@ enum Command {
         /// Open loop: requests per second.
         #[arg(long, conflicts_with = "concurrency", required_unless_present = "concurrency")]
         rate: Option<u64>,
-        /// Closed loop: requests in flight.
+        /// Closed loop: requests in flight. A request refused as OVERLOADED is sent again after
+        /// the delay the refusal gives, as a well-behaved client would (counted as "sent again",
+        /// not as failed).
         #[arg(long)]
         concurrency: Option<usize>,
+        /// Open loop: after the measured duration at --rate, go on at RATE for SECONDS, measured
+        /// too and reported phase by phase (repeatable: `--rate 7500 --duration 30 --then 1250:15`
+        /// is an overload and the recovery after it).
+        #[arg(long, value_name = "RATE:SECONDS", requires = "rate", value_parser = parse_phase)]
+        then: Vec<(u64, u64)>,
         /// Measured seconds.
         #[arg(long, default_value_t = 10)]
         duration: u64,
@@ -244,6 +251,18 @@ async fn populate(
     Ok(())
 }
 
+/// `RATE:SECONDS`, both positive.
+fn parse_phase(spec: &str) -> Result<(u64, u64), String> {
+    let (rate, seconds) = spec.split_once(':').ok_or_else(|| format!("'{spec}' is not RATE:SECONDS"))?;
+    let rate: u64 = rate.trim().parse().map_err(|_| format!("the rate in '{spec}' is not a number"))?;
+    let seconds: u64 =
+        seconds.trim().parse().map_err(|_| format!("the seconds in '{spec}' are not a number"))?;
+    if rate == 0 || seconds == 0 {
+        return Err(format!("'{spec}': the rate and the seconds must be above 0"));
+    }
+    Ok((rate, seconds))
+}
+
 fn load_people(path: &PathBuf) -> anyhow::Result<Arc<Vec<people::Person>>> {
     let file =
         std::fs::File::open(path).with_context(|| format!("open {} (run populate first)", path.display()))?;
@@ -281,6 +300,7 @@ async fn main() -> anyhow::Result<()> {
             mix,
             rate,
             concurrency,
+            then,
             duration,
             warmup,
             people,
@@ -349,7 +369,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             };
             let (mode, load, amount) = match (rate, concurrency) {
-                (Some(r), _) => ("open", driver::Load::Rate(r), r),
+                (Some(r), _) => ("open", driver::Load::Rate(r, then.clone()), r),
                 (None, Some(c)) => ("closed", driver::Load::Concurrency(c), c as u64),
                 (None, None) => anyhow::bail!("give --rate or --concurrency"),
             };
@@ -363,13 +383,20 @@ async fn main() -> anyhow::Result<()> {
                 max_in_flight,
             )
             .await?;
+            let mut schedule = Vec::new();
+            if !then.is_empty() {
+                schedule.push((amount, duration));
+                schedule.extend(then.iter().copied());
+            }
+            let window = duration + then.iter().map(|(_, s)| s).sum::<u64>();
             let report = report::Report::new(
                 &name,
                 if etcd { "etcd" } else { "nid" },
                 mode,
                 amount,
-                duration as f64,
+                window as f64,
                 &recorder,
+                &schedule,
             );
             print!("{}", report.summary());
             if let Some(path) = &report_file {

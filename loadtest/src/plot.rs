@@ -179,7 +179,7 @@ mod tests {
                 r.complete(Some(second), Ok(1000 + i * (second as u64 + 1)));
             }
         }
-        let report = Report::new("get", "nid", "open", 100, 5.0, &r);
+        let report = Report::new("get", "nid", "open", 100, 5.0, &r, &[]);
         let svg = svg(&report);
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>"));
         // Offered, completions, p50, p99.

@@ -40,10 +40,22 @@ pub struct Recorder {
     pub errors: BTreeMap<String, u64>,
     /// Requests the open-loop driver could not send because too many were in flight.
     pub dropped: u64,
+    /// Closed loop: sends again after an OVERLOADED refusal (the request counts once).
+    pub retried: u64,
     /// Measured authentications answered yes as expected.
     pub auth_yes: u64,
     /// Measured authentications answered no as expected.
     pub auth_no: u64,
+    /// Per phase of a phased open-loop run, the requests due in it (empty otherwise).
+    pub phases: Vec<PhaseRecorder>,
+}
+
+/// The requests due in one phase of a phased run.
+pub struct PhaseRecorder {
+    /// Latencies of its successes, microseconds.
+    pub latency: Histogram<u64>,
+    /// Its failures by kind.
+    pub errors: BTreeMap<String, u64>,
 }
 
 impl Recorder {
@@ -60,9 +72,26 @@ impl Recorder {
             late: 0,
             drain_seconds: 0.0,
             dropped: 0,
+            retried: 0,
             auth_yes: 0,
             auth_no: 0,
+            phases: Vec::new(),
         })
+    }
+
+    /// Records the answer to a measured request due in phase `phase`.
+    pub fn phase(&mut self, phase: usize, result: &Result<u64, String>) {
+        while self.phases.len() <= phase {
+            self.phases
+                .push(PhaseRecorder { latency: Histogram::new_from(&self.latency), errors: BTreeMap::new() });
+        }
+        let p = &mut self.phases[phase];
+        match result {
+            Ok(us) => {
+                let _ = p.latency.record((*us).clamp(1, 120_000_000));
+            }
+            Err(kind) => *p.errors.entry(kind.clone()).or_default() += 1,
+        }
     }
 
     /// Counts an authentication's expected answer.
@@ -160,15 +189,51 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     /// Sends skipped because the in-flight bound was reached (open loop only).
     pub dropped: u64,
+    /// Closed loop: requests sent again after an OVERLOADED refusal and the hinted wait.
+    pub retried: u64,
     /// Authentications answered yes as expected (right factors).
     pub auth_yes: u64,
     /// Authentications answered no as expected (wrong factors).
     pub auth_no: u64,
+    /// A phased open-loop run (`--then`): each phase's own figures, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseReport>,
+}
+
+/// The figures of one phase of a phased run.
+#[derive(Debug, Serialize)]
+pub struct PhaseReport {
+    /// Requests per second offered.
+    pub rate: u64,
+    /// Seconds from the measured window's start to the phase's.
+    pub from_second: u64,
+    /// How long it lasted.
+    pub seconds: u64,
+    /// Successes answered inside the phase's seconds, per second (goodput).
+    pub throughput: f64,
+    /// Requests due in the phase that succeeded (whenever answered).
+    pub ok: u64,
+    /// Requests due in the phase that failed.
+    pub failed: u64,
+    /// Latency of the phase's successes, ms: p50, p99, max.
+    pub latency_ms: BTreeMap<String, f64>,
+    /// Its failures by kind.
+    pub errors: BTreeMap<String, u64>,
 }
 
 impl Report {
     /// Builds the report from a recorder.
-    pub fn new(scenario: &str, target: &str, mode: &str, load: u64, seconds: f64, r: &Recorder) -> Report {
+    /// A phased open-loop run has `schedule`: each phase's (rate, seconds), the first one the
+    /// measured duration at `load` (empty otherwise); `seconds` is the whole window.
+    pub fn new(
+        scenario: &str,
+        target: &str,
+        mode: &str,
+        load: u64,
+        seconds: f64,
+        r: &Recorder,
+        schedule: &[(u64, u64)],
+    ) -> Report {
         // A window ends with its last second: answers come no later than it.
         let window = (seconds.ceil() as usize).max(1);
         let mut per_second = r.per_second.clone();
@@ -189,6 +254,32 @@ impl Report {
         }
         latency_ms.insert("max".to_owned(), ms(h.max()));
         let failed = r.errors.values().sum();
+        let mut phases = Vec::new();
+        let mut from = 0u64;
+        for (i, &(rate, secs)) in schedule.iter().enumerate() {
+            let range = (from as usize).min(per_second.len())..((from + secs) as usize).min(per_second.len());
+            let done: u64 = per_second[range].iter().sum();
+            let (latency, errors) = match r.phases.get(i) {
+                Some(p) => (Some(&p.latency), p.errors.clone()),
+                None => (None, BTreeMap::new()),
+            };
+            let mut latency_ms = BTreeMap::new();
+            for (name, q) in [("p50", 0.50), ("p99", 0.99)] {
+                latency_ms.insert(name.to_owned(), latency.map_or(0.0, |h| ms(h.value_at_quantile(q))));
+            }
+            latency_ms.insert("max".to_owned(), latency.map_or(0.0, |h| ms(h.max())));
+            phases.push(PhaseReport {
+                rate,
+                from_second: from,
+                seconds: secs,
+                throughput: done as f64 / secs.max(1) as f64,
+                ok: latency.map_or(0, |h| h.len()),
+                failed: errors.values().sum(),
+                latency_ms,
+                errors,
+            });
+            from += secs;
+        }
         Report {
             scenario: scenario.to_owned(),
             target: target.to_owned(),
@@ -208,8 +299,10 @@ impl Report {
             per_second_p99_ms: per_second_ms(0.99),
             errors: r.errors.clone(),
             dropped: r.dropped,
+            retried: r.retried,
             auth_yes: r.auth_yes,
             auth_no: r.auth_no,
+            phases,
         }
     }
 
@@ -248,8 +341,17 @@ impl Report {
                 self.late, self.drain_seconds
             ));
         }
+        if self.retried > 0 {
+            out.push_str(&format!("sent again after an OVERLOADED refusal: {}\n", self.retried));
+        }
         if self.dropped > 0 {
             out.push_str(&format!("not sent (in-flight bound reached): {}\n", self.dropped));
+        }
+        for p in &self.phases {
+            out.push_str(&format!(
+                "phase from {} s, {} s at {}/s: {:.0}/s answered in it, {} ok, {} failed, p50 {:.2} p99 {:.2} ms\n",
+                p.from_second, p.seconds, p.rate, p.throughput, p.ok, p.failed, p.latency_ms["p50"], p.latency_ms["p99"]
+            ));
         }
         if self.auth_yes + self.auth_no > 0 {
             out.push_str(&format!("auth: {} yes, {} no (as expected)\n", self.auth_yes, self.auth_no));
@@ -269,7 +371,7 @@ mod tests {
             r.complete(Some((us / 500) as usize), Ok(us * 10));
         }
         r.complete(Some(2), Err("Unavailable/NOT_LEADER".into()));
-        let rep = Report::new("get", "nid", "open", 500, 3.0, &r);
+        let rep = Report::new("get", "nid", "open", 500, 3.0, &r, &[]);
         assert_eq!(rep.ok, 1000);
         assert_eq!(rep.failed, 1);
         assert!((rep.throughput - 1000.0 / 3.0).abs() < 1e-9);
@@ -286,7 +388,34 @@ mod tests {
         let mut r = Recorder::new().unwrap();
         r.complete(Some(0), Ok(100));
         r.complete(Some(1), Err("Unavailable".into()));
-        assert_eq!(Report::new("get", "nid", "open", 1, 2.0, &r).per_second_p50_ms[1], 0.0);
+        assert_eq!(Report::new("get", "nid", "open", 1, 2.0, &r, &[]).per_second_p50_ms[1], 0.0);
+    }
+
+    #[test]
+    fn a_phased_run_reports_each_phase_apart() {
+        // 2 s at 100/s where half are shed, then 1 s at 10/s all answered quickly.
+        let mut r = Recorder::new().unwrap();
+        for second in 0..2 {
+            for i in 0..100 {
+                let result = if i % 2 == 0 { Ok(40_000) } else { Err("ResourceExhausted/OVERLOADED".into()) };
+                r.phase(0, &result);
+                r.complete(Some(second), result);
+            }
+        }
+        for _ in 0..10 {
+            r.phase(1, &Ok(2_000));
+            r.complete(Some(2), Ok(2_000));
+        }
+        let rep = Report::new("auth", "nid", "open", 100, 3.0, &r, &[(100, 2), (10, 1)]);
+        assert_eq!(rep.phases.len(), 2);
+        let (a, b) = (&rep.phases[0], &rep.phases[1]);
+        assert_eq!((a.rate, a.from_second, a.seconds, a.ok, a.failed), (100, 0, 2, 100, 100));
+        assert_eq!(a.throughput, 50.0);
+        assert_eq!(a.errors["ResourceExhausted/OVERLOADED"], 100);
+        assert!((a.latency_ms["p99"] - 40.0).abs() < 0.1, "{:?}", a.latency_ms);
+        assert_eq!((b.rate, b.from_second, b.throughput, b.failed), (10, 2, 10.0, 0));
+        assert!((b.latency_ms["p99"] - 2.0).abs() < 0.01, "{:?}", b.latency_ms);
+        assert!(rep.summary().contains("phase from 2 s, 1 s at 10/s"), "{}", rep.summary());
     }
 
     #[test]
@@ -302,7 +431,7 @@ mod tests {
             r.complete(None, Ok(900_000));
         }
         r.drain_seconds = 1.0;
-        let rep = Report::new("auth", "nid", "open", 100, 2.0, &r);
+        let rep = Report::new("auth", "nid", "open", 100, 2.0, &r, &[]);
         assert_eq!(rep.ok, 200, "every answer counts for latency");
         assert_eq!(rep.throughput, 50.0, "only answers inside the window count for throughput");
         assert_eq!(rep.late, 100);

@@ -9,6 +9,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod access;
 mod admin;
+mod admission;
 mod descriptors;
 mod metrics;
 mod partners;
@@ -77,6 +78,17 @@ struct Flags {
     /// with a retry delay at once instead of queueing (memory stays bounded under overload).
     #[arg(long, default_value_t = 8192)]
     max_in_flight: usize,
+    /// The mean round trip to a cell the router aims to stay under: each cell's limit of requests
+    /// in flight adapts to it; a few requests beyond the limit wait, at most twice this long, and
+    /// the rest get RESOURCE_EXHAUSTED / OVERLOADED with a retry delay of half this.
+    #[arg(long, default_value_t = 15)]
+    cell_latency_target_ms: u64,
+    /// The fewest requests in flight to one cell the adaptive limit allows.
+    #[arg(long, default_value_t = 16)]
+    cell_min_in_flight: usize,
+    /// The most requests in flight to one cell the adaptive limit allows.
+    #[arg(long, default_value_t = 1024)]
+    cell_max_in_flight: usize,
     /// This router's share of every partner's rate limit: with N routers behind a load balancer
     /// that spreads evenly, 1/N keeps each partner's cluster-wide rate at its configured limit.
     #[arg(long, default_value_t = 1.0)]
@@ -114,6 +126,14 @@ fn main() -> ExitCode {
     }
     if !(1..=1_000_000).contains(&flags.max_in_flight) {
         eprintln!("nid-router: --max-in-flight must be between 1 and 1000000");
+        return ExitCode::from(2);
+    }
+    if !(1..=60_000).contains(&flags.cell_latency_target_ms) {
+        eprintln!("nid-router: --cell-latency-target-ms must be between 1 and 60000");
+        return ExitCode::from(2);
+    }
+    if flags.cell_min_in_flight == 0 || flags.cell_min_in_flight > flags.cell_max_in_flight {
+        eprintln!("nid-router: --cell-min-in-flight must be at least 1 and at most --cell-max-in-flight");
         return ExitCode::from(2);
     }
     let tls = match nid_support::tls::resolve_paths(
@@ -180,7 +200,17 @@ async fn run(flags: Flags, tls: Option<nid_support::tls::TlsPaths>) -> anyhow::R
     let dial = tls.clone().map_or(nid_support::tls::Dial::Plain, nid_support::tls::Dial::Tls);
     let access =
         nid_support::access::AccessLayer::new(tls.as_ref().map(|_| access::policy()), metrics.registry())?;
-    let mut router = routing::Router::new(flags.control.clone(), metrics.clone(), flags.max_in_flight, dial);
+    let admission = admission::Admission::new(
+        admission::AdmissionConfig {
+            initial_limit: flags.cell_min_in_flight.max(64).min(flags.cell_max_in_flight),
+            min_limit: flags.cell_min_in_flight,
+            max_limit: flags.cell_max_in_flight,
+            target: Duration::from_millis(flags.cell_latency_target_ms),
+        },
+        metrics.registry(),
+    )?;
+    let mut router =
+        routing::Router::new(flags.control.clone(), metrics.clone(), flags.max_in_flight, dial, admission);
     if flags.unsafe_no_request_ids {
         tracing::warn!("--unsafe-no-request-ids: retried writes may apply twice (benchmarks only)");
         router.assign_request_ids = false;

@@ -2,6 +2,7 @@
 //! when the control cell is unreachable), a leader cache per cell, pooled channels per replica,
 //! and the forwarding loop that follows not-leader and wrong-owner hints within the deadline.
 
+use crate::admission::Sample;
 use crate::metrics::RouterMetrics;
 use nid_proto::error::RoutingHint;
 use nid_proto::ids::{IdScheme, IdSchemeSeed};
@@ -148,10 +149,9 @@ pub struct Router {
     in_flight: Arc<tokio::sync::Semaphore>,
     /// Plaintext or mutual TLS to the replicas.
     dial: nid_support::tls::Dial,
+    /// How many requests go to each cell at once.
+    admission: crate::admission::Admission,
 }
-
-/// How long a shed client should wait before retrying.
-const SHED_RETRY: Duration = Duration::from_millis(50);
 
 impl Router {
     /// A router that learns its table from `control` replicas and forwards at most
@@ -162,6 +162,7 @@ impl Router {
         metrics: Arc<RouterMetrics>,
         max_in_flight: usize,
         dial: nid_support::tls::Dial,
+        admission: crate::admission::Admission,
     ) -> Router {
         Router {
             control,
@@ -174,6 +175,7 @@ impl Router {
             assign_request_ids: true,
             in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1))),
             dial,
+            admission,
         }
     }
 
@@ -405,7 +407,7 @@ impl Router {
             self.metrics.shed.inc();
             return Err(nid_proto::error::overloaded(
                 "the router is at its limit of requests in flight",
-                SHED_RETRY,
+                crate::admission::SHED_RETRY,
             ));
         };
         let partner_id = partner.map(|p| p.partner_id.clone()).unwrap_or_default();
@@ -507,8 +509,34 @@ impl Router {
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
             let budget = if patient.contains(&address) { remaining } else { remaining.min(ATTEMPT_TIMEOUT) };
+            // Requests to a cell (not echoes and probes) wait for a permit of its limit; a
+            // refusal goes to the client with its retry delay.
+            let permit = if leader_only {
+                match self.admission.admit(cell, deadline).await {
+                    Ok(p) => Some(p),
+                    Err(refusal) => {
+                        self.metrics.shed.inc();
+                        return Err(refusal);
+                    }
+                }
+            } else {
+                None
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let budget = budget.min(remaining);
             let client = CellClient::new(self.channel(&address)?);
-            let err = match tokio::time::timeout(budget, call(client, table.version, budget)).await {
+            let outcome = tokio::time::timeout(budget, call(client, table.version, budget)).await;
+            if let Some(permit) = permit {
+                match &outcome {
+                    Ok(Ok(_)) => permit.done(Sample::Answered),
+                    Ok(Err(e)) if overloaded(e) => permit.done(Sample::Overloaded),
+                    Err(_) => permit.done(Sample::Overloaded),
+                    // A transport failure says nothing of the cell's latency.
+                    Ok(Err(e)) if transient(e) => drop(permit),
+                    Ok(Err(_)) => permit.done(Sample::Answered),
+                }
+            }
+            let err = match outcome {
                 Ok(Ok(result)) => {
                     self.clear_suspect(&address);
                     if leader_only && self.leader_of(cell).as_deref() != Some(address.as_str()) {
@@ -520,11 +548,13 @@ impl Router {
                 Err(_) => Status::cancelled("attempt timed out"),
             };
             let timed_out = err.code() == Code::Cancelled && err.message() == "attempt timed out";
-            if !transient(&err) || timed_out {
+            let hint = RoutingHint::from_status(&err);
+            // A replica that answered, even only "not the leader", was reached.
+            if !transient(&err) || timed_out || hint.is_some() {
                 reached = true;
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            match RoutingHint::from_status(&err) {
+            match hint {
                 Some(RoutingHint::NotLeader { leader, .. }) => {
                     self.metrics.retries.with_label_values(&["not_leader"]).inc();
                     let hint = leader.map(|(_, a)| a).filter(|a| *a != address);

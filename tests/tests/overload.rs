@@ -1,6 +1,8 @@
 //! A router at its limit of requests in flight sheds the rest at once with RESOURCE_EXHAUSTED /
 //! OVERLOADED and a retry delay (bounded queues, bounded memory), and a shed request applies
-//! nothing: the same request sent again later creates the identity.
+//! nothing: the same request sent again later creates the identity. A burst far above what a
+//! cell's concurrency limit admits is refused in part while the rest is served, and once it ends
+//! everything is served again.
 
 use nid_proto::error::{reason_of, retry_delay};
 use nid_proto::v1::enrollment_client::EnrollmentClient;
@@ -76,4 +78,78 @@ async fn a_router_at_its_in_flight_limit_sheds_with_a_retry_hint_and_applies_not
     }
     let _ = small.kill();
     let _ = small.wait();
+}
+
+/// Starts a router on `cluster`'s control cell with `flags`; returns it, its address and its
+/// metrics address once it serves.
+async fn router_with(cluster: &DevCluster, flags: &[&str]) -> (std::process::Child, String, String) {
+    let control: Vec<String> = cluster.info["control"]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["address"].as_str().unwrap().to_owned())
+        .collect();
+    let address = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(binary("nid-router"))
+        .args(["--listen", &address, "--control", &control.join(","), "--insecure"])
+        .args(["--metrics-listen", &metrics])
+        .args(flags)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut c = EnrollmentClient::new(nid_tests::connect(&address).await);
+        if c.enroll(enroll_request("RID-LIMIT-WARM", "Limit Person")).await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the router never served");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    (child, address, metrics)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_beyond_a_cells_limit_is_partly_refused_and_service_recovers_when_it_ends() {
+    let cluster = DevCluster::start(1);
+    // Each cell gets at most 4 requests at once (and 4 waiting).
+    let (mut router, address, metrics) =
+        router_with(&cluster, &["--cell-min-in-flight", "2", "--cell-max-in-flight", "4"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("burst.json");
+    // 3 s of enrolments at 1,500/s, then 4 s at 20/s.
+    let out = Command::new(binary("nid-loadtest"))
+        .args(["run", "--target", &address, "--scenario", "enroll", "--seed", "71", "--warmup", "0"])
+        .args(["--rate", "1500", "--duration", "3", "--then", "20:4", "--report"])
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let (burst, after) = (&r["phases"][0], &r["phases"][1]);
+    let errors = burst["errors"].as_object().unwrap();
+    assert!(errors["ResourceExhausted/OVERLOADED"].as_u64().unwrap() > 0, "the burst is partly refused: {r}");
+    assert_eq!(errors.len(), 1, "refusals are the only failures: {r}");
+    assert!(burst["ok"].as_u64().unwrap() > 0, "the burst is partly served: {r}");
+    // Recovery: the last three seconds at 20/s are all served.
+    let failed: Vec<u64> =
+        r["per_second_failed"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let ok: Vec<u64> = r["per_second"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(failed.len(), 7, "{r}");
+    assert!(failed[4..].iter().all(|f| *f == 0), "nothing refused once the burst ended: {r}");
+    assert!(ok[4..].iter().all(|n| *n >= 15), "20/s served after the burst: {r}");
+    assert!(after["ok"].as_u64().unwrap() >= 70, "{r}");
+    // The refusals are counted by cell and why.
+    let text = nid_tests::http_get(&metrics, "/metrics").await.unwrap_or_default();
+    let refused: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("nid_router_cell_refused_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(refused, r["errors"]["ResourceExhausted/OVERLOADED"].as_u64().unwrap(), "{text}");
+    assert!(text.contains("nid_router_cell_concurrency_limit{cell="), "{text}");
+    let _ = router.kill();
+    let _ = router.wait();
 }

@@ -184,6 +184,16 @@ def build():
         (f'sum(rate(nid_router_retries_total{{{ROUTER}}}[{RI}])) / sum(rate(nid_router_requests_total{{{CLIENT}}}[{RI}]))', "retries / request", False),
     ], unit="percentunit", width=8)
     d.panel("timeseries", "Routing-table version", [(f'nid_router_table_version{{{ROUTER}}}', "{{instance}}")], width=8)
+    d.panel("timeseries", "Per-cell concurrency limit (adaptive)", [
+        (f'max by (cell) (nid_router_cell_concurrency_limit{{{ROUTER}}})', "cell {{cell}}"),
+    ], width=12,
+        description="Requests each router forwards to a cell at once (max over routers): it shrinks when the cell's mean round trip "
+                    "exceeds --cell-latency-target-ms and grows back while the limit is in use and the cell keeps up.")
+    d.panel("timeseries", "Requests refused at a cell's limit / s", [
+        (f'sum by (cell, why) (rate(nid_router_cell_refused_total{{{ROUTER}}}[{RI}]))', "cell {{cell}} {{why}}", False),
+    ], unit="ops", width=12, stack=True,
+        description="RESOURCE_EXHAUSTED / OVERLOADED answers because the cell was at its limit: waited (twice the target without a "
+                    "permit) or queue_full (as many waiting as the limit). Sustained: the cell lacks capacity (NidCellOverloaded).")
 
     # The rebalancer's metrics come from every control replica, only the leader's move: max or sum
     # over the instances, not filtered by $cell (the control cell is cell 0).

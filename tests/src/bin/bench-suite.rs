@@ -7,9 +7,11 @@
 //! Usage: bench-suite [--seconds N] [--out BENCHMARKS.md] [--results DIR] [--cell-cpu 0.25]
 //!                    [--concurrency 64] [--populate 5000] [--skip-etcd] [--skip-scaleout]
 //!                    [--skip-profile] [--skip-rebalance] [--rebalance-identities 200000]
+//!                    [--skip-overload | --overload-only] [--overload-cpu 0.6] [--overload-seconds 30]
 
 use anyhow::Context as _;
 use nid_tests::{DevCluster, EtcdCluster, binary, cell_leader, fdatasync_latency};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -27,6 +29,10 @@ struct Options {
     profile: bool,
     rebalance: bool,
     rebalance_identities: u64,
+    overload: bool,
+    overload_only: bool,
+    overload_cpu: f64,
+    overload_seconds: u64,
 }
 
 impl Options {
@@ -49,6 +55,10 @@ impl Options {
                 .map(|s| s.parse())
                 .transpose()?
                 .unwrap_or(200_000),
+            overload: !flag("--skip-overload"),
+            overload_only: flag("--overload-only"),
+            overload_cpu: value("--overload-cpu").map(|s| s.parse()).transpose()?.unwrap_or(0.6),
+            overload_seconds: value("--overload-seconds").map(|s| s.parse()).transpose()?.unwrap_or(30),
         })
     }
 }
@@ -89,8 +99,18 @@ impl Row {
 
 /// Runs `nid-loadtest run ARGS`, keeping its JSON report and plot under `results/TAG.*`.
 fn loadtest(options: &Options, tag: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    loadtest_for(options, tag, args, options.seconds)
+}
+
+/// [`loadtest`] measuring `seconds` (the first phase of a phased run).
+fn loadtest_for(
+    options: &Options,
+    tag: &str,
+    args: &[&str],
+    seconds: u64,
+) -> anyhow::Result<serde_json::Value> {
     let report = options.results.join(format!("{tag}.json"));
-    let seconds = options.seconds.to_string();
+    let seconds = seconds.to_string();
     let out = Command::new(binary("nid-loadtest"))
         .arg("run")
         .args(args)
@@ -278,9 +298,9 @@ struct CpuCap {
 
 impl CpuCap {
     fn new(name: &str, cpus: f64, pids: &[u64]) -> anyhow::Result<CpuCap> {
-        // A short period (20 ms) spreads the quota evenly: with the default 100 ms a capped cell
+        // A short period (5 ms) spreads the quota evenly: with the default 100 ms a capped cell
         // runs for a burst and then stalls, and every request waits out the stall.
-        let period = 20_000u64;
+        let period = 5_000u64.max((1000.0 / cpus.max(0.01)) as u64);
         let quota = ((cpus * period as f64) as u64).max(1000); // the kernel's minimum is 1 ms
         let v2_root = Path::new("/sys/fs/cgroup");
         let v2 = std::fs::read_to_string(v2_root.join("cgroup.controllers"))
@@ -301,11 +321,15 @@ impl CpuCap {
         if !dir.exists() {
             std::fs::create_dir(&dir).with_context(|| format!("create {} (needs root)", dir.display()))?;
         }
+        // The group also gets ten times the default weight: up to its quota it runs first, as if
+        // on CPUs of its own, and the uncapped processes (router, load generator) take the rest.
         if v2 {
             std::fs::write(dir.join("cpu.max"), format!("{quota} {period}"))?;
+            std::fs::write(dir.join("cpu.weight"), "1000")?;
         } else {
             std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string())?;
             std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
+            std::fs::write(dir.join("cpu.shares"), "10240")?;
         }
         for pid in pids {
             std::fs::write(dir.join("cgroup.procs"), pid.to_string())
@@ -406,6 +430,348 @@ fn ms(v: f64) -> String {
     format!("{v:.2}")
 }
 
+/// Resident memory of `pid` in MiB (0 once it has exited).
+fn rss_mib(pid: u64) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+/// Samples the RSS of some processes every 250 ms on a thread until dropped.
+struct RssWatch {
+    max: std::sync::Arc<std::sync::Mutex<Vec<f64>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RssWatch {
+    fn start(pids: Vec<u64>) -> RssWatch {
+        let max = std::sync::Arc::new(std::sync::Mutex::new(vec![0.0; pids.len()]));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (max, stop) = (max.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(mut m) = max.lock() {
+                        for (slot, pid) in m.iter_mut().zip(&pids) {
+                            *slot = f64::max(*slot, rss_mib(*pid));
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            })
+        };
+        RssWatch { max, stop, thread: Some(thread) }
+    }
+
+    /// The largest sample of each process since the last call; then starts afresh.
+    fn take(&self) -> Vec<f64> {
+        self.max.lock().map(|mut m| m.iter_mut().map(std::mem::take).collect()).unwrap_or_default()
+    }
+}
+
+impl Drop for RssWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What section (7) measured.
+struct OverloadFigures {
+    cpu: f64,
+    max: f64,
+    max_p99: f64,
+    /// CPU per authentication at the maximum, by process group.
+    max_cpu: String,
+    /// Requests of the closed-loop run refused as OVERLOADED and sent again after the hinted delay.
+    max_retried: u64,
+    /// Scheduling periods in which the cell's cgroup was throttled, up to the recovery's end.
+    throttled: u64,
+    /// p50 and p99 at half the maximum, ms.
+    unloaded: (f64, f64),
+    offered: u64,
+    seconds: u64,
+    /// Successes answered per second during the overload.
+    goodput: f64,
+    /// p50 and p99 of the successes due during the overload, ms.
+    admitted: (f64, f64),
+    refused: u64,
+    other_failures: BTreeMap<String, u64>,
+    /// Largest RSS of the router and of the cell leader, MiB: at half the maximum, then during
+    /// the overload and the recovery.
+    rss: [(f64, f64); 2],
+    recovery_rate: u64,
+    /// Seconds after the overload until two seconds in a row have a p99 within 1.5x the unloaded
+    /// p99; None if that never happens in the recovery phase.
+    recovery: Option<u64>,
+    recovery_p99: Vec<f64>,
+    /// Another partner at half the maximum beside a noisy partner offering the maximum over a
+    /// rate limit of 1% of it: (throughput, p99) alone (the unloaded run) and beside the noise,
+    /// the noisy partner's refusals and what it got through.
+    noisy: Option<NoisyFigures>,
+}
+
+struct NoisyFigures {
+    limit: u64,
+    alone: (f64, f64),
+    beside: (f64, f64),
+    rate_limited: u64,
+    noisy_served: f64,
+}
+
+impl OverloadFigures {
+    fn met(&self) -> bool {
+        self.goodput >= 0.8 * self.max
+            && self.admitted.1 <= 2.0 * self.unloaded.1
+            && self.recovery.is_some_and(|s| s <= 5)
+            && self.rss.iter().all(|(before, during)| *during <= 2.0 * before.max(1.0))
+    }
+}
+
+/// (7) Overload: a one-cell cluster whose three replicas share `--overload-cpu` CPUs (a cgroup;
+/// the router and the load generator are uncapped, as clients live on other machines in
+/// production and here would otherwise take the cell's CPU to send what it refuses):
+/// authentication closed loop for the maximum, open loop at half of it for the unloaded latency,
+/// then 3x the maximum for `--overload-seconds` followed at once by 15 s at half the maximum.
+async fn overload_section(options: &Options) -> anyhow::Result<OverloadFigures> {
+    let cluster = DevCluster::start(1);
+    let router = cluster.router();
+    let key = std::fs::read_to_string(cluster.dir.path().join("secrets/dev-partner.apikey"))?;
+    let people = options.results.join("people-overload.jsonl");
+    let status = Command::new(binary("nid-loadtest"))
+        .args(["populate", "--target", &router, "--count", &options.populate.to_string(), "--seed", "11"])
+        .arg("--out")
+        .arg(&people)
+        .status()?;
+    anyhow::ensure!(status.success(), "populate failed");
+    let cap = CpuCap::new("nid-bench-overload", options.overload_cpu, &cell_pids(&cluster.info, 0))?;
+    let people = people.display().to_string();
+    let c = options.concurrency.to_string();
+    let args = |load: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["--target", &router, "--scenario", "auth", "--wrong-percent", "10"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(["--api-key".to_owned(), key.trim().to_owned(), "--people".to_owned(), people.clone()]);
+        a.extend(load.iter().map(|s| s.to_string()));
+        a
+    };
+    let f64_of =
+        |r: &serde_json::Value, path: &[&str]| path.iter().fold(r, |v, k| &v[*k]).as_f64().unwrap_or(0.0);
+    let groups = process_groups(&cluster.info).await;
+    let (max, max_cpu) = cpu_breakdown(&groups, || {
+        loadtest(options, "7-overload-max", &as_refs(&args(&["--concurrency", &c])))
+    })?;
+    let max_rate = f64_of(&max, &["throughput"]).max(1.0);
+    let half = ((max_rate / 2.0) as u64).max(1);
+    let leader = cell_leader(&cluster.info, 0).await.map(|(_, pid)| pid).unwrap_or(0);
+    let watch = RssWatch::start(vec![cluster.info["router"]["pid"].as_u64().unwrap_or(0), leader]);
+    let unloaded = loadtest(options, "7-overload-unloaded", &as_refs(&args(&["--rate", &half.to_string()])))?;
+    let rss_before = watch.take();
+    let offered = (3.0 * max_rate) as u64;
+    let recovery_seconds = 15;
+    let then = format!("{half}:{recovery_seconds}");
+    let over = loadtest_for(
+        options,
+        "7-overload-3x",
+        &as_refs(&args(&["--rate", &offered.to_string(), "--then", &then])),
+        options.overload_seconds,
+    )?;
+    let rss_during = watch.take();
+    drop(watch);
+    let throttled = cap.throttled();
+    let phase = &over["phases"][0];
+    let unloaded_p99 = f64_of(&unloaded, &["latency_ms", "p99"]);
+    let recovery_p99: Vec<f64> = over["per_second_p99_ms"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|x| x.as_f64()).skip(options.overload_seconds as usize).collect())
+        .unwrap_or_default();
+    let normal = |p99: &f64| *p99 > 0.0 && *p99 <= 1.5 * unloaded_p99;
+    let recovery = (0..recovery_p99.len().saturating_sub(1))
+        .find(|&s| normal(&recovery_p99[s]) && normal(&recovery_p99[s + 1]))
+        .map(|s| s as u64);
+    let errors: BTreeMap<String, u64> = phase["errors"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0))).collect())
+        .unwrap_or_default();
+    let (refused, other_failures): (BTreeMap<String, u64>, BTreeMap<String, u64>) =
+        errors.into_iter().partition(|(k, _)| k.starts_with("ResourceExhausted"));
+    let max_of = |v: &[f64], i: usize| v.get(i).copied().unwrap_or(0.0);
+    Ok(OverloadFigures {
+        cpu: options.overload_cpu,
+        max: max_rate,
+        max_p99: f64_of(&max, &["latency_ms", "p99"]),
+        max_cpu,
+        max_retried: max["retried"].as_u64().unwrap_or(0),
+        throttled,
+        unloaded: (f64_of(&unloaded, &["latency_ms", "p50"]), unloaded_p99),
+        offered,
+        seconds: options.overload_seconds,
+        goodput: f64_of(phase, &["throughput"]),
+        admitted: (f64_of(phase, &["latency_ms", "p50"]), f64_of(phase, &["latency_ms", "p99"])),
+        refused: refused.values().sum(),
+        other_failures,
+        rss: [
+            (max_of(&rss_before, 0), max_of(&rss_during, 0)),
+            (max_of(&rss_before, 1), max_of(&rss_during, 1)),
+        ],
+        recovery_rate: half,
+        recovery,
+        recovery_p99,
+        noisy: match noisy_partner(options, &cluster, &args, max_rate, &unloaded) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                eprintln!("noisy-partner run failed: {e:#}");
+                None
+            }
+        },
+    })
+}
+
+/// The dev partner at half the maximum again, now beside a partner limited to 1% of the maximum
+/// that offers the whole maximum (from a second load generator).
+fn noisy_partner(
+    options: &Options,
+    cluster: &DevCluster,
+    args: &dyn Fn(&[&str]) -> Vec<String>,
+    max_rate: f64,
+    alone: &serde_json::Value,
+) -> anyhow::Result<NoisyFigures> {
+    let limit = ((max_rate * 0.01) as u64).max(1);
+    let out = Command::new(binary("nidctl"))
+        .args(["partner", "add", "bench-noisy", "--allow", "demographic"])
+        .args(["--rate", &limit.to_string(), "--burst", &limit.to_string(), "--dev-dir"])
+        .arg(cluster.dir.path())
+        .output()?;
+    anyhow::ensure!(out.status.success(), "nidctl partner add: {}", String::from_utf8_lossy(&out.stderr));
+    let noisy_key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    // Routers learn partners within about a second.
+    std::thread::sleep(Duration::from_secs(2));
+    let half = ((max_rate / 2.0) as u64).max(1).to_string();
+    let offered = (max_rate as u64).to_string();
+    let mut noisy_args = args(&["--rate", &offered]);
+    for (flag, value) in [("--api-key", noisy_key.as_str()), ("--wrong-percent", "0")] {
+        if let Some(i) = noisy_args.iter().position(|a| a == flag) {
+            noisy_args[i + 1] = value.to_owned();
+        }
+    }
+    let noisy_report = options.results.join("7-noisy-partner.json");
+    // It runs a second longer on each side than the measured run beside it.
+    let seconds = (options.seconds + WARMUP_SECONDS + 2).to_string();
+    let mut noisy = Command::new(binary("nid-loadtest"))
+        .arg("run")
+        .args(&noisy_args)
+        .args(["--duration", &seconds, "--warmup", "0", "--report"])
+        .arg(&noisy_report)
+        .stdout(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let beside = loadtest(options, "7-beside-noisy-partner", &as_refs(&args(&["--rate", &half])));
+    let status = noisy.wait()?;
+    let beside = beside?;
+    anyhow::ensure!(status.success(), "the noisy partner's load generator failed");
+    let noisy: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&noisy_report)?)?;
+    let pick = |r: &serde_json::Value| {
+        (r["throughput"].as_f64().unwrap_or(0.0), r["latency_ms"]["p99"].as_f64().unwrap_or(0.0))
+    };
+    Ok(NoisyFigures {
+        limit,
+        alone: pick(alone),
+        beside: pick(&beside),
+        rate_limited: noisy["errors"]["ResourceExhausted/RATE_LIMITED"].as_u64().unwrap_or(0),
+        noisy_served: noisy["throughput"].as_f64().unwrap_or(0.0),
+    })
+}
+
+/// The overload rows of the targets table.
+fn overload_targets(f: &OverloadFigures) -> String {
+    let verdict = |met: bool| if met { "met" } else { "NOT met" };
+    let mut targets = String::new();
+    let _ = writeln!(
+        targets,
+        "| overload at 3x max for {} s: goodput >= 80% of max, admitted p99 <= 2x unloaded, RSS bounded, normal within 5 s | goodput {:.2} of max, admitted p99 {:.2}x unloaded, RSS router {:.0} -> {:.0} MiB and leader {:.0} -> {:.0} MiB, normal after {} | {} |",
+        f.seconds,
+        f.goodput / f.max.max(1.0),
+        f.admitted.1 / f.unloaded.1.max(0.001),
+        f.rss[0].0,
+        f.rss[0].1,
+        f.rss[1].0,
+        f.rss[1].1,
+        f.recovery.map_or("more than 15 s".to_owned(), |s| format!("{s} s")),
+        verdict(f.met())
+    );
+    if let Some(n) = &f.noisy {
+        let _ = writeln!(
+            targets,
+            "| a partner over its rate limit leaves another's throughput and p99 within 10% | throughput {:.2}x, p99 {:.2}x of the run without it | {} |",
+            n.beside.0 / n.alone.0.max(1.0),
+            n.beside.1 / n.alone.1.max(0.001),
+            verdict(n.beside.0 >= 0.9 * n.alone.0 && n.beside.1 <= 1.1 * n.alone.1)
+        );
+    }
+    targets
+}
+
+/// The overload paragraphs of BENCHMARKS.md.
+fn overload_text(f: &OverloadFigures) -> String {
+    let mut md = String::new();
+    let others: Vec<String> = f.other_failures.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let p99s: Vec<String> = f.recovery_p99.iter().map(|v| format!("{v:.0}")).collect();
+    let _ = writeln!(
+        md,
+        "Section 7, overload: one cell whose three replicas share {} CPU (cgroup), the router and the load generator \
+             uncapped. Authentication (10% wrong factors): closed-loop maximum {:.0}/s (p99 {:.1} ms; {} refusals sent again after the delay they gave); open loop at half \
+             of it p50 {:.1} ms, p99 {:.1} ms (the unloaded figures); then {}/s offered (3x) for {} s: {:.0}/s answered \
+             yes or no ({:.2} of the maximum), admitted p50 {:.1} ms and p99 {:.1} ms ({:.2}x unloaded), {} refused with \
+             RESOURCE_EXHAUSTED and a retry delay, other failures: {}. Largest RSS at half load vs during the overload: \
+             router {:.0} vs {:.0} MiB, cell leader {:.0} vs {:.0} MiB. Then {}/s: p99 of each second after the overload \
+             (ms): {}; two seconds in a row within 1.5x the unloaded p99 after {}. The cap bit in {} scheduling periods; CPU per \
+             authentication at the maximum: {}.\n",
+        f.cpu,
+        f.max,
+        f.max_p99,
+        f.max_retried,
+        f.unloaded.0,
+        f.unloaded.1,
+        f.offered,
+        f.seconds,
+        f.goodput,
+        f.goodput / f.max.max(1.0),
+        f.admitted.0,
+        f.admitted.1,
+        f.admitted.1 / f.unloaded.1.max(0.001),
+        f.refused,
+        if others.is_empty() { "none".to_owned() } else { others.join(", ") },
+        f.rss[0].0,
+        f.rss[0].1,
+        f.rss[1].0,
+        f.rss[1].1,
+        f.recovery_rate,
+        p99s.join(" "),
+        f.recovery.map_or("more than 15 s".to_owned(), |s| format!("{s} s")),
+        f.throttled,
+        f.max_cpu
+    );
+    if let Some(n) = &f.noisy {
+        let _ = writeln!(
+            md,
+            "Then the same half-load run again beside a second partner limited to {}/s that offers the whole maximum \
+                 from another load generator: {:.0}/s at p99 {:.1} ms alone, {:.0}/s at p99 {:.1} ms beside it; the noisy \
+                 partner got {:.0}/s through and {} RESOURCE_EXHAUSTED / RATE_LIMITED answers.\n",
+            n.limit, n.alone.0, n.alone.1, n.beside.0, n.beside.1, n.noisy_served, n.rate_limited
+        );
+    }
+    md
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let options = Options::parse()?;
@@ -421,6 +787,11 @@ async fn main() -> anyhow::Result<()> {
         sync99.as_secs_f64() * 1e3
     );
     println!("machine: {machine}\ndisk: {disk}");
+    if options.overload_only {
+        let f = overload_section(&options).await?;
+        println!("\n{}\n{}", overload_text(&f), overload_targets(&f));
+        return Ok(());
+    }
     let mut rows: Vec<Row> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
 
@@ -605,6 +976,19 @@ async fn main() -> anyhow::Result<()> {
     row.ratio = format!("{:.2} of plaintext (3)", row.throughput / auth_max.max(1.0));
     rows.push(row);
     drop(tls_cluster);
+
+    // (7) overload, before etcd and the scale-out (it is about this cell's behaviour, not theirs).
+    let mut overload = None;
+    if options.overload {
+        println!(
+            "\n== (7) overload: authentication at 3x the maximum for {} s on a cell capped to {} CPU",
+            options.overload_seconds, options.overload_cpu
+        );
+        match overload_section(&options).await {
+            Ok(f) => overload = Some(f),
+            Err(e) => notes.push(format!("overload section failed: {e:#}")),
+        }
+    }
 
     // (4) etcd, same harness and value size.
     let mut etcd_figures = None;
@@ -792,6 +1176,10 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
+    if let Some(f) = &overload {
+        targets.push_str(&overload_targets(f));
+    }
+
     let date = Command::new("date")
         .arg("-u")
         .arg("+%Y-%m-%d %H:%M UTC")
@@ -836,6 +1224,9 @@ async fn main() -> anyhow::Result<()> {
             nid_tests::rebalance_bench::RebalanceFigures::header(),
             f.markdown()
         );
+    }
+    if let Some(f) = &overload {
+        md.push_str(&overload_text(f));
     }
     let _ = writeln!(md, "## Targets\n\n{targets}");
     for n in &notes {
