@@ -13,9 +13,14 @@
 //! with the target. Above it the cell is queueing, and the limit shrinks in proportion (at most by
 //! half per window); an attempt the cell shed or let time out counts as above. Below it, with the
 //! limit in use, the limit grows by its square root. The limit stays within
-//! `[min_limit, max_limit]`. At most a quarter of the limit (and at least `min_limit`) may wait, so
-//! a request admitted under overload waits about a quarter of a round trip; one still waiting
-//! after twice the target is refused. A refusal asks the client to retry after half the target.
+//! `[min_limit, max_limit]`.
+//!
+//! The queue in front of the limit tells a burst from an overload the way CoDel does: by whether
+//! it empties. While it has been empty within the last 100 ms it absorbs a burst (a flush, a
+//! pause, a leader change), and a request waits up to four times the target. A queue that has
+//! stood for 100 ms means the cell lacks capacity: a request then waits at most a third of the
+//! target, so what is admitted stays fast and the rest is refused at once. At most four times the
+//! limit may wait. A refusal asks the client to retry after half the target.
 //!
 //! Why an absolute target and not a multiple of the shortest round trip seen (TCP Vegas): a cell
 //! batches proposals, so under load every request waits about one batch, and the shortest round
@@ -57,6 +62,10 @@ impl Default for AdmissionConfig {
 
 /// How often the limit is reconsidered.
 const WINDOW: Duration = Duration::from_millis(100);
+/// A queue that has not been empty for this long is congested, not absorbing a burst.
+const CONGESTION_INTERVAL: Duration = Duration::from_millis(100);
+/// Waiting requests per unit of limit, at most (memory stays bounded).
+const QUEUE_PER_LIMIT: usize = 4;
 /// What a client refused by the router as a whole (`--max-in-flight`) is told to wait.
 pub const SHED_RETRY: Duration = Duration::from_millis(50);
 
@@ -191,8 +200,10 @@ impl Admission {
                         control: Control::new(&self.config, Instant::now()),
                         in_flight: 0,
                         queue: VecDeque::new(),
+                        last_empty: Instant::now(),
                     }),
-                    max_wait: self.config.target * 2,
+                    max_wait: self.config.target * 4,
+                    congested_wait: self.config.target / 3,
                     retry_after: self.config.target / 2,
                     min_queue: self.config.min_limit.max(1),
                     gauge,
@@ -203,12 +214,16 @@ impl Admission {
             .clone()
     }
 
-    /// A permit to forward one request to `cell`, waiting at most the cell's latency target (and
-    /// never past `deadline`). `Err` is the refusal to send the client.
+    /// A permit to forward one request to `cell`, waiting a little when the cell is at its limit
+    /// (never past `deadline`). `Err` is the refusal to send the client.
     pub async fn admit(&self, cell: u64, deadline: Instant) -> Result<Permit, tonic::Status> {
         let limiter = self.limiter(cell);
         let (rx, wait) = {
             let mut st = limiter.lock();
+            let now = Instant::now();
+            if st.queue.is_empty() {
+                st.last_empty = now;
+            }
             let cap = st.control.cap();
             if st.in_flight < cap && st.queue.is_empty() {
                 st.in_flight += 1;
@@ -218,7 +233,7 @@ impl Admission {
                 return Ok(Permit::new(limiter.clone()));
             }
             st.control.saturate();
-            let room = (cap / 4).max(limiter.min_queue);
+            let room = (cap * QUEUE_PER_LIMIT).max(limiter.min_queue);
             if st.queue.len() >= room {
                 st.queue.retain(|w| !w.is_closed());
             }
@@ -226,9 +241,12 @@ impl Admission {
                 limiter.refused_full.inc();
                 return Err(refusal(limiter.retry_after));
             }
+            // A queue that has not emptied for a while is not absorbing a burst: the cell is short
+            // of capacity, and waiting longer would only add latency (CoDel's insight).
+            let congested = now.saturating_duration_since(st.last_empty) > CONGESTION_INTERVAL;
             let (tx, rx) = oneshot::channel();
             st.queue.push_back(tx);
-            (rx, limiter.max_wait)
+            (rx, if congested { limiter.congested_wait } else { limiter.max_wait })
         };
         let wait = wait.min(deadline.saturating_duration_since(Instant::now()));
         let mut rx = rx;
@@ -263,16 +281,20 @@ struct State {
     in_flight: usize,
     /// Requests waiting for a slot; a slot handed over is already counted in `in_flight`.
     queue: VecDeque<oneshot::Sender<()>>,
+    /// When the queue was last seen empty.
+    last_empty: Instant,
 }
 
 /// One cell's limiter.
 struct Limiter {
     state: Mutex<State>,
-    /// The longest a request waits for a permit.
+    /// The longest a request waits for a permit while the queue absorbs a burst.
     max_wait: Duration,
+    /// The longest it waits once the queue has stood for [`CONGESTION_INTERVAL`].
+    congested_wait: Duration,
     /// The delay a refused client is told to wait.
     retry_after: Duration,
-    /// Requests that may wait, at least (a quarter of the limit when that is more).
+    /// Requests that may wait, at least ([`QUEUE_PER_LIMIT`] times the limit when that is more).
     min_queue: usize,
     gauge: prometheus::IntGauge,
     refused_full: prometheus::IntCounter,
@@ -291,10 +313,13 @@ impl Limiter {
     /// gave up is skipped. A handed slot counts in `in_flight` at once.
     fn hand_over(st: &mut State) {
         while st.in_flight < st.control.cap() {
-            let Some(tx) = st.queue.pop_front() else { return };
+            let Some(tx) = st.queue.pop_front() else { break };
             if tx.send(()).is_ok() {
                 st.in_flight += 1;
             }
+        }
+        if st.queue.is_empty() {
+            st.last_empty = Instant::now();
         }
     }
 

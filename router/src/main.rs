@@ -79,8 +79,9 @@ struct Flags {
     #[arg(long, default_value_t = 8192)]
     max_in_flight: usize,
     /// The mean round trip to a cell the router aims to stay under: each cell's limit of requests
-    /// in flight adapts to it; a few requests beyond the limit wait, at most twice this long, and
-    /// the rest get RESOURCE_EXHAUSTED / OVERLOADED with a retry delay of half this.
+    /// in flight adapts to it; requests beyond the limit wait briefly (up to 4x this for a burst,
+    /// a third of it once the queue stands) and the rest get RESOURCE_EXHAUSTED / OVERLOADED with
+    /// a retry delay of half this.
     #[arg(long, default_value_t = 15)]
     cell_latency_target_ms: u64,
     /// The fewest requests in flight to one cell the adaptive limit allows.
