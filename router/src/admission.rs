@@ -354,6 +354,12 @@ impl Permit {
     }
 }
 
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit").field("started", &self.started).finish_non_exhaustive()
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
         // Cancelled (the client went away): free the slot, learn nothing.
@@ -436,6 +442,39 @@ mod tests {
             control.record(Duration::from_millis(1), Sample::Overloaded, now);
         }
         assert_eq!(control.cap(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_queue_that_stands_makes_newcomers_wait_only_a_third_of_the_target() {
+        let registry = Registry::new();
+        let target = Duration::from_millis(60);
+        let config = AdmissionConfig { initial_limit: 1, min_limit: 1, max_limit: 1, target };
+        let admission = Arc::new(Admission::new(config, &registry).unwrap());
+        let far = Instant::now() + Duration::from_secs(5);
+        let held = admission.admit(1, far).await.unwrap();
+        // A burst: the queue was empty a moment ago, so a waiter may wait four times the target.
+        let started = Instant::now();
+        let refused = admission.admit(1, far).await.unwrap_err();
+        let waited = started.elapsed();
+        assert!(waited >= 4 * target, "a burst waits up to four targets: {waited:?}");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        // Keep the queue standing past the congestion interval with a waiter that never gets a slot.
+        let standing = {
+            let admission = admission.clone();
+            tokio::spawn(async move { admission.admit(1, far).await.is_err() })
+        };
+        tokio::time::sleep(CONGESTION_INTERVAL + Duration::from_millis(20)).await;
+        let started = Instant::now();
+        let refused = admission.admit(1, far).await.unwrap_err();
+        let waited = started.elapsed();
+        assert!(waited < target, "a standing queue lets a newcomer wait a third of the target: {waited:?}");
+        assert_eq!(nid_proto::error::reason_of(&refused).as_deref(), Some("OVERLOADED"));
+        assert!(standing.await.unwrap());
+        // Once the slot is free and the queue empties, a request goes through at once.
+        drop(held);
+        let started = Instant::now();
+        admission.admit(1, far).await.unwrap();
+        assert!(started.elapsed() < target);
     }
 
     #[tokio::test]
