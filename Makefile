@@ -73,8 +73,10 @@ lint: deps
 
 ci: lint test
 
-# The standard suite: no-op ceiling, enrolment, authentication, etcd 3.4 (3 members) with the same
-# harness, and scale-out over 1/2/4 cells under equal cgroup CPU quotas (needs root). Starts and
+# The standard suite: no-op ceiling, enrolment, authentication (plaintext and mutual TLS),
+# overload at 3x a capped cell's maximum and a noisy partner, etcd 3.4 (3 members) with the same
+# harness, scale-out over 1/2/4/8 cells under equal cgroup CPU quotas (needs root), and a cell
+# joining four under load. Starts and
 # stops everything itself; prints one table and writes it to BENCHMARKS.md (hand-written text below
 # its generated part is kept). Reports and SVG plots go to .nid/bench. ARGS="--seconds 5"
 bench: deps

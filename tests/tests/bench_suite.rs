@@ -2,7 +2,8 @@
 //! enrolment and authentication rows through `nid-loadtest`, and writes the table, the targets and
 //! the per-process CPU breakdown to its output file, keeping hand-written text below the markers.
 //! (etcd, the cgroup scale-out and perf are left to `make bench`: they need root and minutes; the
-//! rebalance section runs with 2,000 identities instead of 200,000.)
+//! rebalance section runs with 2,000 identities instead of 200,000, and the overload section, which
+//! needs root for its cgroup, with a 2-second overload.)
 
 use nid_tests::binary;
 use std::process::Command;
@@ -18,6 +19,7 @@ fn the_suite_writes_its_table_and_keeps_hand_written_text() {
     .unwrap();
     let run = Command::new(binary("bench-suite"))
         .args(["--seconds", "1", "--populate", "200", "--concurrency", "8", "--rebalance-identities", "2000"])
+        .args(["--overload-seconds", "2"])
         .args(["--skip-etcd", "--skip-scaleout", "--skip-profile", "--out"])
         .arg(&out)
         .arg("--results")
@@ -42,6 +44,19 @@ fn the_suite_writes_its_table_and_keeps_hand_written_text() {
         "## By hand\nkept\n",
     ] {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+    }
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if root {
+        for needle in [
+            "Section 7, overload: one cell whose three replicas share 0.6 CPU",
+            "| overload at 3x max for 2 s: goodput >= 80% of max",
+            "| a partner over its rate limit leaves another's throughput and p99 within 10% |",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+        }
+        assert!(dir.path().join("results/7-overload-3x.json").exists());
+    } else {
+        assert!(text.contains("overload section failed"), "without root the cgroup cannot be made:\n{text}");
     }
     assert!(!text.contains("\nold\n"), "the old generated part is replaced");
     // Every row's report and plot are kept.
