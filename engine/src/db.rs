@@ -14,12 +14,12 @@ pub fn open_db(path: &Path) -> Result<Arc<DB>, StorageError> {
     opts.create_missing_column_families(true);
     opts.set_max_background_jobs(2);
     opts.set_bytes_per_sync(1 << 20);
-    // Flushes and compactions run at a lower CPU priority than the Raft loop and the gRPC
-    // threads: on a busy machine they yield instead of stalling requests (every replica of a cell
-    // flushes at about the same moment, having written the same bytes).
+    // Compactions run at a lower CPU priority than the Raft loop and the gRPC threads: on a busy
+    // machine they yield instead of stalling requests (every replica of a cell compacts at about
+    // the same moment, having written the same bytes). Flushes keep their priority: starved, they
+    // would fill the memtables and stall every write.
     let mut env = rocksdb::Env::new()?;
     env.lower_thread_pool_cpu_priority();
-    env.lower_high_priority_thread_pool_cpu_priority();
     opts.set_env(&env);
     let mut data_opts = rocksdb::Options::default();
     data_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);

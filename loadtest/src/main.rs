@@ -257,8 +257,8 @@ fn parse_phase(spec: &str) -> Result<(u64, u64), String> {
     let rate: u64 = rate.trim().parse().map_err(|_| format!("the rate in '{spec}' is not a number"))?;
     let seconds: u64 =
         seconds.trim().parse().map_err(|_| format!("the seconds in '{spec}' are not a number"))?;
-    if rate == 0 || seconds == 0 {
-        return Err(format!("'{spec}': the rate and the seconds must be above 0"));
+    if rate == 0 || seconds == 0 || rate > 10_000_000 || seconds > 86_400 {
+        return Err(format!("'{spec}': the rate must be 1..=10000000 and the seconds 1..=86400"));
     }
     Ok((rate, seconds))
 }

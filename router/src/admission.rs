@@ -221,6 +221,10 @@ impl Admission {
         let (rx, wait) = {
             let mut st = limiter.lock();
             let now = Instant::now();
+            // Waiters that gave up leave from the front: a queue of them is no queue.
+            while st.queue.front().is_some_and(|w| w.is_closed()) {
+                st.queue.pop_front();
+            }
             if st.queue.is_empty() {
                 st.last_empty = now;
             }
@@ -233,7 +237,7 @@ impl Admission {
                 return Ok(Permit::new(limiter.clone()));
             }
             st.control.saturate();
-            let room = (cap * QUEUE_PER_LIMIT).max(limiter.min_queue);
+            let room = cap.saturating_mul(QUEUE_PER_LIMIT).max(limiter.min_queue);
             if st.queue.len() >= room {
                 st.queue.retain(|w| !w.is_closed());
             }
@@ -249,20 +253,44 @@ impl Admission {
             (rx, if congested { limiter.congested_wait } else { limiter.max_wait })
         };
         let wait = wait.min(deadline.saturating_duration_since(Instant::now()));
-        let mut rx = rx;
-        let granted = match tokio::time::timeout(wait, &mut rx).await {
-            Ok(r) => r.is_ok(),
-            Err(_) => {
-                // Out of time; a slot handed over meanwhile is still ours.
-                rx.close();
-                rx.try_recv().is_ok()
-            }
+        // If this future is dropped while waiting (the client went away), the guard gives back a
+        // slot handed over meanwhile.
+        let mut waiting = Waiting { rx: Some(rx), limiter: limiter.clone() };
+        let granted = match waiting.rx.as_mut() {
+            Some(rx) => match tokio::time::timeout(wait, &mut *rx).await {
+                Ok(r) => r.is_ok(),
+                Err(_) => {
+                    // Out of time; a slot handed over meanwhile is still ours.
+                    rx.close();
+                    rx.try_recv().is_ok()
+                }
+            },
+            None => false,
         };
+        waiting.rx = None;
         if granted {
             Ok(Permit::new(limiter))
         } else {
             limiter.refused_waited.inc();
             Err(refusal(limiter.retry_after))
+        }
+    }
+}
+
+/// A request waiting for a slot. Dropped before it learnt the outcome, it releases a slot that
+/// was handed to it.
+struct Waiting {
+    rx: Option<oneshot::Receiver<()>>,
+    limiter: Arc<Limiter>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if rx.try_recv().is_ok() {
+                self.limiter.release(None);
+            }
         }
     }
 }
@@ -445,6 +473,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_waiter_cancelled_after_a_slot_was_handed_to_it_gives_the_slot_back() {
+        let registry = Registry::new();
+        let config =
+            AdmissionConfig { initial_limit: 1, min_limit: 1, max_limit: 1, ..AdmissionConfig::default() };
+        let admission = Arc::new(Admission::new(config, &registry).unwrap());
+        let far = Instant::now() + Duration::from_secs(5);
+        let held = admission.admit(3, far).await.unwrap();
+        let waiter = {
+            let admission = admission.clone();
+            tokio::spawn(async move { admission.admit(3, far).await.map(drop) })
+        };
+        // Let it queue (this runtime has one thread: it runs only when we yield).
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // The slot goes to the waiter, which is cancelled before it runs again.
+        drop(held);
+        waiter.abort();
+        let _ = waiter.await;
+        assert_eq!(admission.limiter(3).lock().in_flight, 0, "the handed slot came back");
+        let started = Instant::now();
+        admission.admit(3, far).await.unwrap();
+        assert!(started.elapsed() < Duration::from_millis(5));
+    }
+
+    #[tokio::test]
     async fn a_queue_that_stands_makes_newcomers_wait_only_a_third_of_the_target() {
         let registry = Registry::new();
         let target = Duration::from_millis(60);
@@ -497,7 +549,7 @@ mod tests {
             let admission = admission;
             let third = admission.admit(7, far).await.unwrap();
             let started = third.started;
-            // The fourth finds both permits taken and waits in vain (twice the target).
+            // The fourth finds both permits taken and waits in vain (four targets: a burst).
             let refused = admission.admit(7, far).await.err();
             drop(third);
             (started, refused, admission)

@@ -133,8 +133,13 @@ fn main() -> ExitCode {
         eprintln!("nid-router: --cell-latency-target-ms must be between 1 and 60000");
         return ExitCode::from(2);
     }
-    if flags.cell_min_in_flight == 0 || flags.cell_min_in_flight > flags.cell_max_in_flight {
-        eprintln!("nid-router: --cell-min-in-flight must be at least 1 and at most --cell-max-in-flight");
+    if flags.cell_min_in_flight == 0
+        || flags.cell_min_in_flight > flags.cell_max_in_flight
+        || flags.cell_max_in_flight > 1_000_000
+    {
+        eprintln!(
+            "nid-router: --cell-min-in-flight must be at least 1 and at most --cell-max-in-flight, itself at most 1000000"
+        );
         return ExitCode::from(2);
     }
     let tls = match nid_support::tls::resolve_paths(

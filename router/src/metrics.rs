@@ -11,7 +11,7 @@ pub struct RouterMetrics {
     pub retries: IntCounterVec,
     /// Routing-table version in use.
     pub table_version: IntGauge,
-    /// Requests refused because the router had its limit of requests in flight.
+    /// Requests refused before forwarding (the router's or a cell's limit).
     pub shed: prometheus::IntCounter,
 }
 
@@ -32,7 +32,7 @@ impl RouterMetrics {
         registry.register(Box::new(retries.clone()))?;
         let shed = prometheus::IntCounter::new(
             "nid_router_shed_total",
-            "Requests refused (RESOURCE_EXHAUSTED/OVERLOADED) because the router had --max-in-flight requests in flight.",
+            "Requests refused with RESOURCE_EXHAUSTED/OVERLOADED before forwarding: at --max-in-flight, or at a cell's concurrency limit (nid_router_cell_refused_total splits those).",
         )?;
         registry.register(Box::new(table_version.clone()))?;
         registry.register(Box::new(shed.clone()))?;

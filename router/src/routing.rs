@@ -472,6 +472,10 @@ impl Router {
         let mut patient: Vec<String> = Vec::new();
         let mut overloads = 0u32;
         let mut reached = false;
+        // An attempt went out; from then on the outcome may be unknown.
+        let mut sent = false;
+        // An attempt's outcome is unknown (it timed out or failed in transit).
+        let mut ambiguous = false;
         let mut last = Status::unavailable("the owning cell did not answer");
         loop {
             attempt += 1;
@@ -510,8 +514,10 @@ impl Router {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let budget = if patient.contains(&address) { remaining } else { remaining.min(ATTEMPT_TIMEOUT) };
             // Requests to a cell (not echoes and probes) wait for a permit of its limit; a
-            // refusal goes to the client with its retry delay.
-            let permit = if leader_only {
+            // refusal goes to the client with its retry delay, but only before anything was sent:
+            // after an attempt whose outcome is unknown, a refusal would tell the client a write
+            // failed that may have applied, so later attempts go without a permit.
+            let permit = if leader_only && !sent {
                 match self.admission.admit(cell, deadline).await {
                     Ok(p) => Some(p),
                     Err(refusal) => {
@@ -525,14 +531,17 @@ impl Router {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let budget = budget.min(remaining);
             let client = CellClient::new(self.channel(&address)?);
+            sent = true;
             let outcome = tokio::time::timeout(budget, call(client, table.version, budget)).await;
             if let Some(permit) = permit {
                 match &outcome {
                     Ok(Ok(_)) => permit.done(Sample::Answered),
                     Ok(Err(e)) if overloaded(e) => permit.done(Sample::Overloaded),
-                    Err(_) => permit.done(Sample::Overloaded),
-                    // A transport failure says nothing of the cell's latency.
-                    Ok(Err(e)) if transient(e) => drop(permit),
+                    // A timeout (a slow replica or a dead one: the probe below tells), a routing
+                    // hint (answered fast by a replica that does not serve it) or a transport
+                    // failure says nothing of the serving replica's latency.
+                    Err(_) => drop(permit),
+                    Ok(Err(e)) if transient(e) || RoutingHint::from_status(e).is_some() => drop(permit),
                     Ok(Err(_)) => permit.done(Sample::Answered),
                 }
             }
@@ -549,6 +558,9 @@ impl Router {
             };
             let timed_out = err.code() == Code::Cancelled && err.message() == "attempt timed out";
             let hint = RoutingHint::from_status(&err);
+            if timed_out || (hint.is_none() && transient(&err)) {
+                ambiguous = true;
+            }
             // A replica that answered, even only "not the leader", was reached.
             if !transient(&err) || timed_out || hint.is_some() {
                 reached = true;
@@ -588,7 +600,9 @@ impl Router {
                 }
                 None if overloaded(&err) => {
                     overloads += 1;
-                    if overloads > OVERLOAD_RETRIES {
+                    // After an attempt of unknown outcome, RESOURCE_EXHAUSTED would read as "not
+                    // applied": keep trying until the deadline, which answers "unknown, retry".
+                    if overloads > OVERLOAD_RETRIES && !ambiguous {
                         // Shed load reaches the client, which backs off by the delay it carries.
                         return Err(err);
                     }

@@ -532,7 +532,7 @@ impl OverloadFigures {
         self.goodput >= 0.8 * self.max
             && self.admitted.1 <= 2.0 * self.unloaded.1
             && self.recovery.is_some_and(|s| s <= 5)
-            && self.rss.iter().all(|(before, during)| *during <= 2.0 * before.max(1.0))
+            && self.rss.iter().all(|(before, during)| *before > 0.0 && *during <= 2.0 * before)
     }
 }
 
