@@ -214,6 +214,11 @@ async fn populate(
                         Err(e) if attempts < 5 && e.code() == tonic::Code::Unavailable => {
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
+                        // Refused at a cell's limit before anything was sent: wait and go again.
+                        Err(e) if attempts < 100 && e.code() == tonic::Code::ResourceExhausted => {
+                            let wait = nid_proto::error::retry_delay(&e).unwrap_or(Duration::from_millis(20));
+                            tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
+                        }
                         Err(e) => break Err(format!("{:?}: {}", e.code(), e.message())),
                     }
                 };

@@ -15,12 +15,13 @@
 //! limit in use, the limit grows by its square root. The limit stays within
 //! `[min_limit, max_limit]`.
 //!
-//! The queue in front of the limit tells a burst from an overload the way CoDel does: by whether
-//! it empties. While it has been empty within the last 100 ms it absorbs a burst (a flush, a
-//! pause, a leader change), and a request waits up to four times the target. A queue that has
-//! stood for 100 ms means the cell lacks capacity: a request then waits at most a third of the
-//! target, so what is admitted stays fast and the rest is refused at once. At most four times the
-//! limit may wait. A refusal asks the client to retry after half the target.
+//! The queue in front of the limit tells a burst from an overload the way CoDel tells a good queue
+//! from a standing one. While a slot was free within the last 100 ms and nobody was refused, the
+//! queue absorbs a burst (a flush, a pause, a leader change), and a request waits up to four times
+//! the target. No free slot for 100 ms, or a refusal in that time, means the cell lacks capacity: a
+//! request then waits at most a third of the target,
+//! so what is admitted stays fast and the rest is refused at once. At most four times the limit
+//! may wait. A refusal asks the client to retry after half the target.
 //!
 //! Why an absolute target and not a multiple of the shortest round trip seen (TCP Vegas): a cell
 //! batches proposals, so under load every request waits about one batch, and the shortest round
@@ -200,7 +201,8 @@ impl Admission {
                         control: Control::new(&self.config, Instant::now()),
                         in_flight: 0,
                         queue: VecDeque::new(),
-                        last_empty: Instant::now(),
+                        last_free: Instant::now(),
+                        last_refused: None,
                     }),
                     max_wait: self.config.target * 4,
                     congested_wait: self.config.target / 3,
@@ -225,11 +227,9 @@ impl Admission {
             while st.queue.front().is_some_and(|w| w.is_closed()) {
                 st.queue.pop_front();
             }
-            if st.queue.is_empty() {
-                st.last_empty = now;
-            }
             let cap = st.control.cap();
             if st.in_flight < cap && st.queue.is_empty() {
+                st.last_free = now;
                 st.in_flight += 1;
                 if st.in_flight >= cap {
                     st.control.saturate();
@@ -242,12 +242,18 @@ impl Admission {
                 st.queue.retain(|w| !w.is_closed());
             }
             if st.queue.len() >= room {
+                st.last_refused = Some(now);
                 limiter.refused_full.inc();
                 return Err(refusal(limiter.retry_after));
             }
-            // A queue that has not emptied for a while is not absorbing a burst: the cell is short
-            // of capacity, and waiting longer would only add latency (CoDel's insight).
-            let congested = now.saturating_duration_since(st.last_empty) > CONGESTION_INTERVAL;
+            // A cell with no free slot for a while, or one that had to refuse lately, is not
+            // absorbing a burst: it is short of capacity, and waiting longer would only add latency
+            // (CoDel's insight). (Not "the queue was empty": under overload, waiters that gave up
+            // empty it again and again, and so does each step up of the limit.)
+            let refused_lately =
+                st.last_refused.is_some_and(|t| now.saturating_duration_since(t) < CONGESTION_INTERVAL);
+            let congested =
+                refused_lately || now.saturating_duration_since(st.last_free) > CONGESTION_INTERVAL;
             let (tx, rx) = oneshot::channel();
             st.queue.push_back(tx);
             (rx, if congested { limiter.congested_wait } else { limiter.max_wait })
@@ -271,6 +277,7 @@ impl Admission {
         if granted {
             Ok(Permit::new(limiter))
         } else {
+            limiter.lock().last_refused = Some(Instant::now());
             limiter.refused_waited.inc();
             Err(refusal(limiter.retry_after))
         }
@@ -309,8 +316,10 @@ struct State {
     in_flight: usize,
     /// Requests waiting for a slot; a slot handed over is already counted in `in_flight`.
     queue: VecDeque<oneshot::Sender<()>>,
-    /// When the queue was last seen empty.
-    last_empty: Instant,
+    /// When a slot was last free with nobody waiting for it.
+    last_free: Instant,
+    /// When a request was last refused (it waited in vain, or the queue was full).
+    last_refused: Option<Instant>,
 }
 
 /// One cell's limiter.
@@ -346,8 +355,8 @@ impl Limiter {
                 st.in_flight += 1;
             }
         }
-        if st.queue.is_empty() {
-            st.last_empty = Instant::now();
+        if st.in_flight < st.control.cap() {
+            st.last_free = Instant::now();
         }
     }
 
@@ -497,32 +506,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_queue_that_stands_makes_newcomers_wait_only_a_third_of_the_target() {
+    async fn a_cell_without_a_free_slot_for_a_while_makes_newcomers_wait_only_a_third_of_the_target() {
         let registry = Registry::new();
         let target = Duration::from_millis(60);
         let config = AdmissionConfig { initial_limit: 1, min_limit: 1, max_limit: 1, target };
         let admission = Arc::new(Admission::new(config, &registry).unwrap());
         let far = Instant::now() + Duration::from_secs(5);
         let held = admission.admit(1, far).await.unwrap();
-        // A burst: the queue was empty a moment ago, so a waiter may wait four times the target.
+        // A burst: a slot was free a moment ago, so a waiter may wait four times the target.
         let started = Instant::now();
         let refused = admission.admit(1, far).await.unwrap_err();
         let waited = started.elapsed();
         assert!(waited >= 4 * target, "a burst waits up to four targets: {waited:?}");
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
-        // Keep the queue standing past the congestion interval with a waiter that never gets a slot.
-        let standing = {
-            let admission = admission.clone();
-            tokio::spawn(async move { admission.admit(1, far).await.is_err() })
-        };
-        tokio::time::sleep(CONGESTION_INTERVAL + Duration::from_millis(20)).await;
+        // No slot has been free for longer than the congestion interval: the cell lacks capacity.
+        tokio::time::sleep(CONGESTION_INTERVAL).await;
         let started = Instant::now();
         let refused = admission.admit(1, far).await.unwrap_err();
         let waited = started.elapsed();
-        assert!(waited < target, "a standing queue lets a newcomer wait a third of the target: {waited:?}");
+        assert!(waited < target, "a congested cell lets a newcomer wait a third of the target: {waited:?}");
         assert_eq!(nid_proto::error::reason_of(&refused).as_deref(), Some("OVERLOADED"));
-        assert!(standing.await.unwrap());
-        // Once the slot is free and the queue empties, a request goes through at once.
+        // Once the slot is free, a request goes through at once.
         drop(held);
         let started = Instant::now();
         admission.admit(1, far).await.unwrap();

@@ -297,7 +297,7 @@ struct CpuCap {
 }
 
 impl CpuCap {
-    fn new(name: &str, cpus: f64, pids: &[u64]) -> anyhow::Result<CpuCap> {
+    fn new(name: &str, cpus: f64, pids: &[u64], first: bool) -> anyhow::Result<CpuCap> {
         // A short period (5 ms) spreads the quota evenly: with the default 100 ms a capped cell
         // runs for a burst and then stalls, and every request waits out the stall.
         let period = 5_000u64.max((1000.0 / cpus.max(0.01)) as u64);
@@ -321,15 +321,17 @@ impl CpuCap {
         if !dir.exists() {
             std::fs::create_dir(&dir).with_context(|| format!("create {} (needs root)", dir.display()))?;
         }
-        // The group also gets ten times the default weight: up to its quota it runs first, as if
-        // on CPUs of its own, and the uncapped processes (router, load generator) take the rest.
+        // `first`: the group also gets ten times the default weight, so up to its quota it runs
+        // first, as if on CPUs of its own, and the uncapped processes (router, load generator)
+        // take the rest.
+        let (weight, shares) = if first { ("1000", "10240") } else { ("100", "1024") };
         if v2 {
             std::fs::write(dir.join("cpu.max"), format!("{quota} {period}"))?;
-            std::fs::write(dir.join("cpu.weight"), "1000")?;
+            std::fs::write(dir.join("cpu.weight"), weight)?;
         } else {
             std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string())?;
             std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
-            std::fs::write(dir.join("cpu.shares"), "10240")?;
+            std::fs::write(dir.join("cpu.shares"), shares)?;
         }
         for pid in pids {
             std::fs::write(dir.join("cgroup.procs"), pid.to_string())
@@ -552,7 +554,7 @@ async fn overload_section(options: &Options) -> anyhow::Result<OverloadFigures> 
         .arg(&people)
         .status()?;
     anyhow::ensure!(status.success(), "populate failed");
-    let cap = CpuCap::new("nid-bench-overload", options.overload_cpu, &cell_pids(&cluster.info, 0))?;
+    let cap = CpuCap::new("nid-bench-overload", options.overload_cpu, &cell_pids(&cluster.info, 0), true)?;
     let people = people.display().to_string();
     let c = options.concurrency.to_string();
     let args = |load: &[&str]| -> Vec<String> {
@@ -1028,6 +1030,7 @@ async fn main() -> anyhow::Result<()> {
                     &format!("nid-bench-cell{i}"),
                     options.cell_cpu,
                     &cell_pids(&cluster.info, i),
+                    false,
                 ) {
                     Ok(cap) => caps.push(cap),
                     Err(e) => failed = Some(e),
