@@ -628,7 +628,7 @@ async fn overload_section(options: &Options) -> anyhow::Result<OverloadFigures> 
         recovery_rate: half,
         recovery,
         recovery_p99,
-        noisy: match noisy_partner(options, &cluster, &args, max_rate, &unloaded) {
+        noisy: match noisy_partner(options, &cluster, &args, max_rate) {
             Ok(n) => Some(n),
             Err(e) => {
                 eprintln!("noisy-partner run failed: {e:#}");
@@ -638,14 +638,13 @@ async fn overload_section(options: &Options) -> anyhow::Result<OverloadFigures> 
     })
 }
 
-/// The dev partner at half the maximum again, now beside a partner limited to 1% of the maximum
-/// that offers the whole maximum (from a second load generator).
+/// The dev partner at half the maximum alone, then again beside a partner limited to 1% of the
+/// maximum that offers the whole maximum (from a second load generator).
 fn noisy_partner(
     options: &Options,
     cluster: &DevCluster,
     args: &dyn Fn(&[&str]) -> Vec<String>,
     max_rate: f64,
-    alone: &serde_json::Value,
 ) -> anyhow::Result<NoisyFigures> {
     let limit = ((max_rate * 0.01) as u64).max(1);
     let out = Command::new(binary("nidctl"))
@@ -658,6 +657,9 @@ fn noisy_partner(
     // Routers learn partners within about a second.
     std::thread::sleep(Duration::from_secs(2));
     let half = ((max_rate / 2.0) as u64).max(1).to_string();
+    // Alone first, right before the run beside the noisy partner: the cell as it is now (after
+    // the overload's writes), not as it was at the start.
+    let alone = loadtest(options, "7-alone", &as_refs(&args(&["--rate", &half])))?;
     let offered = (max_rate as u64).to_string();
     let mut noisy_args = args(&["--rate", &offered]);
     for (flag, value) in [("--api-key", noisy_key.as_str()), ("--wrong-percent", "0")] {
@@ -686,7 +688,7 @@ fn noisy_partner(
     };
     Ok(NoisyFigures {
         limit,
-        alone: pick(alone),
+        alone: pick(&alone),
         beside: pick(&beside),
         rate_limited: noisy["errors"]["ResourceExhausted/RATE_LIMITED"].as_u64().unwrap_or(0),
         noisy_served: noisy["throughput"].as_f64().unwrap_or(0.0),
@@ -765,7 +767,7 @@ fn overload_text(f: &OverloadFigures) -> String {
     if let Some(n) = &f.noisy {
         let _ = writeln!(
             md,
-            "Then the same half-load run again beside a second partner limited to {}/s that offers the whole maximum \
+            "Then the same half-load run alone and again beside a second partner limited to {}/s that offers the whole maximum \
                  from another load generator: {:.0}/s at p99 {:.1} ms alone, {:.0}/s at p99 {:.1} ms beside it; the noisy \
                  partner got {:.0}/s through and {} RESOURCE_EXHAUSTED / RATE_LIMITED answers.\n",
             n.limit, n.alone.0, n.alone.1, n.beside.0, n.beside.1, n.noisy_served, n.rate_limited
