@@ -56,7 +56,7 @@ impl Default for AdmissionConfig {
             initial_limit: 64,
             min_limit: 16,
             max_limit: 1024,
-            target: Duration::from_millis(15),
+            target: Duration::from_millis(50),
         }
     }
 }

@@ -82,7 +82,7 @@ struct Flags {
     /// in flight adapts to it; requests beyond the limit wait briefly (up to 4x this for a burst,
     /// a third of it once the queue stands) and the rest get RESOURCE_EXHAUSTED / OVERLOADED with
     /// a retry delay of half this.
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, default_value_t = 50)]
     cell_latency_target_ms: u64,
     /// The fewest requests in flight to one cell the adaptive limit allows.
     #[arg(long, default_value_t = 16)]
