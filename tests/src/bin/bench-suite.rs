@@ -578,7 +578,13 @@ async fn overload_section(options: &Options) -> anyhow::Result<OverloadFigures> 
     };
     let f64_of =
         |r: &serde_json::Value, path: &[&str]| path.iter().fold(r, |v, k| &v[*k]).as_f64().unwrap_or(0.0);
-    let groups = process_groups(&cluster.info).await;
+    let mut groups = process_groups(&cluster.info).await;
+    // The router under test is the SLO router, not the cluster's own (idle here).
+    for (name, pids) in groups.iter_mut() {
+        if *name == "router" {
+            *pids = vec![u64::from(slo_router.child.id())];
+        }
+    }
     let (max, max_cpu) = cpu_breakdown(&groups, || {
         loadtest(options, "7-overload-max", &as_refs(&args(&["--concurrency", &c])))
     })?;
