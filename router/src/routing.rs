@@ -533,20 +533,11 @@ impl Router {
             let client = CellClient::new(self.channel(&address)?);
             sent = true;
             let outcome = tokio::time::timeout(budget, call(client, table.version, budget)).await;
-            if let Some(permit) = permit {
-                match &outcome {
-                    Ok(Ok(_)) => permit.done(Sample::Answered),
-                    Ok(Err(e)) if overloaded(e) => permit.done(Sample::Overloaded),
-                    // A timeout (a slow replica or a dead one: the probe below tells), a routing
-                    // hint (answered fast by a replica that does not serve it) or a transport
-                    // failure says nothing of the serving replica's latency.
-                    Err(_) => drop(permit),
-                    Ok(Err(e)) if transient(e) || RoutingHint::from_status(e).is_some() => drop(permit),
-                    Ok(Err(_)) => permit.done(Sample::Answered),
-                }
-            }
             let err = match outcome {
                 Ok(Ok(result)) => {
+                    if let Some(permit) = permit {
+                        permit.done(Sample::Answered);
+                    }
                     self.clear_suspect(&address);
                     if leader_only && self.leader_of(cell).as_deref() != Some(address.as_str()) {
                         self.set_leader(cell, address);
@@ -558,6 +549,17 @@ impl Router {
             };
             let timed_out = err.code() == Code::Cancelled && err.message() == "attempt timed out";
             let hint = RoutingHint::from_status(&err);
+            if let Some(permit) = permit {
+                if overloaded(&err) {
+                    permit.done(Sample::Overloaded);
+                } else if !(timed_out || hint.is_some() || transient(&err)) {
+                    permit.done(Sample::Answered);
+                }
+                // Otherwise dropped without a sample: a timeout (a slow replica or a dead one:
+                // the probe below tells), a routing hint (answered fast by a replica that does
+                // not serve it) or a transport failure says nothing of the serving replica's
+                // latency.
+            }
             if timed_out || (hint.is_none() && transient(&err)) {
                 ambiguous = true;
             }

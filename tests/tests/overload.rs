@@ -14,31 +14,7 @@ use tonic::Code;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_at_its_in_flight_limit_sheds_with_a_retry_hint_and_applies_nothing() {
     let cluster = DevCluster::start(1);
-    let control: Vec<String> = cluster.info["control"]["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["address"].as_str().unwrap().to_owned())
-        .collect();
-    let address = format!("127.0.0.1:{}", free_port());
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let mut small = Command::new(binary("nid-router"))
-        .args(["--listen", &address, "--control", &control.join(","), "--insecure", "--max-in-flight", "2"])
-        .args(["--metrics-listen", &metrics])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // It serves once it has the table.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut c = EnrollmentClient::new(nid_tests::connect(&address).await);
-        if c.enroll(enroll_request("RID-SHED-WARM", "Shed Person")).await.is_ok() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the small router never served");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (mut small, address, metrics) = router_with(&cluster, &["--max-in-flight", "2"]).await;
 
     // 64 enrolments at once through a router that forwards 2 at a time.
     let channel = nid_tests::connect(&address).await;

@@ -124,6 +124,32 @@ fn loadtest_for(
     Ok(serde_json::from_str(&std::fs::read_to_string(&report)?)?)
 }
 
+/// `nid-loadtest GLOBAL populate`: `--populate` people (seed 11) enrolled through `router`, kept
+/// in `out`.
+fn populate(options: &Options, global: &[&str], router: &str, out: &Path) -> anyhow::Result<()> {
+    let status = Command::new(binary("nid-loadtest"))
+        .args(global)
+        .args(["populate", "--target", router, "--count", &options.populate.to_string(), "--seed", "11"])
+        .arg("--out")
+        .arg(out)
+        .status()?;
+    anyhow::ensure!(status.success(), "populate through {router} failed");
+    Ok(())
+}
+
+/// The arguments of an authentication run (10% wrong factors) through `router` as the partner of
+/// API key `key` over the people in `people`, then `load`.
+fn auth_run_args(router: &str, key: &str, people: &str, load: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> =
+        ["--target", router, "--scenario", "auth", "--wrong-percent", "10", "--api-key", key]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    a.extend(["--people".to_owned(), people.to_owned()]);
+    a.extend(load.iter().map(|s| s.to_string()));
+    a
+}
+
 /// A second router on the bench cluster that assigns no request ids (killed on drop).
 struct BareRouter {
     address: String,
@@ -558,24 +584,11 @@ async fn overload_section(options: &Options) -> anyhow::Result<OverloadFigures> 
     let router = slo_router.address.clone();
     let key = std::fs::read_to_string(cluster.dir.path().join("secrets/dev-partner.apikey"))?;
     let people = options.results.join("people-overload.jsonl");
-    let status = Command::new(binary("nid-loadtest"))
-        .args(["populate", "--target", &router, "--count", &options.populate.to_string(), "--seed", "11"])
-        .arg("--out")
-        .arg(&people)
-        .status()?;
-    anyhow::ensure!(status.success(), "populate failed");
+    populate(options, &[], &router, &people)?;
     let cap = CpuCap::new("nid-bench-overload", options.overload_cpu, &cell_pids(&cluster.info, 0), true)?;
     let people = people.display().to_string();
     let c = options.concurrency.to_string();
-    let args = |load: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = ["--target", &router, "--scenario", "auth", "--wrong-percent", "10"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        a.extend(["--api-key".to_owned(), key.trim().to_owned(), "--people".to_owned(), people.clone()]);
-        a.extend(load.iter().map(|s| s.to_string()));
-        a
-    };
+    let args = |load: &[&str]| auth_run_args(&router, key.trim(), &people, load);
     let f64_of =
         |r: &serde_json::Value, path: &[&str]| path.iter().fold(r, |v, k| &v[*k]).as_f64().unwrap_or(0.0);
     let mut groups = process_groups(&cluster.info).await;
@@ -857,22 +870,9 @@ async fn main() -> anyhow::Result<()> {
 
     println!("\n== (3) authentication against a populated cluster");
     let people = options.results.join("people.jsonl");
-    let status = Command::new(binary("nid-loadtest"))
-        .args(["populate", "--target", &router, "--count", &options.populate.to_string(), "--seed", "11"])
-        .arg("--out")
-        .arg(&people)
-        .status()?;
-    anyhow::ensure!(status.success(), "populate failed");
+    populate(&options, &[], &router, &people)?;
     let people_arg = people.display().to_string();
-    let auth_args = |load: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = ["--target", &router, "--scenario", "auth", "--wrong-percent", "10"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        a.extend(["--api-key".to_owned(), key.clone(), "--people".to_owned(), people_arg.clone()]);
-        a.extend(load.iter().map(|s| s.to_string()));
-        a
-    };
+    let auth_args = |load: &[&str]| auth_run_args(&router, &key, &people_arg, load);
     let (auth, auth_cpu) = cpu_breakdown(&groups, || {
         loadtest(&options, "3-auth-max", &as_refs(&auth_args(&["--concurrency", &c])))
     })?;
@@ -962,12 +962,7 @@ async fn main() -> anyhow::Result<()> {
     let tls_dir = tls_cluster.dir.path().join("secrets/tls").display().to_string();
     let tls_key = std::fs::read_to_string(tls_cluster.dir.path().join("secrets/dev-partner.apikey"))?;
     let tls_people = options.results.join("people-tls.jsonl");
-    let status = Command::new(binary("nid-loadtest"))
-        .args(["--tls-dir", &tls_dir, "populate", "--target", &tls_router])
-        .args(["--count", &options.populate.to_string(), "--seed", "11", "--out"])
-        .arg(&tls_people)
-        .status()?;
-    anyhow::ensure!(status.success(), "populate over TLS failed");
+    populate(&options, &["--tls-dir", &tls_dir], &tls_router, &tls_people)?;
     let tls_groups = process_groups(&tls_cluster.info).await;
     let tls_people = tls_people.display().to_string();
     let (tls_auth, tls_cpu) = cpu_breakdown(&tls_groups, || {
