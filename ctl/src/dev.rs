@@ -383,19 +383,36 @@ where
 {
     loop {
         let leader = wait_leader(cell, deadline).await?;
-        match f(replica_channel(cell, &leader).await?).await {
+        let outcome = match replica_channel(cell, &leader).await {
+            Ok(channel) => f(channel).await,
+            // A leader just elected may not accept yet, or may have lost its place already.
+            Err(e) => Err(tonic::Status::unavailable(format!("connect to the leader: {e:#}"))),
+        };
+        match outcome {
             Ok(v) => return Ok(v),
-            Err(e) if Instant::now() > deadline => bail!("cell {}: {}", cell.cell_id, e.message()),
-            Err(e) => {
-                if !matches!(RoutingHint::from_status(&e), Some(RoutingHint::NotLeader { .. }))
-                    && e.code() != tonic::Code::Unavailable
-                {
-                    bail!("cell {}: {}", cell.cell_id, e.message());
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(e) if Instant::now() > deadline => {
+                bail!("cell {}: {:?}: {}", cell.cell_id, e.code(), e.message())
             }
+            Err(e) if !worth_retrying(&e) => bail!("cell {}: {:?}: {}", cell.cell_id, e.code(), e.message()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
+}
+
+/// Whether an answer from a cell that is still starting may change on a retry: a leader that
+/// moved, a replica not ready, a proposal of unknown outcome, a refusal for load, a broken
+/// connection. Every step `on_leader` runs is idempotent, so retrying any of these is safe.
+fn worth_retrying(e: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(RoutingHint::from_status(e), Some(RoutingHint::NotLeader { .. }))
+        || matches!(
+            e.code(),
+            Code::Unavailable
+                | Code::DeadlineExceeded
+                | Code::ResourceExhausted
+                | Code::Unknown
+                | Code::Cancelled
+        )
 }
 
 fn cell_info(cell: &CellEntry) -> CellInfo {
@@ -706,11 +723,22 @@ async fn add_dev_partner(cluster: &ClusterFile, secrets: &Secrets) -> anyhow::Re
         // No rate limit: the load-test harness authenticates as this partner.
         ..Default::default()
     };
-    let response = client
-        .add_partner(crate::credentials::with_bearer(request, &token)?)
-        .await
-        .map_err(|e| anyhow::anyhow!("register the dev partner: {}", e.message()))?;
-    Ok(response.into_inner().api_key)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut unknown_outcome = false;
+    loop {
+        match client.add_partner(crate::credentials::with_bearer(request.clone(), &token)?).await {
+            Ok(response) => return Ok(response.into_inner().api_key),
+            Err(e) if e.code() == tonic::Code::AlreadyExists && unknown_outcome => bail!(
+                "register the dev partner: an earlier attempt of unknown outcome created it, and its key \
+                 is shown only once; stop dev up and remove the cluster directory to start afresh"
+            ),
+            Err(e) if worth_retrying(&e) && Instant::now() < deadline => {
+                unknown_outcome |= e.code() != tonic::Code::ResourceExhausted;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => bail!("register the dev partner: {:?}: {}", e.code(), e.message()),
+        }
+    }
 }
 
 /// The router address from `--router` or the dev cluster file.

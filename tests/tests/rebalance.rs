@@ -158,18 +158,27 @@ async fn routing_table(cluster: &serde_json::Value) -> RoutingTable {
 }
 
 /// Every bucket's (records, sha256) at one replica, from its applied state.
-async fn replica_checksums(address: &str) -> Option<Vec<(u64, Vec<u8>)>> {
+async fn replica_checksums(address: &str) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    let started = Instant::now();
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .ok()?
+        .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(1))
         .timeout(Duration::from_secs(30))
         .connect()
         .await
-        .ok()?;
+        .map_err(|e| format!("connect: {e}"))?;
     let mut c = BucketAdminClient::new(ch).max_decoding_message_size(16 << 20);
     let request = ChecksumBucketRequest { bucket: 0, local: true, buckets: (0..BUCKETS).collect() };
-    let sums = c.checksum_bucket(request).await.ok()?.into_inner().checksums;
-    Some(sums.into_iter().map(|s| (s.records, s.sha256)).collect())
+    let sums = c
+        .checksum_bucket(request)
+        .await
+        .map_err(|e| {
+            let waited = started.elapsed().as_secs_f64();
+            format!("ChecksumBucket after {waited:.1} s: {:?}: {}", e.code(), e.message())
+        })?
+        .into_inner()
+        .checksums;
+    Ok(sums.into_iter().map(|s| (s.records, s.sha256)).collect())
 }
 
 /// Every replica of every cell in `cells` agrees on each bucket, and a cell holds records only in
@@ -189,9 +198,12 @@ async fn exactly_one_home(cluster: &serde_json::Value, cells: &[u64]) {
                 .expect("cell in cluster.json");
             let mut first: Option<Vec<(u64, Vec<u8>)>> = None;
             for address in addresses(entry) {
-                let Some(sums) = replica_checksums(&address).await else {
-                    problem = format!("cell {cell} replica {address} did not answer");
-                    break;
+                let sums = match replica_checksums(&address).await {
+                    Ok(sums) => sums,
+                    Err(e) => {
+                        problem = format!("cell {cell} replica {address} did not answer: {e}");
+                        break;
+                    }
                 };
                 if let Some((b, _)) =
                     sums.iter().enumerate().find(|(b, (records, _))| *records > 0 && table.owner[*b] != cell)
@@ -495,13 +507,13 @@ async fn a_third_cell_joins_under_mixed_load_then_drains_away_without_a_client_n
             loop {
                 // A replica busy applying the drops may fail a checksum call: ask again.
                 let sums = replica_checksums(&address).await;
-                if sums.as_ref().is_some_and(|sums| moved.iter().all(|&b| sums[b].0 == 0)) {
+                if sums.as_ref().is_ok_and(|sums| moved.iter().all(|&b| sums[b].0 == 0)) {
                     break;
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "cell {cell} kept records of a moved bucket (or {address} answered no checksum call: {})",
-                    sums.is_none()
+                    "cell {cell} kept records of a moved bucket (or {address} answered no checksum call: {:?})",
+                    sums.err()
                 );
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
