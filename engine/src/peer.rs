@@ -186,6 +186,22 @@ pub struct Shared {
     pub stopped: CancellationToken,
 }
 
+/// Why this replica must stop, when `m` proves that its log lost entries: a leader's heartbeat
+/// carries the commit index up to what it knows this replica stored (and synced before saying so),
+/// so one beyond the last index here means the data directory was wiped, replaced by an older copy,
+/// or lost writes the disk acknowledged. Rejoining like this is unsafe (the replica also forgot
+/// its votes): it must be replaced under a new node id.
+fn lost_log(m: &Message, last_index: u64) -> Option<String> {
+    (m.get_msg_type() == MessageType::MsgHeartbeat && m.commit > last_index).then(|| {
+        format!(
+            "the leader (node {}) counts entries up to index {} as stored here, but the log ends at \
+             {last_index}: this replica's data was lost or restored from an old copy; do not restart \
+             it under this node id, replace it under a new one (RUNBOOK: a replica that lost its data)",
+            m.from, m.commit
+        )
+    })
+}
+
 /// Marks the replica stopped when the loop thread ends, by returning or by panicking.
 struct StopGuard {
     shared: Arc<Shared>,
@@ -380,6 +396,16 @@ impl<SM: StateMachine, T: Transport> Peer<SM, T> {
     fn on_control(&mut self, m: Control) -> bool {
         match m {
             Control::Raft(m) => {
+                if let Some(failure) = lost_log(&m, self.node.raft.raft_log.last_index()) {
+                    // raft-rs would panic on this heartbeat; the replica stops and says why.
+                    tracing::error!(cell = self.config.cell_id, node = self.config.node_id, %failure,
+                        "replica stopped: its log lost entries its cell counts as stored here");
+                    self.metrics.messages_rejected.with_label_values(&["log_lost"]).inc();
+                    if let Ok(mut f) = self.shared.failure.lock() {
+                        *f = Some(failure);
+                    }
+                    return true;
+                }
                 if let Err(e) = self.node.step(*m) {
                     tracing::debug!(error = %e, "raft message not stepped");
                 }

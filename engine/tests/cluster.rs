@@ -248,6 +248,33 @@ async fn a_wiped_replica_is_replaced_through_joint_consensus_and_learns_every_ad
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_replica_restarted_under_its_old_id_stops_and_says_why_instead_of_panicking() {
+    let mut c = cell(3);
+    c.start();
+    c.must_own_all_buckets().await;
+    for i in 0..20 {
+        c.must_propose(&ToyCommand::put(4, &format!("k{i}"), "v")).await;
+    }
+    let leader = tokio::task::block_in_place(|| c.must_leader());
+    let victim = (1..=3).find(|&id| id != leader).unwrap();
+    tokio::task::block_in_place(|| must_value(&c, victim, 4, "k19", "v"));
+    c.stop_node(victim);
+    c.wipe_node(victim);
+    // Restarted empty under the same id it bootstraps a fresh log; the leader's first heartbeat
+    // carries a commit index beyond it (raft-rs would panic the Raft thread on it).
+    c.run_node(victim);
+    let node = c.node(victim);
+    tokio::time::timeout(WAIT, node.stopped().cancelled()).await.expect("the wiped replica stops");
+    let failure = node.failure().unwrap_or_default();
+    assert!(failure.contains("data was lost") && failure.contains("new one"), "{failure}");
+    let rejected = node.metrics().messages_rejected.with_label_values(&["log_lost"]).get();
+    assert_eq!(rejected, 1, "counted once");
+    // The other two carry on.
+    c.must_propose(&ToyCommand::put(4, "after", "a")).await;
+    tokio::task::block_in_place(|| must_value(&c, leader, 4, "after", "a"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_for_buckets_not_owned_are_fenced_and_ownership_survives_restart() {
     let mut c = cell(3);
     c.start();
