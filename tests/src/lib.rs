@@ -278,19 +278,29 @@ impl DevCluster {
 
     fn start_with(cells: u64, extra: &[&str]) -> DevCluster {
         let dir = tempfile::tempdir().expect("tempdir");
+        // dev up's own messages, kept so that a failed start says why.
+        let stderr_path = dir.path().join("nidctl-dev-up.log");
+        let stderr = std::fs::File::create(&stderr_path).expect("create the dev up log");
         let mut process = Command::new(binary("nidctl"))
             .args(["dev", "up", "--cells", &cells.to_string(), "--data-dir"])
             .arg(dir.path())
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start nidctl dev up");
         let file = dir.path().join("cluster.json");
         let deadline = Instant::now() + Duration::from_secs(90);
+        let said = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
         while !file.exists() {
-            assert!(Instant::now() < deadline, "cluster.json never appeared");
-            assert!(process.try_wait().ok().flatten().is_none(), "nidctl dev up exited early");
+            assert!(
+                Instant::now() < deadline,
+                "cluster.json never appeared; nidctl dev up said:\n{}",
+                said()
+            );
+            if let Ok(Some(status)) = process.try_wait() {
+                panic!("nidctl dev up exited early ({status}); it said:\n{}", said());
+            }
             std::thread::sleep(Duration::from_millis(200));
         }
         let text = std::fs::read_to_string(&file).expect("read cluster.json");
@@ -613,15 +623,53 @@ impl DevReplica {
         self.pid
     }
 
+    /// The command line it was started with (and restarts with).
+    pub fn command(&self) -> &[String] {
+        &self.command
+    }
+
+    /// A replica of the same command line but node id `node_id` (a replacement for this one on
+    /// its address and data directory, which joins the cell once added). Not started.
+    pub fn as_new_member(&self, node_id: u64) -> DevReplica {
+        let mut command = self.command.clone();
+        if let Some(i) = command.iter().position(|a| a == "--node-id")
+            && let Some(value) = command.get_mut(i + 1)
+        {
+            *value = node_id.to_string();
+        }
+        DevReplica {
+            node_id,
+            address: self.address.clone(),
+            pid: 0,
+            command,
+            log: self.log.with_file_name(format!("node-{node_id}.replacement.log")),
+            child: None,
+        }
+    }
+
     fn signal(&self, signal: &str) {
+        if self.pid == 0 {
+            return; // never started: `kill 0` would signal the whole process group
+        }
         let _ = Command::new("kill").arg(format!("-{signal}")).arg(self.pid.to_string()).status();
     }
 
-    /// SIGKILL, and reap it when this handle started it.
+    /// SIGKILL, and reap it when this handle started it; otherwise wait until it has exited (a
+    /// zombie of `nidctl dev up` holds no files), so a restart finds its RocksDB lock free.
     pub fn kill9(&mut self) {
         self.signal("KILL");
         if let Some(mut child) = self.child.take() {
             let _ = child.wait();
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+            if matches!(state, None | Some("Z" | "X")) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -693,4 +741,26 @@ pub async fn leader_of(replicas: &[DevReplica], timeout: Duration) -> Option<usi
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     None
+}
+
+/// Resident memory of `pid` in MiB (0 once it has exited).
+pub fn rss_mib(pid: u64) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+/// The date and time now, `YYYY-MM-DD HH:MM UTC` (for benchmark reports).
+pub fn utc_now() -> String {
+    Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
 }

@@ -10,7 +10,7 @@
 //!                    [--skip-overload | --overload-only] [--overload-cpu 0.6] [--overload-seconds 30]
 
 use anyhow::Context as _;
-use nid_tests::{DevCluster, EtcdCluster, binary, cell_leader, fdatasync_latency};
+use nid_tests::{DevCluster, EtcdCluster, binary, cell_leader, fdatasync_latency, rss_mib};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -456,18 +456,6 @@ fn as_refs(v: &[String]) -> Vec<&str> {
 
 fn ms(v: f64) -> String {
     format!("{v:.2}")
-}
-
-/// Resident memory of `pid` in MiB (0 once it has exited).
-fn rss_mib(pid: u64) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    kib / 1024.0
 }
 
 /// Samples the RSS of some processes every 250 ms on a thread until dropped.
@@ -1197,12 +1185,7 @@ async fn main() -> anyhow::Result<()> {
         targets.push_str(&overload_targets(f));
     }
 
-    let date = Command::new("date")
-        .arg("-u")
-        .arg("+%Y-%m-%d %H:%M UTC")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
+    let date = nid_tests::utc_now();
     let mut md = String::new();
     let _ = writeln!(md, "# nid benchmarks\n");
     let _ =
