@@ -32,7 +32,8 @@ struct Cli {
     #[arg(long, global = true, env = "NIDCTL_TLS_DIR")]
     tls_dir: Option<PathBuf>,
     /// The certificate to present (its NAME in the certificate directory). Default: admin;
-    /// enroller-dev for enroll and get, partner-dev-partner for auth.
+    /// enroller-dev for enroll and get, partner-dev-partner for auth; for probe, the one
+    /// certificate of a directory that holds only one (a container's own).
     #[arg(long = "as", global = true, value_name = "NAME")]
     as_name: Option<String>,
     #[command(subcommand)]
@@ -277,7 +278,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some((dev_dir, default_name)) = defaults(&cli.command) {
         let tls_dir = cli.tls_dir.clone().or_else(|| dev::cluster_tls_dir(&dev_dir));
-        if let Err(e) = tls::init(tls_dir.as_deref(), cli.as_name.as_deref().unwrap_or(default_name)) {
+        let own = match (&cli.command, &tls_dir) {
+            (Command::Probe { .. }, Some(dir)) => tls::only_certificate(dir),
+            _ => None,
+        };
+        let name = cli.as_name.as_deref().or(own.as_deref()).unwrap_or(default_name);
+        if let Err(e) = tls::init(tls_dir.as_deref(), name) {
             eprintln!("nidctl: {e:#}");
             return ExitCode::from(2);
         }

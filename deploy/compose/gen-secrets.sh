@@ -9,8 +9,17 @@
 #   cell.toml        the cells' --config: id_scheme_seed and keyring_file
 #   partner.key      the routers' partner-credential key (64 hex)
 #   admin.token      the admin token (64 hex) routers accept and nidctl presents
-#   tls/             a cluster CA and a certificate per process (EC P-256, 397 days), for mTLS:
-#                    generated and mounted now, used once the binaries take TLS flags
+#   tls/ca/          the cluster CA (ca.pem, ca.key) and every certificate it issued (`nidctl cert`,
+#                    397 days): control-<n>, cell-<c>-<n>, router, admin, enroller-compose
+#   tls/<service>/   what one container mounts at /run/tls: ca.pem and its own NAME.pem/NAME.key
+#                    only (a replica never sees another's key)
+#   tls/admin/       ca.pem and the admin certificate (the init container)
+#   tls/clients/     ca.pem, admin and enroller-compose, for nidctl on the host:
+#                    nidctl --tls-dir deploy/compose/secrets/tls/clients ...
+#
+# Certificates come from `nidctl cert` ($NIDCTL, else nidctl on the PATH, else the workspace build).
+# Renew one: nidctl cert issue --dir secrets/tls/ca --days 397 NAME, then copy NAME.pem/.key into
+# the service's directory; the process picks the new pair up within seconds, without a restart.
 #
 # Files are 0400 and owned by uid 10001 (the images' user) when run as root, else 0444.
 set -euo pipefail
@@ -36,25 +45,40 @@ put cell.toml "$(printf 'id_scheme_seed = "%s"\nkeyring_file = "/run/secrets/key
 put partner.key "$(hex32)"
 put admin.token "$(hex32)"
 
-processes=(control-a control-b control-c cell-1-a cell-1-b cell-1-c cell-2-a cell-2-b cell-2-c router)
-if command -v openssl >/dev/null; then
-  if [ ! -e "$dir/tls/ca.pem" ]; then
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 397 \
-      -subj "/CN=nid compose cluster CA" -keyout "$dir/tls/ca.key" -out "$dir/tls/ca.pem" 2>/dev/null
-  fi
-  for p in "${processes[@]}"; do
-    [ -e "$dir/tls/$p.pem" ] && continue
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$p" \
-      -keyout "$dir/tls/$p.key" -out "$dir/tls/$p.csr" 2>/dev/null
-    openssl x509 -req -in "$dir/tls/$p.csr" -CA "$dir/tls/ca.pem" -CAkey "$dir/tls/ca.key" \
-      -CAcreateserial -days 397 -out "$dir/tls/$p.pem" \
-      -extfile <(printf 'subjectAltName=DNS:%s,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n' "$p") 2>/dev/null
-    rm -f "$dir/tls/$p.csr"
-  done
-  rm -f "$dir/tls/ca.srl"
-else
-  echo "gen-secrets.sh: openssl missing: no certificates generated (mTLS is not used yet)" >&2
+nidctl="${NIDCTL:-$(command -v nidctl || echo "$HOME/.cache/nid/target/debug/nidctl")}"
+if [ ! -x "$nidctl" ]; then
+  echo "gen-secrets.sh: nidctl not found (build the workspace, or set NIDCTL=/path/to/nidctl)" >&2
+  exit 1
 fi
+ca="$dir/tls/ca"
+# container -> the certificate name its process holds (the node id is the zone's position)
+declare -A holder=(
+  [control-a]=control-1 [control-b]=control-2 [control-c]=control-3
+  [cell-1-a]=cell-1-1 [cell-1-b]=cell-1-2 [cell-1-c]=cell-1-3
+  [cell-2-a]=cell-2-1 [cell-2-b]=cell-2-2 [cell-2-c]=cell-2-3
+  [router]=router
+)
+issue() { # NAME: once, into the CA directory
+  [ -e "$ca/$1.pem" ] || "$nidctl" cert issue --dir "$ca" --days 397 "$1" >/dev/null
+}
+place() { # DIR NAME...: ca.pem and the named pairs, nothing else
+  mkdir -p "$1"
+  chmod 0755 "$1"
+  cp -f "$ca/ca.pem" "$1/"
+  local d="$1"
+  shift
+  for n in "$@"; do cp -f "$ca/$n.pem" "$ca/$n.key" "$d/"; done
+}
+"$nidctl" cert init-ca --dir "$ca" >/dev/null
+for service in "${!holder[@]}"; do
+  issue "${holder[$service]}"
+  place "$dir/tls/$service" "${holder[$service]}"
+done
+issue admin
+issue enroller-compose
+place "$dir/tls/admin" admin
+place "$dir/tls/clients" admin enroller-compose
+chmod 0700 "$ca"
 
 if [ "$(id -u)" = 0 ]; then
   find "$dir" -type f -exec chown 10001:10001 {} + -exec chmod 0400 {} +

@@ -81,7 +81,10 @@ check "the binaries have nidctl cluster init, nidctl probe and --log-format" int
 
 say "building images from $bin_dir"
 check "images build" bash "$repo/deploy/images/build.sh" "$bin_dir"
-check "secrets generated" bash "$here/gen-secrets.sh"
+check "secrets generated (keys, tokens, a cluster CA and one certificate per process)" env NIDCTL="$nidctl" bash "$here/gen-secrets.sh"
+# Every host-side nidctl call speaks mutual TLS under the cluster CA (as admin unless --as says).
+tls="$here/secrets/tls/clients"
+export NIDCTL_TLS_DIR="$tls"
 
 say "starting the cluster"
 if ! "${compose[@]}" up -d >"$HOME/.cache/nid/compose-test-up.log" 2>&1; then
@@ -101,14 +104,35 @@ say "router at $router, Prometheus at $prom"
 
 admin_token="$here/secrets/admin.token"
 # The nidctl image, on the host network, registers the partner (the image works; the admin path too).
-api_key="$(docker run --rm --network host -v "$admin_token:/run/secrets/admin.token:ro" "nidctl:$NID_IMAGE_TAG" \
-  partner add e2e-partner --allow demographic,pin,totp --router "$router" --admin-token-file /run/secrets/admin.token 2>/dev/null | tail -1)"
+api_key="$(docker run --rm --network host -v "$admin_token:/run/secrets/admin.token:ro" \
+  -v "$here/secrets/tls/admin:/run/tls:ro" "nidctl:$NID_IMAGE_TAG" \
+  partner add e2e-partner --allow demographic,pin,totp --router "$router" --admin-token-file /run/secrets/admin.token \
+  --tls-dir /run/tls 2>/dev/null | tail -1)"
 check "partner registered through the router with the nidctl image" test -n "$api_key"
+# The partner's certificate: its API key is honoured only over a connection holding it.
+partner_cert() {
+  "$nidctl" cert issue --dir "$here/secrets/tls/ca" --days 30 partner-e2e-partner >/dev/null &&
+    cp -f "$here/secrets/tls/ca/partner-e2e-partner.pem" "$here/secrets/tls/ca/partner-e2e-partner.key" "$tls/"
+}
+check "the partner's certificate issued (nidctl cert issue)" partner_cert
+
+# Outsiders are refused: a plaintext client, and a client whose certificate another CA issued.
+refused_plaintext() { ! env -u NIDCTL_TLS_DIR "$nidctl" status --router "$router" >/dev/null 2>&1; }
+check "a plaintext client is refused by the router" refused_plaintext
+stranger="$(mktemp -d)"
+refused_stranger() {
+  "$nidctl" cert init-ca --dir "$stranger" >/dev/null && "$nidctl" cert issue --dir "$stranger" admin >/dev/null &&
+    ! "$nidctl" status --router "$router" --tls-dir "$stranger" >/dev/null 2>&1
+}
+check "a client holding an admin certificate of another CA is refused" refused_stranger
+rm -rf "$stranger"
+answers_admin() { "$nidctl" status --router "$router" >/dev/null 2>&1; }
+check "the cluster's admin certificate is served" answers_admin
 
 uins=()
 enroll() { # RID
   local uin
-  uin="$("$nidctl" enroll --rid "$1" --name "Person $1" --dob 1990-01-01 --pin 2468 --router "$router" 2>>"$HOME/.cache/nid/compose-test-nidctl.log")" || return 1
+  uin="$("$nidctl" enroll --as enroller-compose --rid "$1" --name "Person $1" --dob 1990-01-01 --pin 2468 --router "$router" 2>>"$HOME/.cache/nid/compose-test-nidctl.log")" || return 1
   [ -n "$uin" ] && uins+=("$uin")
 }
 enroll_many() { # PREFIX COUNT
@@ -120,7 +144,7 @@ enroll_many() { # PREFIX COUNT
 auth_all() { # EXPECTED_EXIT PIN
   local bad=0 u rc
   for u in "${uins[@]}"; do
-    "$nidctl" auth "$u" --pin "$2" --api-key "$api_key" --router "$router" >/dev/null 2>>"$HOME/.cache/nid/compose-test-nidctl.log"
+    "$nidctl" auth --as partner-e2e-partner "$u" --pin "$2" --api-key "$api_key" --router "$router" >/dev/null 2>>"$HOME/.cache/nid/compose-test-nidctl.log"
     rc=$?
     [ "$rc" -eq "$1" ] || bad=$((bad + 1))
   done
@@ -129,7 +153,7 @@ auth_all() { # EXPECTED_EXIT PIN
 run="$(date +%s)"
 check "enrol 20 people through the published router port" enroll_many "E2E-$run-A" 20
 check "authenticate each of them (PIN, yes)" auth_all 0 2468
-answered_no() { "$nidctl" auth "${uins[0]:-000000000000}" --pin 1111 --api-key "$api_key" --router "$router" >/dev/null 2>&1; [ $? -eq 4 ]; }
+answered_no() { "$nidctl" auth --as partner-e2e-partner "${uins[0]:-000000000000}" --pin 1111 --api-key "$api_key" --router "$router" >/dev/null 2>&1; [ $? -eq 4 ]; }
 check "a wrong PIN is answered no (exit 4)" answered_no
 
 # Prometheus helpers.
