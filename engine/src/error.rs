@@ -37,6 +37,10 @@ pub enum StorageError {
     /// replica stops applying rather than diverge.
     #[error("state machine halted: {0}")]
     Halted(String),
+    /// This replica's log lost entries its cell counts as stored here (recorded by the replica
+    /// when a heartbeat proved it): it must be replaced under a new node id, never restarted.
+    #[error("{0}")]
+    LostLog(String),
 }
 
 /// Why a proposal, a read or an admin request did not complete.

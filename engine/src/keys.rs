@@ -31,6 +31,8 @@ pub const APPLY_STATE: &[u8] = &[0x03];
 pub const SNAPSHOT_APPLYING: &[u8] = &[0x04];
 /// Key of the address book in the `meta` CF.
 pub const ADDRESS_BOOK: &[u8] = &[0x05];
+/// Key of the "this replica's log lost entries" marker in the `meta` CF (why, as text).
+pub const LOG_LOST: &[u8] = &[0x06];
 const BUCKET_STATE_PREFIX: u8 = 0x10;
 const CHANGE_PREFIX: u8 = 0x11;
 

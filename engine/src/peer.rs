@@ -401,6 +401,18 @@ impl<SM: StateMachine, T: Transport> Peer<SM, T> {
                     tracing::error!(cell = self.config.cell_id, node = self.config.node_id, %failure,
                         "replica stopped: its log lost entries its cell counts as stored here");
                     self.metrics.messages_rejected.with_label_values(&["log_lost"]).inc();
+                    // Remembered, so that no restart serves again (a later leader's heartbeats
+                    // would carry commit 0 and let it through).
+                    let db = self.node.store().db().clone();
+                    let mut sync = rocksdb::WriteOptions::default();
+                    sync.set_sync(true);
+                    let marked = cf(&db, crate::keys::CF_META).and_then(|meta| {
+                        db.put_cf_opt(meta, crate::keys::LOG_LOST, failure.as_bytes(), &sync)
+                            .map_err(Into::into)
+                    });
+                    if let Err(e) = marked {
+                        tracing::error!(error = %e, "could not record that the log was lost");
+                    }
                     if let Ok(mut f) = self.shared.failure.lock() {
                         *f = Some(failure);
                     }

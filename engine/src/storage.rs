@@ -79,6 +79,11 @@ impl PeerStorage {
     /// bootstrapped as an initial member with that voter set; with an empty list it starts
     /// uninitialized and waits for a snapshot from the leader.
     pub fn open(db: Arc<DB>, bootstrap_voters: &[u64]) -> Result<PeerStorage, StorageError> {
+        // A replica that found its log lost never serves again under this node id (a leader
+        // elected later would not notice, and the replica has forgotten its votes).
+        if let Some(why) = db.get_cf(cf(&db, CF_META)?, keys::LOG_LOST)? {
+            return Err(StorageError::LostLog(String::from_utf8_lossy(&why).into_owned()));
+        }
         // A crash during a snapshot install left its marker: finish (redo) the install first.
         if let Some(bytes) = db.get_cf(cf(&db, CF_META)?, keys::SNAPSHOT_APPLYING)? {
             let manifest: SnapshotManifest = codec::decode(&bytes)

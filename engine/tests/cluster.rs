@@ -269,6 +269,12 @@ async fn a_wiped_replica_restarted_under_its_old_id_stops_and_says_why_instead_o
     assert!(failure.contains("data was lost") && failure.contains("new one"), "{failure}");
     let rejected = node.metrics().messages_rejected.with_label_values(&["log_lost"]).get();
     assert_eq!(rejected, 1, "counted once");
+    // Restarted again it refuses to start at all: a leader elected later would heartbeat it with
+    // commit 0 and never notice, and it has forgotten its votes.
+    drop(node);
+    c.stop_node(victim);
+    let refused = c.try_run_node(victim).expect_err("a replica that lost its log never starts again");
+    assert!(refused.contains("data was lost"), "{refused}");
     // The other two carry on.
     c.must_propose(&ToyCommand::put(4, "after", "a")).await;
     tokio::task::block_in_place(|| must_value(&c, leader, 4, "after", "a"));
