@@ -147,7 +147,7 @@ images:
 	bash deploy/images/build.sh $(BIN_DIR)
 
 compose-up: images
-	bash deploy/compose/gen-secrets.sh
+	NIDCTL=$(BIN_DIR)/nidctl bash deploy/compose/gen-secrets.sh
 	$(COMPOSE) up -d
 	@echo "router: $$($(COMPOSE) port router 7000)  prometheus: $$($(COMPOSE) port prometheus 9090)"
 

@@ -14,7 +14,7 @@
 #   tls/<service>/   what one container mounts at /run/tls: ca.pem and its own NAME.pem/NAME.key
 #                    only (a replica never sees another's key)
 #   tls/admin/       ca.pem and the admin certificate (the init container)
-#   tls/clients/     ca.pem, admin and enroller-compose, for nidctl on the host:
+#   tls/clients/     ca.pem, admin and enroller-compose, for nidctl on the host (0700, like tls/ca):
 #                    nidctl --tls-dir deploy/compose/secrets/tls/clients ...
 #
 # Certificates come from `nidctl cert` ($NIDCTL, else nidctl on the PATH, else the workspace build).
@@ -78,12 +78,17 @@ issue admin
 issue enroller-compose
 place "$dir/tls/admin" admin
 place "$dir/tls/clients" admin enroller-compose
-chmod 0700 "$ca"
 
+# What containers mount belongs to their user; the CA and the host's client keys stay with
+# whoever ran this (the sudo user when run through sudo), readable by no one else.
+mounted=(find "$dir" -type f -not -path "$ca/*" -not -path "$dir/tls/clients/*")
 if [ "$(id -u)" = 0 ]; then
-  find "$dir" -type f -exec chown 10001:10001 {} + -exec chmod 0400 {} +
+  "${mounted[@]}" -exec chown 10001:10001 {} + -exec chmod 0400 {} +
+  chown -R "${SUDO_UID:-0}:${SUDO_GID:-0}" "$ca" "$dir/tls/clients"
 else
-  echo "gen-secrets.sh: not root: the secrets are made world-readable (0444) so the containers' user can read them" >&2
-  find "$dir" -type f -exec chmod 0444 {} +
+  echo "gen-secrets.sh: not root: the mounted secrets are made world-readable (0444) so the containers' user can read them" >&2
+  "${mounted[@]}" -exec chmod 0444 {} +
 fi
+chmod 0700 "$ca" "$dir/tls/clients"
+find "$ca" "$dir/tls/clients" -type f -exec chmod 0600 {} +
 echo "secrets in $dir"
