@@ -629,7 +629,8 @@ impl DevReplica {
     }
 
     /// A replica of the same command line but node id `node_id` (a replacement for this one on
-    /// its address and data directory, which joins the cell once added). Not started.
+    /// its address and data directory, which joins the cell once added). Not started. Plaintext
+    /// clusters only: a TLS replica would need a certificate for its new name.
     pub fn as_new_member(&self, node_id: u64) -> DevReplica {
         let mut command = self.command.clone();
         if let Some(i) = command.iter().position(|a| a == "--node-id")
@@ -662,15 +663,20 @@ impl DevReplica {
             let _ = child.wait();
             return;
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // The thread-group leader turns zombie first; the files close when the last thread has
+        // gone (one in the middle of a RocksDB sync can take seconds).
+        let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
             let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
             let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
-            if matches!(state, None | Some("Z" | "X")) {
+            let threads =
+                std::fs::read_dir(format!("/proc/{}/task", self.pid)).map(|d| d.count()).unwrap_or(0);
+            if matches!(state, None | Some("Z" | "X")) && threads <= 1 {
                 return;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        panic!("replica {} (pid {}) still running 120 s after SIGKILL", self.node_id, self.pid);
     }
 
     /// SIGSTOP: the process stays, frozen (a GC-like pause, a stuck VM).

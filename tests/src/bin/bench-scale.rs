@@ -34,7 +34,9 @@ struct Options {
 struct Point {
     identities: u64,
     auth: serde_json::Value,
-    disk_bytes: Vec<u64>,
+    /// Per replica: (RocksDB tables, everything in the data directory).
+    disk_bytes: Vec<(u64, u64)>,
+    /// Per replica, the larger of before and after the authentication run (the cache fills).
     rss: Vec<f64>,
     router_rss: f64,
 }
@@ -76,17 +78,22 @@ fn authenticate(
     Ok(serde_json::from_str(&std::fs::read_to_string(&report)?)?)
 }
 
-/// Bytes under `path` (files only).
-fn disk_bytes(path: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+/// Bytes under `path`: (RocksDB tables, all files). The rest is the write-ahead log, RocksDB's
+/// own logs and manifests, and snapshot files.
+fn disk_bytes(path: &Path) -> (u64, u64) {
+    let Ok(entries) = std::fs::read_dir(path) else { return (0, 0) };
     entries
         .flatten()
         .map(|e| match e.file_type() {
             Ok(t) if t.is_dir() => disk_bytes(&e.path()),
-            Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
-            Err(_) => 0,
+            Ok(_) => {
+                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                let table = e.file_name().to_string_lossy().ends_with(".sst");
+                (if table { len } else { 0 }, len)
+            }
+            Err(_) => (0, 0),
         })
-        .sum()
+        .fold((0, 0), |(t, a), (t2, a2)| (t + t2, a + a2))
 }
 
 /// The `--data-dir` of a replica's command line.
@@ -107,9 +114,12 @@ fn measure(
     for r in replicas {
         disk_bytes_now.push(disk_bytes(&data_dir(r)?));
     }
-    let rss = replicas.iter().map(|r| rss_mib(u64::from(r.pid()))).collect();
-    let router_rss = rss_mib(cluster.info["router"]["pid"].as_u64().unwrap_or(0));
+    let rss_now = || -> Vec<f64> { replicas.iter().map(|r| rss_mib(u64::from(r.pid()))).collect() };
+    let router_pid = cluster.info["router"]["pid"].as_u64().unwrap_or(0);
+    let (rss_before, router_before) = (rss_now(), rss_mib(router_pid));
     let auth = authenticate(o, &cluster.router(), key, people, &format!("auth-{identities}"))?;
+    let rss = rss_before.iter().zip(rss_now()).map(|(a, b)| a.max(b)).collect();
+    let router_rss = router_before.max(rss_mib(router_pid));
     Ok(Point { identities, auth, disk_bytes: disk_bytes_now, rss, router_rss })
 }
 
@@ -198,17 +208,20 @@ fn mib(bytes: u64) -> f64 {
 }
 
 fn point_row(p: &Point) -> String {
-    let avg = p.disk_bytes.iter().sum::<u64>() as f64 / p.disk_bytes.len().max(1) as f64;
+    let n = p.disk_bytes.len().max(1) as f64;
+    let tables = p.disk_bytes.iter().map(|(t, _)| t).sum::<u64>() as f64 / n;
+    let all = p.disk_bytes.iter().map(|(_, a)| a).sum::<u64>() as f64 / n;
     let rss: Vec<String> = p.rss.iter().map(|v| format!("{v:.0}")).collect();
     format!(
-        "| {} | {:.0} | {:.2} / {:.2} | {} | {:.0} MiB ({:.0} B per identity) | {} | {:.0} |",
+        "| {} | {:.0} | {:.2} / {:.2} | {} | {:.0} MiB ({:.0} B per identity) | {:.0} MiB | {} | {:.0} |",
         p.identities,
         p.auth["throughput"].as_f64().unwrap_or(0.0),
         p.auth["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
         p.auth["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
         p.auth["failed"].as_u64().unwrap_or(0),
-        mib(avg as u64),
-        avg / p.identities.max(1) as f64,
+        mib(tables as u64),
+        tables / p.identities.max(1) as f64,
+        mib(all as u64),
         rss.join(" / "),
         p.router_rss,
     )
@@ -279,6 +292,7 @@ async fn main() -> anyhow::Result<()> {
     // (RUNBOOK): the replica starts empty under a new node id, the leader adds it as a learner, it
     // catches up by snapshot, then one joint change promotes it and removes the old id.
     println!("== a follower's data directory wiped and the replica replaced under a new node id");
+    let leader = leader_of(&replicas, Duration::from_secs(10)).await.context("the cell has no leader")?;
     let wiped = (leader + 2) % replicas.len();
     let metrics =
         cluster.info["cells"][0]["replicas"][wiped]["metrics"].as_str().unwrap_or_default().to_owned();
@@ -331,7 +345,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let after = authenticate(&o, &router, &key, &all, "auth-after-replacement")?;
-    let wiped_bytes = disk_bytes(&dir);
+    let (wiped_tables, wiped_bytes) = disk_bytes(&dir);
     drop(replicas);
     cluster.stop();
 
@@ -344,7 +358,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let _ = writeln!(
         s,
-        "| identities | auth/s (closed, c={}) | p50 / p99 ms | failed | on disk per replica | RSS of the replicas, MiB | router RSS, MiB |\n|---:|---:|---|---:|---|---|---:|",
+        "| identities | auth/s (closed, c={}) | p50 / p99 ms | failed | RocksDB tables per replica | whole data directory | RSS of the replicas, MiB | router RSS, MiB |\n|---:|---:|---|---:|---|---:|---|---:|",
         o.concurrency
     );
     let _ = writeln!(s, "{}\n{}", point_row(&small), point_row(&large));
@@ -367,11 +381,12 @@ async fn main() -> anyhow::Result<()> {
         writeln!(s, "\nWhole fill: {total} in {fill_seconds:.0} s, {:.0}/s.\n", total as f64 / fill_seconds);
     let _ = writeln!(
         s,
-        "- A follower killed with SIGKILL served again (answering, a leader known, applied up to the leader's index at the kill) after {restart:.1} s."
+        "- A follower killed with SIGKILL served again (answering, a leader known, applied up to the leader's index at the kill) after {restart:.1} s (no load meanwhile: this is opening the database and hearing from the leader)."
     );
     let _ = writeln!(
         s,
-        "- A follower whose data directory was wiped, replaced under a new node id (started empty, added as a learner, promoted once caught up), caught up after {catch_up:.1} s (target <= 120 s), {snapshots} snapshot(s) applied, {:.0} MiB on disk afterwards; every bucket's checksum equal to the leader's: {identical}.",
+        "- A follower whose data directory was wiped, replaced under a new node id (started empty, added as a learner, promoted once caught up), caught up after {catch_up:.1} s (target <= 120 s), {snapshots} snapshot(s) applied, {:.0} MiB of tables ({:.0} MiB in all) on disk afterwards; every bucket's checksum equal to the leader's: {identical}.",
+        mib(wiped_tables),
         mib(wiped_bytes)
     );
     let _ = writeln!(
