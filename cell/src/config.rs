@@ -85,6 +85,10 @@ pub struct Flags {
     /// Compact the Raft log once its entries exceed this many MiB.
     #[arg(long)]
     pub log_gc_size_mib: Option<u64>,
+    /// RocksDB block cache in MiB (data blocks, and the index and filter blocks of the data);
+    /// 8..=65536, default 256. Count it in the replica's memory limit.
+    #[arg(long)]
+    pub block_cache_mib: Option<usize>,
     /// Seconds to wait for a leadership transfer on SIGTERM.
     #[arg(long)]
     pub shutdown_grace_secs: Option<u64>,
@@ -132,6 +136,7 @@ struct FileConfig {
     log_gc_threshold: Option<u64>,
     log_gc_keep: Option<u64>,
     log_gc_size_mib: Option<u64>,
+    block_cache_mib: Option<usize>,
     shutdown_grace_secs: Option<u64>,
     auth_max_failures: Option<u32>,
     auth_cooldown_secs: Option<u64>,
@@ -201,6 +206,8 @@ pub struct CellConfig {
     pub log_gc_keep: u64,
     /// Log GC size threshold in bytes.
     pub log_gc_size: u64,
+    /// RocksDB block cache in MiB.
+    pub block_cache_mib: usize,
     /// Shutdown grace.
     pub shutdown_grace_secs: u64,
     /// Failures before the auth lock.
@@ -335,6 +342,14 @@ impl CellConfig {
             log_gc_threshold: flags.log_gc_threshold.or(file.log_gc_threshold).unwrap_or(20_000),
             log_gc_keep: flags.log_gc_keep.or(file.log_gc_keep).unwrap_or(5_000),
             log_gc_size: flags.log_gc_size_mib.or(file.log_gc_size_mib).unwrap_or(64).saturating_mul(1 << 20),
+            block_cache_mib: match flags
+                .block_cache_mib
+                .or(file.block_cache_mib)
+                .unwrap_or(nid_engine::db::DEFAULT_BLOCK_CACHE_MIB)
+            {
+                n @ 8..=65_536 => n,
+                _ => return Err("block_cache_mib must be 8..=65536".into()),
+            },
             shutdown_grace_secs: flags.shutdown_grace_secs.or(file.shutdown_grace_secs).unwrap_or(10),
             auth_max_failures: match flags.auth_max_failures.or(file.auth_max_failures).unwrap_or(5) {
                 0 => return Err("auth_max_failures must be > 0".into()),
@@ -413,6 +428,20 @@ mod tests {
         std::fs::write(&path, "cell_id = 7\nnode_idd = 2\n").unwrap();
         let err = CellConfig::load(flags(&["--config", p])).unwrap_err();
         assert!(err.contains("node_idd"), "{err}");
+    }
+
+    #[test]
+    fn the_block_cache_is_bounded_and_defaults_to_256_mib() {
+        assert_eq!(CellConfig::load(flags(BASE)).unwrap().block_cache_mib, 256);
+        let with = |mib: &str| {
+            let mut args = BASE.to_vec();
+            args.extend(["--block-cache-mib", mib]);
+            CellConfig::load(flags(&args))
+        };
+        assert_eq!(with("1024").unwrap().block_cache_mib, 1024);
+        for bad in ["4", "100000"] {
+            assert!(with(bad).unwrap_err().contains("block_cache_mib"), "{bad}");
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ use nid_control::ControlMachine;
 use nid_domain::commands::AuthPolicy;
 use nid_domain::keyring::Keyring;
 use nid_domain::time::Clock;
-use nid_engine::db::open_db;
+use nid_engine::db::open_db_with;
 use nid_engine::transport::{Dialer, GrpcTransport, MAX_MESSAGE_BYTES};
 use nid_engine::transport_service::RaftTransportService;
 use nid_engine::{Member, Node, NodeSetup, PeerConfig, StateMachine};
@@ -130,7 +130,7 @@ fn start<SM: StateMachine>(
 ) -> anyhow::Result<(Node<SM>, std::thread::JoinHandle<()>)> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
-    let db = open_db(&config.data_dir.join("db")).context("open RocksDB")?;
+    let db = open_db_with(&config.data_dir.join("db"), config.block_cache_mib).context("open RocksDB")?;
     let in_peers = config.peers.iter().any(|p| p.id == config.node_id);
     let members = config
         .peers

@@ -143,7 +143,7 @@ pub fn generate(db: &DB, root: &Path) -> Result<SnapshotManifest, StorageError> 
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io)?;
 
-    let opts = rocksdb::Options::default();
+    let opts = crate::db::data_file_options();
     let mut writer = rocksdb::SstFileWriter::create(&opts);
     let path = tmp.join(DATA_FILE);
     writer.open(&path)?;
