@@ -635,3 +635,36 @@ async fn a_paused_leader_costs_about_one_election_and_serves_nothing_stale() {
         }
     }
 }
+
+/// A cell that lost its quorum answers through its last replica "not the leader" (naming no
+/// leader, or one that does not answer): the replica was reached, so past the deadline the
+/// client hears DEADLINE_EXCEEDED / TIMEOUT, never "no replica of the owning cell is reachable".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cell_without_quorum_that_answers_not_leader_is_reported_as_a_timeout_not_unreachable() {
+    let mut dev = DevCluster::start(1);
+    let mut c = EnrollmentClient::new(nid_tests::connect(&dev.router()).await);
+    let uin = c.enroll(enroll_request("RID-QUORUMLESS", "Quorumless Person")).await.unwrap().into_inner().uin;
+    let replicas = adopt_cell(&dev, 0);
+    let leader = leader_of(&replicas, Duration::from_secs(10)).await.expect("a leader");
+    let follower = (leader + 1) % replicas.len();
+    replicas[leader].pause();
+    replicas[follower].pause();
+    let get = |deadline_ms: u64| {
+        let mut request = tonic::Request::new(GetIdentityRequest { id: uin.clone() });
+        request.set_timeout(Duration::from_millis(deadline_ms));
+        request
+    };
+    // The first call finds the frozen replicas out (they time out and become suspects); the
+    // calls right after reach only the live follower, which answers "not the leader".
+    let mut answers = vec![c.get_identity(get(3_000)).await.map(|_| ()).unwrap_err()];
+    for _ in 0..5 {
+        answers.push(c.get_identity(get(300)).await.map(|_| ()).unwrap_err());
+    }
+    replicas[leader].resume();
+    replicas[follower].resume();
+    for e in &answers {
+        assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+        assert_eq!(nid_proto::error::reason_of(e).as_deref(), Some("TIMEOUT"), "{e:?}");
+    }
+    assert!(dev.stop(), "nidctl dev up stops cleanly");
+}
