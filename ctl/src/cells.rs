@@ -1,14 +1,17 @@
 //! `nidctl cell add|drain|remove` and `nidctl rebalance plan|status|pause|resume|rate|parallel`:
 //! growing and shrinking the cluster through the router's Admin service (the control cell's
-//! leader moves the buckets).
+//! leader moves the buckets). `nidctl cell replace-replica`: a replica that lost its data comes
+//! back under a new node id, through the cell leader's membership changes.
 
 use crate::Output;
 use crate::credentials::with_bearer;
 use crate::partner::{AdminArgs, admin_client};
+use nid_proto::v1::cell_client::CellClient;
+use nid_proto::v1::membership_change::Kind;
 use nid_proto::v1::{
-    AddCellRequest, CellInfo, CellState, DrainCellRequest, GetRebalanceStatusRequest,
-    GetRebalanceStatusResponse, Migration, MigrationPhase, RemoveCellRequest, ReplicaInfo,
-    SetRebalanceRequest,
+    AddCellRequest, CellInfo, CellState, ChangeMembershipRequest, DrainCellRequest, GetCellStatusRequest,
+    GetClusterStatusRequest, GetRebalanceStatusRequest, GetRebalanceStatusResponse, MembershipChange,
+    Migration, MigrationPhase, RemoveCellRequest, ReplicaInfo, SetRebalanceRequest,
 };
 use std::io::IsTerminal as _;
 use std::path::Path;
@@ -41,6 +44,30 @@ pub enum CellCommand {
     Remove {
         /// The cell.
         cell_id: u64,
+    },
+    /// Replace a data-cell replica that lost its data (or moves to a new disk) by one started
+    /// empty under a new node id: the cell's leader adds it as a learner, it catches up (by
+    /// snapshot), then the old id is removed and the new one made a voter. Start the new
+    /// replica first, with `--peers` listing the cell's members and not itself. Run it while the
+    /// cell's other replicas are healthy. Never restart a wiped replica under its old id.
+    ReplaceReplica {
+        /// The cell.
+        cell_id: u64,
+        /// The node id of the replica to replace.
+        #[arg(long)]
+        node: u64,
+        /// The new replica's node id (never used before in this cell).
+        #[arg(long)]
+        new_node: u64,
+        /// The new replica's address (default: the old one's).
+        #[arg(long)]
+        address: Option<String>,
+        /// The new replica's zone (default: the old one's).
+        #[arg(long)]
+        zone: Option<String>,
+        /// Give up waiting for the new replica to catch up after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        wait_secs: u64,
     },
 }
 
@@ -128,8 +155,114 @@ pub async fn cell(
                 Err(e) => return failed("cell remove", e),
             }
         }
+        CellCommand::ReplaceReplica { cell_id, node, new_node, address, zone, wait_secs } => {
+            let status = match client.get_cluster_status(GetClusterStatusRequest {}).await {
+                Ok(s) => s.into_inner(),
+                Err(e) => return failed("cell replace-replica", e),
+            };
+            let Some(cell) =
+                status.cells.iter().find(|c| c.cell.as_ref().is_some_and(|i| i.cell_id == cell_id))
+            else {
+                anyhow::bail!("no data cell {cell_id} in the cluster status");
+            };
+            // Run again after a step that failed, it goes on from where the two nodes are.
+            let old = cell.replicas.iter().find(|r| r.node_id == node);
+            let added = cell.replicas.iter().find(|r| r.node_id == new_node);
+            let Some(known) = old.or(added) else {
+                anyhow::bail!("node {node} is not a replica of cell {cell_id}");
+            };
+            let Some(leader) = cell.replicas.iter().find(|r| r.is_leader && r.node_id != node) else {
+                anyhow::bail!("cell {cell_id} has no leader other than node {node}: restore quorum first");
+            };
+            let new = MembershipChange {
+                kind: Kind::AddLearner as i32,
+                node_id: new_node,
+                address: address.unwrap_or_else(|| known.address.clone()),
+                zone: zone.unwrap_or_else(|| known.zone.clone()),
+            };
+            let wait = Duration::from_secs(wait_secs);
+            let steps = Steps { add: added.is_none(), remove: old.is_some() };
+            replace_replica(cell_id, &leader.address, node, new, steps, wait, output).await?;
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Which membership changes of a replacement are still to make.
+struct Steps {
+    /// Add the new node as a learner.
+    add: bool,
+    /// Remove the old node.
+    remove: bool,
+}
+
+/// The steps of `nidctl cell replace-replica` against the leader at `leader`: `new` joins as a
+/// learner, catches up to the leader's applied index of that moment, then `old` leaves and `new`
+/// becomes a voter (skipping what `steps` says is done).
+async fn replace_replica(
+    cell_id: u64,
+    leader: &str,
+    old: u64,
+    new: MembershipChange,
+    steps: Steps,
+    wait: Duration,
+    output: Output,
+) -> anyhow::Result<()> {
+    let mut cell = CellClient::new(crate::dev::connect(leader, "cell").await?);
+    let change = |changes: Vec<MembershipChange>| ChangeMembershipRequest { changes };
+    let describe = |e: tonic::Status| anyhow::anyhow!("{:?}: {}", e.code(), e.message());
+    if steps.add {
+        cell.change_membership(change(vec![new.clone()])).await.map_err(describe)?;
+    }
+    let applied = |s: &nid_proto::v1::CellStatus, id: u64| {
+        s.replicas.iter().find(|r| r.node_id == id).map(|r| r.applied_index).unwrap_or(0)
+    };
+    let status = cell.get_cell_status(GetCellStatusRequest {}).await.map_err(describe)?.into_inner();
+    let leader_id = status.replicas.iter().find(|r| r.is_leader).map(|r| r.node_id).unwrap_or(0);
+    let target = applied(&status, leader_id);
+    eprintln!(
+        "nidctl: node {} added to cell {cell_id} as a learner; catching up to index {target}",
+        new.node_id
+    );
+    let started = std::time::Instant::now();
+    loop {
+        let status = cell.get_cell_status(GetCellStatusRequest {}).await.map_err(describe)?.into_inner();
+        let at = applied(&status, new.node_id);
+        if at >= target {
+            break;
+        }
+        if started.elapsed() > wait {
+            anyhow::bail!(
+                "node {} is at index {at} of {target} after {wait:?}: it stays a learner (harmless); \
+                 check that it runs and reaches the leader, then run this again",
+                new.node_id
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Two single changes, not one joint change: leaving a joint configuration needs a majority of
+    // the old one too, which counts the lost replica; a second failure in that window would stall
+    // the cell. Removing first leaves {leader, other} (the quorum the cell had anyway with the old
+    // replica lost), then the promotion makes three voters again.
+    let remove = MembershipChange { kind: Kind::Remove as i32, node_id: old, ..Default::default() };
+    let promote = MembershipChange { kind: Kind::AddVoter as i32, ..new.clone() };
+    if steps.remove {
+        cell.change_membership(change(vec![remove])).await.map_err(describe)?;
+    }
+    let done = cell.change_membership(change(vec![promote])).await.map_err(describe)?.into_inner();
+    let caught_up = started.elapsed().as_secs_f64();
+    match output {
+        Output::Table => println!(
+            "cell {cell_id}: node {} replaced node {old} (caught up in {caught_up:.1} s); voters {:?}",
+            new.node_id, done.voters
+        ),
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({"cell_id": cell_id, "old_node": old, "new_node": new.node_id,
+                "caught_up_seconds": caught_up, "voters": done.voters, "learners": done.learners})
+        ),
+    }
+    Ok(())
 }
 
 /// `nidctl rebalance ...`.

@@ -349,7 +349,10 @@ async fn replica_channel(cell: &CellEntry, address: &str) -> anyhow::Result<toni
     connect(address, if cell.cell_id == CONTROL_CELL_ID { "control" } else { "cell" }).await
 }
 
-async fn connect(address: &str, server: &'static str) -> anyhow::Result<tonic::transport::Channel> {
+pub(crate) async fn connect(
+    address: &str,
+    server: &'static str,
+) -> anyhow::Result<tonic::transport::Channel> {
     let endpoint = nid_support::tls::Dial::endpoint(address)?
         .connect_timeout(Duration::from_millis(500))
         .timeout(Duration::from_secs(10));

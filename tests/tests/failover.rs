@@ -668,3 +668,49 @@ async fn a_cell_without_quorum_that_answers_not_leader_is_reported_as_a_timeout_
     }
     assert!(dev.stop(), "nidctl dev up stops cleanly");
 }
+
+/// A replica whose disk is lost comes back under a new node id with `nidctl cell
+/// replace-replica`: it joins as a learner, catches up, and replaces the old id as a voter. The
+/// cell then holds its quorum with the new replica: with the third one frozen, every earlier
+/// identity reads and new enrolments commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_its_disk_is_replaced_under_a_new_node_id_with_nidctl() {
+    let mut dev = DevCluster::start(1);
+    let dir = dev.dir.path().to_owned();
+    let mut c = client(&dev.router()).await;
+    let uins = enroll_many(&mut c, "RID-REPLACE", 40).await;
+    let mut replicas = adopt_cell(&dev, 0);
+    let leader = leader_of(&replicas, Duration::from_secs(10)).await.expect("a leader");
+    let (victim, other) = ((leader + 1) % 3, (leader + 2) % 3);
+    let old_id = replicas[victim].node_id;
+    let new_id = 4;
+    replicas[victim].kill9();
+    let command = replicas[victim].command().to_vec();
+    let data = command.iter().position(|a| a == "--data-dir").map(|i| command[i + 1].clone()).unwrap();
+    std::fs::remove_dir_all(&data).unwrap();
+    let mut fresh = replicas[victim].as_new_member(new_id);
+    fresh.restart();
+
+    let out = std::process::Command::new(nid_tests::binary("nidctl"))
+        .args(["cell", "replace-replica", "1", "--node", &old_id.to_string(), "--new-node", "4"])
+        .args(["--wait-secs", "60", "--dev-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains(&format!("node 4 replaced node {old_id}")), "{said}");
+
+    let status = replicas[leader].status(Duration::from_secs(2)).await.expect("the leader's status");
+    let members: Vec<u64> = status.replicas.iter().filter(|r| r.healthy).map(|r| r.node_id).collect();
+    assert!(members.contains(&new_id) && !members.contains(&old_id), "members {members:?}");
+    // The quorum now counts on the new replica.
+    replicas[other].pause();
+    for uin in &uins {
+        assert_eq!(&read(&mut c, uin).await.uin, uin);
+    }
+    enroll_many(&mut c, "RID-REPLACE-AFTER", 5).await;
+    replicas[other].resume();
+    drop(fresh);
+    assert!(dev.stop(), "nidctl dev up stops cleanly");
+}

@@ -289,8 +289,9 @@ async fn main() -> anyhow::Result<()> {
 
     // A replica that lost its data must not rejoin under its old node id: its peers remember a
     // log it no longer has (Raft would refuse it, raft-rs by a panic). The replacement procedure
-    // (RUNBOOK): the replica starts empty under a new node id, the leader adds it as a learner, it
-    // catches up by snapshot, then one joint change promotes it and removes the old id.
+    // (RUNBOOK, `nidctl cell replace-replica`): the replica starts empty under a new node id, the
+    // leader adds it as a learner, it catches up by snapshot, then the old id is removed and the
+    // new one promoted.
     println!("== a follower's data directory wiped and the replica replaced under a new node id");
     let leader = leader_of(&replicas, Duration::from_secs(10)).await.context("the cell has no leader")?;
     let wiped = (leader + 2) % replicas.len();
@@ -316,9 +317,12 @@ async fn main() -> anyhow::Result<()> {
     change_membership(&leader_address, vec![member(Kind::AddLearner, new_id)]).await?;
     until_applied(&replicas[wiped], target, Duration::from_secs(600)).await?;
     let catch_up = caught_up_started.elapsed().as_secs_f64();
+    // Two single changes, as `nidctl cell replace-replica` makes them (a joint change would need
+    // the lost replica's old majority to be left).
     let mut remove = member(Kind::Remove, old_id);
     remove.address.clear();
-    change_membership(&leader_address, vec![member(Kind::AddVoter, new_id), remove]).await?;
+    change_membership(&leader_address, vec![remove]).await?;
+    change_membership(&leader_address, vec![member(Kind::AddVoter, new_id)]).await?;
     let snapshots = counter(&metrics, "nid_raft_snapshots_total", "op=\"applied\"").await;
     let mut identical = false;
     for _ in 0..20 {
