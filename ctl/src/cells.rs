@@ -59,7 +59,8 @@ pub enum CellCommand {
         /// The new replica's node id (never used before in this cell).
         #[arg(long)]
         new_node: u64,
-        /// The new replica's address (default: the old one's).
+        /// The new replica's address (default: the old one's). Keep the old one where you can:
+        /// the control cell's registry keeps listing it for the cell.
         #[arg(long)]
         address: Option<String>,
         /// The new replica's zone (default: the old one's).
@@ -165,14 +166,24 @@ pub async fn cell(
             else {
                 anyhow::bail!("no data cell {cell_id} in the cluster status");
             };
-            // Run again after a step that failed, it goes on from where the two nodes are.
+            // A typo must not make a live voter "the replacement": the new id is one the cell's
+            // registered replicas never had.
+            let registered = cell.cell.as_ref().map(|i| i.replicas.as_slice()).unwrap_or_default();
+            if new_node == node || registered.iter().any(|r| r.node_id == new_node) {
+                anyhow::bail!("--new-node {new_node} is a replica id this cell already had: pick a new one");
+            }
+            // Run again after a step that failed, it goes on from where the two nodes are (the
+            // new node keeps the address and zone it joined with).
             let old = cell.replicas.iter().find(|r| r.node_id == node);
             let added = cell.replicas.iter().find(|r| r.node_id == new_node);
-            let Some(known) = old.or(added) else {
+            let Some(known) = added.or(old) else {
                 anyhow::bail!("node {node} is not a replica of cell {cell_id}");
             };
             let Some(leader) = cell.replicas.iter().find(|r| r.is_leader && r.node_id != node) else {
-                anyhow::bail!("cell {cell_id} has no leader other than node {node}: restore quorum first");
+                anyhow::bail!(
+                    "cell {cell_id} has no leader other than node {node}: if node {node} leads, move \
+                     leadership away first; otherwise restore the cell's quorum"
+                );
             };
             let new = MembershipChange {
                 kind: Kind::AddLearner as i32,
@@ -186,6 +197,25 @@ pub async fn cell(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The status of cell `cell_id` from the replica at `leader`, which must still lead it: only the
+/// leader knows how far the other members have come.
+async fn leader_status(
+    cell: &mut CellClient<tonic::transport::Channel>,
+    leader: &str,
+    cell_id: u64,
+) -> anyhow::Result<nid_proto::v1::CellStatus> {
+    let status = cell
+        .get_cell_status(GetCellStatusRequest {})
+        .await
+        .map_err(|e| anyhow::anyhow!("{:?}: {}", e.code(), e.message()))?
+        .into_inner();
+    let leads = status.replicas.iter().any(|r| r.is_leader && r.address == leader);
+    if !leads {
+        anyhow::bail!("leadership of cell {cell_id} moved away from {leader}; run this again");
+    }
+    Ok(status)
 }
 
 /// Which membership changes of a replacement are still to make.
@@ -217,16 +247,13 @@ async fn replace_replica(
     let applied = |s: &nid_proto::v1::CellStatus, id: u64| {
         s.replicas.iter().find(|r| r.node_id == id).map(|r| r.applied_index).unwrap_or(0)
     };
-    let status = cell.get_cell_status(GetCellStatusRequest {}).await.map_err(describe)?.into_inner();
+    let status = leader_status(&mut cell, leader, cell_id).await?;
     let leader_id = status.replicas.iter().find(|r| r.is_leader).map(|r| r.node_id).unwrap_or(0);
     let target = applied(&status, leader_id);
-    eprintln!(
-        "nidctl: node {} added to cell {cell_id} as a learner; catching up to index {target}",
-        new.node_id
-    );
+    eprintln!("nidctl: node {} is a learner of cell {cell_id}; catching up to index {target}", new.node_id);
     let started = std::time::Instant::now();
     loop {
-        let status = cell.get_cell_status(GetCellStatusRequest {}).await.map_err(describe)?.into_inner();
+        let status = leader_status(&mut cell, leader, cell_id).await?;
         let at = applied(&status, new.node_id);
         if at >= target {
             break;

@@ -44,10 +44,10 @@ pub fn open_db_with(path: &Path, cache_mib: usize) -> Result<Arc<DB>, StorageErr
     opts.set_max_background_jobs(2);
     opts.set_bytes_per_sync(1 << 20);
     // A write-ahead log file goes only once every column family has flushed what it holds, and
-    // `meta` (a few small keys rewritten on every apply) rarely fills a memtable: without a bound
-    // the log grew to 1.9 GiB per replica at 1,000,000 identities (beside 1.1 GiB of tables), all
-    // of it replayed on restart. Past this size RocksDB flushes the column families holding the
-    // oldest log.
+    // `meta` (a few small keys rewritten on every apply) rarely fills a memtable: under RocksDB's
+    // default bound (4x all memtables, 1.5 GiB here) the log held 1.9 GiB per replica at
+    // 1,000,000 identities (beside 1.1 GiB of tables), all of it replayed on restart. Past this
+    // size RocksDB flushes the column families holding the oldest log (mostly `meta`: small files).
     opts.set_max_total_wal_size(MAX_TOTAL_WAL_BYTES);
     // Compactions run at a lower CPU priority than the Raft loop and the gRPC threads: on a busy
     // machine they yield instead of stalling requests (every replica of a cell compacts at about

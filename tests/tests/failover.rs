@@ -654,18 +654,30 @@ async fn a_cell_without_quorum_that_answers_not_leader_is_reported_as_a_timeout_
         request.set_timeout(Duration::from_millis(deadline_ms));
         request
     };
+    let metrics = dev.info["router"]["metrics"].as_str().unwrap_or_default().to_owned();
+    let not_leader = || async {
+        let text = nid_tests::http_get(&metrics, "/metrics").await.unwrap_or_default();
+        text.lines()
+            .find(|l| l.starts_with("nid_router_retries_total{") && l.contains("reason=\"not_leader\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = not_leader().await;
     // The first call finds the frozen replicas out (they time out and become suspects); the
-    // calls right after reach only the live follower, which answers "not the leader".
+    // calls right after reach mostly the live follower, which answers "not the leader" (once a
+    // suspicion lapses a call may time out at a frozen replica again: also a timeout).
     let mut answers = vec![c.get_identity(get(3_000)).await.map(|_| ()).unwrap_err()];
-    for _ in 0..5 {
-        answers.push(c.get_identity(get(300)).await.map(|_| ()).unwrap_err());
+    for _ in 0..4 {
+        answers.push(c.get_identity(get(1_000)).await.map(|_| ()).unwrap_err());
     }
+    let hints = not_leader().await - before;
     replicas[leader].resume();
     replicas[follower].resume();
     for e in &answers {
         assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
         assert_eq!(nid_proto::error::reason_of(e).as_deref(), Some("TIMEOUT"), "{e:?}");
     }
+    assert!(hints > 0.0, "the live follower answered 'not the leader' (router retries counted {hints})");
     assert!(dev.stop(), "nidctl dev up stops cleanly");
 }
 
@@ -691,15 +703,35 @@ async fn a_replica_that_lost_its_disk_is_replaced_under_a_new_node_id_with_nidct
     let mut fresh = replicas[victim].as_new_member(new_id);
     fresh.restart();
 
-    let out = std::process::Command::new(nid_tests::binary("nidctl"))
-        .args(["cell", "replace-replica", "1", "--node", &old_id.to_string(), "--new-node", "4"])
-        .args(["--wait-secs", "60", "--dev-dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{said}");
+    // `nidctl cell replace-replica 1 --node OLD --new-node NEW`: (success, what it printed).
+    let replace = |old: u64, new: u64| {
+        let out = std::process::Command::new(nid_tests::binary("nidctl"))
+            .args([
+                "cell",
+                "replace-replica",
+                "1",
+                "--node",
+                &old.to_string(),
+                "--new-node",
+                &new.to_string(),
+            ])
+            .args(["--wait-secs", "60", "--dev-dir"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        let said =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), said)
+    };
+    let (ok, said) = replace(old_id, new_id);
+    assert!(ok, "{said}");
     assert!(said.contains(&format!("node 4 replaced node {old_id}")), "{said}");
+    // Run again, it finds the work done and changes nothing.
+    let (ok, said) = replace(old_id, new_id);
+    assert!(ok, "{said}");
+    // A typo naming a live voter as the replacement is refused before any change.
+    let (ok, said) = replace(new_id, replicas[leader].node_id);
+    assert!(!ok && said.contains("already had"), "a live voter is no replacement: {said}");
 
     let status = replicas[leader].status(Duration::from_secs(2)).await.expect("the leader's status");
     let members: Vec<u64> = status.replicas.iter().filter(|r| r.healthy).map(|r| r.node_id).collect();

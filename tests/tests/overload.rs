@@ -142,7 +142,7 @@ async fn a_burst_beyond_a_cells_limit_is_partly_refused_and_service_recovers_whe
 async fn a_write_whose_outcome_became_unknown_is_never_refused_for_load() {
     let cluster = DevCluster::start(1);
     let flags = ["--cell-min-in-flight", "1", "--cell-max-in-flight", "1", "--cell-latency-target-ms", "20"];
-    let (mut small, address, _) = router_with(&cluster, &flags).await;
+    let (mut small, address, metrics) = router_with(&cluster, &flags).await;
     let replicas = nid_tests::adopt_cell(&cluster, 0);
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -200,6 +200,16 @@ async fn a_write_whose_outcome_became_unknown_is_never_refused_for_load() {
         .collect();
     assert!(other.is_empty(), "unexpected answers: {other:?}");
     assert!(!refused.is_empty() && ok > 0, "the storm refused {} and served {ok}", refused.len());
+    // Attempts did end with their outcome unknown (timed out, or failed in transit at the frozen
+    // leader) and were retried without a permit.
+    let text = nid_tests::http_get(&metrics, "/metrics").await.unwrap_or_default();
+    let retries: Vec<&str> = text.lines().filter(|l| l.starts_with("nid_router_retries_total{")).collect();
+    let unknown_attempts: f64 = retries
+        .iter()
+        .filter(|l| l.contains("reason=\"timeout\"") || l.contains("reason=\"unavailable\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(unknown_attempts > 0.0, "no attempt of unknown outcome: the storm tested nothing ({retries:?})");
     eprintln!("{ok} served, {} refused, {unknown} of unknown outcome at the client", refused.len());
     let mut c = EnrollmentClient::new(nid_tests::connect(&cluster.router()).await);
     for rid in refused {
