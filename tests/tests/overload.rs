@@ -15,7 +15,7 @@ use tonic::Code;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_at_its_in_flight_limit_sheds_with_a_retry_hint_and_applies_nothing() {
     let cluster = DevCluster::start(1);
-    let (mut small, address, metrics) = router_with(&cluster, &["--max-in-flight", "2"]).await;
+    let (_small, address, metrics) = router_with(&cluster, &["--max-in-flight", "2"]).await;
 
     // 64 enrolments at once through a router that forwards 2 at a time.
     let channel = nid_tests::connect(&address).await;
@@ -53,13 +53,21 @@ async fn a_router_at_its_in_flight_limit_sheds_with_a_retry_hint_and_applies_not
         let r = c.enroll(enroll_request(&format!("RID-SHED-{i}"), "Shed Person")).await.unwrap().into_inner();
         assert!(r.created, "a shed request applied nothing");
     }
-    let _ = small.kill();
-    let _ = small.wait();
+}
+
+/// A router process, killed when dropped (also when a test fails half-way).
+struct RouterProcess(std::process::Child);
+
+impl Drop for RouterProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Starts a router on `cluster`'s control cell with `flags`; returns it, its address and its
 /// metrics address once it serves.
-async fn router_with(cluster: &DevCluster, flags: &[&str]) -> (std::process::Child, String, String) {
+async fn router_with(cluster: &DevCluster, flags: &[&str]) -> (RouterProcess, String, String) {
     let control: Vec<String> = cluster.info["control"]["replicas"]
         .as_array()
         .unwrap()
@@ -68,14 +76,16 @@ async fn router_with(cluster: &DevCluster, flags: &[&str]) -> (std::process::Chi
         .collect();
     let address = format!("127.0.0.1:{}", free_port());
     let metrics = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(binary("nid-router"))
-        .args(["--listen", &address, "--control", &control.join(","), "--insecure"])
-        .args(["--metrics-listen", &metrics])
-        .args(flags)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = RouterProcess(
+        Command::new(binary("nid-router"))
+            .args(["--listen", &address, "--control", &control.join(","), "--insecure"])
+            .args(["--metrics-listen", &metrics])
+            .args(flags)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let mut c = EnrollmentClient::new(nid_tests::connect(&address).await);
@@ -92,7 +102,7 @@ async fn router_with(cluster: &DevCluster, flags: &[&str]) -> (std::process::Chi
 async fn a_burst_beyond_a_cells_limit_is_partly_refused_and_service_recovers_when_it_ends() {
     let cluster = DevCluster::start(1);
     // Each cell gets at most 2 requests at once (and 8 waiting).
-    let (mut router, address, metrics) =
+    let (_router, address, metrics) =
         router_with(&cluster, &["--cell-min-in-flight", "2", "--cell-max-in-flight", "2"]).await;
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("burst.json");
@@ -128,8 +138,6 @@ async fn a_burst_beyond_a_cells_limit_is_partly_refused_and_service_recovers_whe
         .sum();
     assert_eq!(refused, r["errors"]["ResourceExhausted/OVERLOADED"].as_u64().unwrap(), "{text}");
     assert!(text.contains("nid_router_cell_concurrency_limit{cell="), "{text}");
-    let _ = router.kill();
-    let _ = router.wait();
 }
 
 /// A refusal for load tells the client its request was not applied, so it must only ever be given
@@ -142,7 +150,7 @@ async fn a_burst_beyond_a_cells_limit_is_partly_refused_and_service_recovers_whe
 async fn a_write_whose_outcome_became_unknown_is_never_refused_for_load() {
     let cluster = DevCluster::start(1);
     let flags = ["--cell-min-in-flight", "1", "--cell-max-in-flight", "1", "--cell-latency-target-ms", "20"];
-    let (mut small, address, metrics) = router_with(&cluster, &flags).await;
+    let (_small, address, metrics) = router_with(&cluster, &flags).await;
     let replicas = nid_tests::adopt_cell(&cluster, 0);
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -216,6 +224,4 @@ async fn a_write_whose_outcome_became_unknown_is_never_refused_for_load() {
         let r = c.enroll(enroll_request(rid, "Unknown Person")).await.unwrap().into_inner();
         assert!(r.created, "{rid} was refused for load, yet it had been applied");
     }
-    let _ = small.kill();
-    let _ = small.wait();
 }
