@@ -206,16 +206,16 @@ async fn leader_status(
     leader: &str,
     cell_id: u64,
 ) -> anyhow::Result<nid_proto::v1::CellStatus> {
-    let status = cell
-        .get_cell_status(GetCellStatusRequest {})
-        .await
-        .map_err(|e| anyhow::anyhow!("{:?}: {}", e.code(), e.message()))?
-        .into_inner();
+    let status = cell.get_cell_status(GetCellStatusRequest {}).await.map_err(grpc_error)?.into_inner();
     let leads = status.replicas.iter().any(|r| r.is_leader && r.address == leader);
     if !leads {
         anyhow::bail!("leadership of cell {cell_id} moved away from {leader}; run this again");
     }
     Ok(status)
+}
+
+fn grpc_error(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
 }
 
 /// Which membership changes of a replacement are still to make.
@@ -240,9 +240,8 @@ async fn replace_replica(
 ) -> anyhow::Result<()> {
     let mut cell = CellClient::new(crate::dev::connect(leader, "cell").await?);
     let change = |changes: Vec<MembershipChange>| ChangeMembershipRequest { changes };
-    let describe = |e: tonic::Status| anyhow::anyhow!("{:?}: {}", e.code(), e.message());
     if steps.add {
-        cell.change_membership(change(vec![new.clone()])).await.map_err(describe)?;
+        cell.change_membership(change(vec![new.clone()])).await.map_err(grpc_error)?;
     }
     let applied = |s: &nid_proto::v1::CellStatus, id: u64| {
         s.replicas.iter().find(|r| r.node_id == id).map(|r| r.applied_index).unwrap_or(0)
@@ -267,6 +266,7 @@ async fn replace_replica(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let caught_up = started.elapsed().as_secs_f64();
     // Two single changes, not one joint change: leaving a joint configuration needs a majority of
     // the old one too, which counts the lost replica; a second failure in that window would stall
     // the cell. Removing first leaves {leader, other} (the quorum the cell had anyway with the old
@@ -274,10 +274,9 @@ async fn replace_replica(
     let remove = MembershipChange { kind: Kind::Remove as i32, node_id: old, ..Default::default() };
     let promote = MembershipChange { kind: Kind::AddVoter as i32, ..new.clone() };
     if steps.remove {
-        cell.change_membership(change(vec![remove])).await.map_err(describe)?;
+        cell.change_membership(change(vec![remove])).await.map_err(grpc_error)?;
     }
-    let done = cell.change_membership(change(vec![promote])).await.map_err(describe)?.into_inner();
-    let caught_up = started.elapsed().as_secs_f64();
+    let done = cell.change_membership(change(vec![promote])).await.map_err(grpc_error)?.into_inner();
     match output {
         Output::Table => println!(
             "cell {cell_id}: node {} replaced node {old} (caught up in {caught_up:.1} s); voters {:?}",

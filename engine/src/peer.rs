@@ -392,30 +392,34 @@ impl<SM: StateMachine, T: Transport> Peer<SM, T> {
         }
     }
 
+    /// Stops serving for good: logs and counts `failure`, and records it (synced) so that no
+    /// restart serves again; a leader elected later would heartbeat with commit 0 and let the
+    /// replica through.
+    fn stop_for_lost_log(&mut self, failure: String) {
+        tracing::error!(cell = self.config.cell_id, node = self.config.node_id, %failure,
+            "replica stopped: its log lost entries its cell counts as stored here");
+        self.metrics.messages_rejected.with_label_values(&["log_lost"]).inc();
+        let db = self.node.store().db().clone();
+        let mut sync = rocksdb::WriteOptions::default();
+        sync.set_sync(true);
+        let marked = cf(&db, crate::keys::CF_META).and_then(|meta| {
+            db.put_cf_opt(meta, crate::keys::LOG_LOST, failure.as_bytes(), &sync).map_err(Into::into)
+        });
+        if let Err(e) = marked {
+            tracing::error!(error = %e, "could not record that the log was lost");
+        }
+        if let Ok(mut f) = self.shared.failure.lock() {
+            *f = Some(failure);
+        }
+    }
+
     /// Handles one control message; true means stop.
     fn on_control(&mut self, m: Control) -> bool {
         match m {
             Control::Raft(m) => {
                 if let Some(failure) = lost_log(&m, self.node.raft.raft_log.last_index()) {
                     // raft-rs would panic on this heartbeat; the replica stops and says why.
-                    tracing::error!(cell = self.config.cell_id, node = self.config.node_id, %failure,
-                        "replica stopped: its log lost entries its cell counts as stored here");
-                    self.metrics.messages_rejected.with_label_values(&["log_lost"]).inc();
-                    // Remembered, so that no restart serves again (a later leader's heartbeats
-                    // would carry commit 0 and let it through).
-                    let db = self.node.store().db().clone();
-                    let mut sync = rocksdb::WriteOptions::default();
-                    sync.set_sync(true);
-                    let marked = cf(&db, crate::keys::CF_META).and_then(|meta| {
-                        db.put_cf_opt(meta, crate::keys::LOG_LOST, failure.as_bytes(), &sync)
-                            .map_err(Into::into)
-                    });
-                    if let Err(e) = marked {
-                        tracing::error!(error = %e, "could not record that the log was lost");
-                    }
-                    if let Ok(mut f) = self.shared.failure.lock() {
-                        *f = Some(failure);
-                    }
+                    self.stop_for_lost_log(failure);
                     return true;
                 }
                 if let Err(e) = self.node.step(*m) {

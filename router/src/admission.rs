@@ -19,9 +19,9 @@
 //! from a standing one. While a slot was free within the last 100 ms and nobody was refused, the
 //! queue absorbs a burst (a flush, a pause, a leader change), and a request waits up to four times
 //! the target. No free slot for 100 ms, or a refusal in that time, means the cell lacks capacity: a
-//! request then waits at most a third of the target,
-//! so what is admitted stays fast and the rest is refused at once. At most four times the limit
-//! may wait. A refusal asks the client to retry after half the target.
+//! request then waits at most a third of the target, so what is admitted stays fast and the rest
+//! is refused at once. At most four times the limit may wait. A refusal asks the client to retry
+//! after half the target.
 //!
 //! Why an absolute target and not a multiple of the shortest round trip seen (TCP Vegas): a cell
 //! batches proposals, so under load every request waits about one batch, and the shortest round

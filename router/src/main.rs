@@ -80,7 +80,7 @@ struct Flags {
     max_in_flight: usize,
     /// The mean round trip to a cell the router aims to stay under: each cell's limit of requests
     /// in flight adapts to it; requests beyond the limit wait briefly (up to 4x this for a burst,
-    /// a third of it once the queue stands) and the rest get RESOURCE_EXHAUSTED / OVERLOADED with
+    /// a third of it once the cell is congested) and the rest get RESOURCE_EXHAUSTED / OVERLOADED with
     /// a retry delay of half this.
     #[arg(long, default_value_t = 50)]
     cell_latency_target_ms: u64,

@@ -628,6 +628,12 @@ impl DevReplica {
         &self.command
     }
 
+    /// Its `--data-dir`.
+    pub fn data_dir(&self) -> Option<PathBuf> {
+        let i = self.command.iter().position(|a| a == "--data-dir")?;
+        self.command.get(i + 1).map(PathBuf::from)
+    }
+
     /// A replica of the same command line but node id `node_id` (a replacement for this one on
     /// its address and data directory, which joins the cell once added). Not started. Plaintext
     /// clusters only: a TLS replica would need a certificate for its new name.

@@ -697,9 +697,7 @@ async fn a_replica_that_lost_its_disk_is_replaced_under_a_new_node_id_with_nidct
     let old_id = replicas[victim].node_id;
     let new_id = 4;
     replicas[victim].kill9();
-    let command = replicas[victim].command().to_vec();
-    let data = command.iter().position(|a| a == "--data-dir").map(|i| command[i + 1].clone()).unwrap();
-    std::fs::remove_dir_all(&data).unwrap();
+    std::fs::remove_dir_all(replicas[victim].data_dir().expect("a data directory")).unwrap();
     let mut fresh = replicas[victim].as_new_member(new_id);
     fresh.restart();
 

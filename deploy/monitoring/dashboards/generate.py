@@ -193,7 +193,7 @@ def build():
         (f'sum by (cell, why) (rate(nid_router_cell_refused_total{{{ROUTER}}}[{RI}]))', "cell {{cell}} {{why}}", False),
     ], unit="ops", width=12, stack=True,
         description="RESOURCE_EXHAUSTED / OVERLOADED answers because the cell was at its limit: waited (no permit within 4x the "
-                    "target for a burst, a third of it once the queue stands) or queue_full (4x the limit waiting). Sustained: the "
+                    "target for a burst, a third of it once the cell is congested) or queue_full (4x the limit waiting). Sustained: the "
                     "cell lacks capacity (NidCellOverloaded).")
 
     # The rebalancer's metrics come from every control replica, only the leader's move: max or sum

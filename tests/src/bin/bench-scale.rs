@@ -11,9 +11,8 @@
 //!                    [--concurrency 64] [--results .nid/bench/scale]
 
 use anyhow::Context as _;
+use nid_proto::v1::TransferLeaderRequest;
 use nid_proto::v1::cell_client::CellClient;
-use nid_proto::v1::membership_change::Kind;
-use nid_proto::v1::{ChangeMembershipRequest, MembershipChange, TransferLeaderRequest};
 use nid_tests::rebalance_bench::arg;
 use nid_tests::{DevCluster, DevReplica, adopt_cell, binary, http_get, leader_of, rss_mib};
 use std::fmt::Write as _;
@@ -96,10 +95,9 @@ fn disk_bytes(path: &Path) -> (u64, u64) {
         .fold((0, 0), |(t, a), (t2, a2)| (t + t2, a + a2))
 }
 
-/// The `--data-dir` of a replica's command line.
+/// The `--data-dir` of a replica.
 fn data_dir(r: &DevReplica) -> anyhow::Result<PathBuf> {
-    let i = r.command().iter().position(|a| a == "--data-dir").context("replica without --data-dir")?;
-    Ok(PathBuf::from(r.command().get(i + 1).context("--data-dir without a value")?))
+    r.data_dir().context("replica without --data-dir")
 }
 
 fn measure(
@@ -131,29 +129,18 @@ async fn applied(r: &DevReplica) -> Option<(u64, u64)> {
     Some((own.applied_index, leader))
 }
 
-/// `ChangeMembership` with `changes` on the leader at `leader`.
-async fn change_membership(leader: &str, changes: Vec<MembershipChange>) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{leader}"))?
-        .timeout(Duration::from_secs(30))
-        .connect()
-        .await?;
-    CellClient::new(channel)
-        .change_membership(ChangeMembershipRequest { changes })
-        .await
-        .map_err(|e| anyhow::anyhow!("ChangeMembership: {:?}: {}", e.code(), e.message()))?;
-    Ok(())
-}
-
-/// Seconds until `r` (a learner: it may know no leader yet) has applied at least `target`.
-async fn until_applied(r: &DevReplica, target: u64, limit: Duration) -> anyhow::Result<f64> {
-    let started = Instant::now();
-    loop {
-        if applied(r).await.is_some_and(|(index, _)| index >= target) {
-            return Ok(started.elapsed().as_secs_f64());
-        }
-        anyhow::ensure!(started.elapsed() < limit, "replica {} not caught up after {limit:?}", r.node_id);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// `nidctl cell replace-replica 1 --node OLD --new-node NEW` on the dev cluster in `dir`: the
+/// seconds the new replica took to catch up, as nidctl reports them.
+fn replace_replica(dir: &Path, old: u64, new: u64) -> anyhow::Result<f64> {
+    let out = Command::new(binary("nidctl"))
+        .args(["-o", "json", "cell", "replace-replica", "1", "--node", &old.to_string()])
+        .args(["--new-node", &new.to_string(), "--dev-dir"])
+        .arg(dir)
+        .output()
+        .context("run nidctl cell replace-replica")?;
+    anyhow::ensure!(out.status.success(), "replace-replica failed: {}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    report["caught_up_seconds"].as_f64().context("no caught_up_seconds in nidctl's answer")
 }
 
 /// Seconds until `r` answers, knows a leader and has applied at least `target`.
@@ -288,41 +275,24 @@ async fn main() -> anyhow::Result<()> {
     println!("  serving after {restart:.1} s");
 
     // A replica that lost its data must not rejoin under its old node id: its peers remember a
-    // log it no longer has (Raft would refuse it, raft-rs by a panic). The replacement procedure
-    // (RUNBOOK, `nidctl cell replace-replica`): the replica starts empty under a new node id, the
-    // leader adds it as a learner, it catches up by snapshot, then the old id is removed and the
-    // new one promoted.
+    // log it no longer has (the engine stops such a replica). The replacement procedure (RUNBOOK):
+    // the replica starts empty under a new node id, and `nidctl cell replace-replica` has the
+    // leader add it as a learner, waits until it caught up (by snapshot), then removes the old id
+    // and promotes the new one.
     println!("== a follower's data directory wiped and the replica replaced under a new node id");
     let leader = leader_of(&replicas, Duration::from_secs(10)).await.context("the cell has no leader")?;
     let wiped = (leader + 2) % replicas.len();
     let metrics =
         cluster.info["cells"][0]["replicas"][wiped]["metrics"].as_str().unwrap_or_default().to_owned();
-    let (target, _) = applied(&replicas[leader]).await.context("the leader's status")?;
     replicas[wiped].kill9();
     let dir = data_dir(&replicas[wiped])?;
     std::fs::remove_dir_all(&dir).with_context(|| format!("wipe {}", dir.display()))?;
     let old_id = replicas[wiped].node_id;
     let new_id = replicas.iter().map(|r| r.node_id).max().unwrap_or(0) + 1;
-    let zone = cluster.info["cells"][0]["replicas"][wiped]["zone"].as_str().unwrap_or_default().to_owned();
-    let caught_up_started = Instant::now();
     replicas[wiped] = replicas[wiped].as_new_member(new_id);
     replicas[wiped].restart();
     let leader_address = replicas[leader].address.clone();
-    let member = |kind: Kind, node_id: u64| MembershipChange {
-        kind: kind as i32,
-        node_id,
-        address: replicas[wiped].address.clone(),
-        zone: zone.clone(),
-    };
-    change_membership(&leader_address, vec![member(Kind::AddLearner, new_id)]).await?;
-    until_applied(&replicas[wiped], target, Duration::from_secs(600)).await?;
-    let catch_up = caught_up_started.elapsed().as_secs_f64();
-    // Two single changes, as `nidctl cell replace-replica` makes them (a joint change would need
-    // the lost replica's old majority to be left).
-    let mut remove = member(Kind::Remove, old_id);
-    remove.address.clear();
-    change_membership(&leader_address, vec![remove]).await?;
-    change_membership(&leader_address, vec![member(Kind::AddVoter, new_id)]).await?;
+    let catch_up = replace_replica(cluster.dir.path(), old_id, new_id)?;
     let snapshots = counter(&metrics, "nid_raft_snapshots_total", "op=\"applied\"").await;
     let mut identical = false;
     for _ in 0..20 {
