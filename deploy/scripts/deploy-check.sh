@@ -68,6 +68,8 @@ step "rule hygiene, runbook, dashboard PromQL parse" "$py" "$deploy/scripts/chec
 step "dashboard JSON is fresh (generate.py --check)" "$py" "$deploy/monitoring/dashboards/generate.py" --check
 step "logging configs (structure)" "$py" "$deploy/scripts/check_logging.py"
 
+# create-secrets.sh issues certificates with the workspace's nidctl.
+nidctl="${NIDCTL:-${CARGO_TARGET_DIR:-$HOME/.cache/nid/target}/debug/nidctl}"
 if command -v kubectl >/dev/null && kubectl kustomize --help >/dev/null 2>&1; then
   for overlay in dev prod; do
     rendered="$out/k8s-$overlay.yaml"
@@ -75,6 +77,21 @@ if command -v kubectl >/dev/null && kubectl kustomize --help >/dev/null 2>&1; th
     step "kubernetes-validate --strict $K8S_VERSION overlays/$overlay" \
       kubernetes-validate --strict --quiet -k "$K8S_VERSION" "$rendered"
     step "structure test overlays/$overlay" "$py" "$deploy/k8s/tests/structure.py" "$rendered"
+    if [ -x "$nidctl" ]; then
+      # The Secrets create-secrets.sh prints for this overlay's cells: valid, rerun-stable, and
+      # holding every key the pods mount, each certificate naming the replica that mounts it.
+      cells="$(grep -c '^\[\[cells\]\]' "$deploy/k8s/overlays/$overlay/cluster.toml")"
+      secrets="$out/secrets-$overlay.yaml"
+      state="$out/secrets-state-$overlay"
+      step "create-secrets.sh ($overlay, $cells data cells) is valid and stable on rerun" sh -c \
+        "NIDCTL='$nidctl' bash '$deploy/k8s/create-secrets.sh' nid-$overlay '$cells' '$state' >'$secrets' 2>/dev/null \
+         && kubernetes-validate --strict --quiet -k '$K8S_VERSION' '$secrets' \
+         && NIDCTL='$nidctl' bash '$deploy/k8s/create-secrets.sh' nid-$overlay '$cells' '$state' 2>/dev/null | cmp - '$secrets'"
+      step "structure test overlays/$overlay against its Secrets" \
+        "$py" "$deploy/k8s/tests/structure.py" "$rendered" --secrets "$secrets"
+    else
+      echo "SKIP  !!! $nidctl is not built: create-secrets.sh and the Secrets the pods mount were NOT checked"
+    fi
   done
   step "kustomize render + validate deploy/monitoring" sh -c \
     "kubectl kustomize '$deploy/monitoring' >'$out/k8s-monitoring.yaml' && kubernetes-validate --strict --quiet -k '$K8S_VERSION' '$out/k8s-monitoring.yaml'"

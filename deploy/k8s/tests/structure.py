@@ -9,20 +9,30 @@ one PodDisruptionBudget per StatefulSet (maxUnavailable 1) and none selecting no
 headless peer Service with publishNotReadyAddresses; restricted security contexts, probes and
 resource requests; the HPA's target; placeholders filled; each cell's --peers names its own pods in
 distinct zones; ConfigMaps and Secrets referenced exist (or are the documented external Secrets);
-the cluster spec matches the rendered cells; and the NetworkPolicy reachability matrix, evaluated
-the way the API server defines it (isolation per direction, union of rules, namespace and pod
-selectors, named ports resolved on the destination pod) against the matrix nid needs.
+the cluster spec matches the rendered cells; mutual TLS everywhere (no --insecure, probes present
+the pod's own certificate and expect the right server role, each replica mounts only its own pair
+through subPathExpr, Secret files readable through fsGroup); and the NetworkPolicy reachability
+matrix, evaluated the way the API server defines it (isolation per direction, union of rules,
+namespace and pod selectors, named ports resolved on the destination pod) against the matrix nid
+needs.
+
+With --secrets FILE (what deploy/k8s/create-secrets.sh printed), every Secret and key the pods
+reference must be in it, and each certificate must name the identity its mount gives it.
 
 With --expect-fail, exits 0 only if some check fails and every TEXT appears in the failures (the
 broken fixtures under deploy/k8s/tests/fixtures use this).
 """
 import argparse
+import base64
+import re
 import sys
 import tomllib
 
 import yaml
 
-EXTERNAL_SECRETS = {"nid-cluster-secrets", "nid-router-secrets"}
+EXTERNAL_SECRETS = {"nid-cluster-secrets", "nid-router-secrets", "nid-tls-router", "nid-tls-init"}
+CELL_TLS_SECRET = re.compile(r"nid-tls-cell-[0-9]+")
+TLS_DIR = "/run/tls"
 GRPC, METRICS = 7000, 9100
 
 
@@ -57,8 +67,12 @@ def selects(selector, labels):
 
 
 class Checker:
-    def __init__(self, docs):
+    def __init__(self, docs, secrets=None):
         self.docs = [d for d in docs if d]
+        # name -> {key: bytes}, from create-secrets.sh's output (None: not given)
+        self.secrets = None if secrets is None else {
+            d["metadata"]["name"]: {k: base64.b64decode(v) for k, v in (d.get("data") or {}).items()}
+            for d in secrets if d and d.get("kind") == "Secret"}
         self.failures = []
         self.passed = 0
         ns = [d for d in self.docs if d["kind"] == "Namespace"]
@@ -135,6 +149,7 @@ class Checker:
         self.check_hpa()
         self.check_references()
         self.check_cluster_spec()
+        self.check_tls()
         self.check_network_policies()
 
     def check_workloads(self):
@@ -265,12 +280,23 @@ class Checker:
                 if "configMap" in v:
                     self.check(v["configMap"]["name"] in configmaps, f"{self.name(w)}: ConfigMap {v['configMap']['name']} is not rendered")
                 if "secret" in v:
-                    self.check(v["secret"]["secretName"] in secrets, f"{self.name(w)}: Secret {v['secret']['secretName']} is unknown")
+                    known = v["secret"]["secretName"] in secrets or CELL_TLS_SECRET.fullmatch(v["secret"]["secretName"])
+                    self.check(bool(known), f"{self.name(w)}: Secret {v['secret']['secretName']} is unknown")
+                    self.check_secret_keys(w, v["secret"]["secretName"], [i["key"] for i in v["secret"].get("items", [])])
             for c in spec["containers"]:
                 for e in c.get("env", []):
                     ref = e.get("valueFrom", {}).get("secretKeyRef")
                     if ref:
                         self.check(ref["name"] in secrets, f"{self.name(w)}: Secret {ref['name']} is unknown")
+                        self.check_secret_keys(w, ref["name"], [ref["key"]])
+
+    def check_secret_keys(self, w, name, keys):
+        """With --secrets: the Secret was printed and holds the keys the pod takes from it."""
+        if self.secrets is None:
+            return
+        self.check(name in self.secrets, f"{self.name(w)}: Secret {name} is not among those create-secrets.sh printed")
+        for k in keys:
+            self.check(k in self.secrets.get(name, {}), f"{self.name(w)}: Secret {name} has no key {k}")
 
     def check_cluster_spec(self):
         specs = [c for c in self.kind("ConfigMap") if c["metadata"]["name"].startswith("cluster-spec")]
@@ -293,6 +319,101 @@ class Checker:
             for r in c["replicas"]:
                 self.check(peers.get(str(r["node_id"])) == f"{r['address']}@{r['zone']}",
                            f"cluster spec: cell {cid} node {r['node_id']} {r['address']}@{r['zone']} differs from the cell's --peers")
+
+    # ---- mutual TLS ----
+    def role_of(self, w):
+        labels = w["spec"]["template"]["metadata"].get("labels", {})
+        return "control" if labels.get("nid.example/role") == "control" else labels.get("app.kubernetes.io/component")
+
+    def check_tls(self):
+        for w in self.workloads():
+            n, spec, role = self.name(w), self.pod_spec(w), self.role_of(w)
+            psc = spec.get("securityContext", {})
+            volumes = {v["name"]: v for v in spec.get("volumes", [])}
+            if any("secret" in v for v in volumes.values()) and psc.get("runAsUser", 0) != 0:
+                # Secret files are root-owned; 0400 without fsGroup is unreadable to the process.
+                self.check(psc.get("fsGroup") is not None,
+                           f"{n}: mounts Secrets as non-root user {psc.get('runAsUser')} without fsGroup (the files would be unreadable)")
+            for c in spec["containers"]:
+                cn = f"{n} container {c['name']}"
+                args = c.get("args", [])
+                flat = " ".join(args)
+                self.check("--insecure" not in args, f"{cn}: runs --insecure (plaintext, every caller accepted)")
+                self.check(re.search(r"--tls-dir[= ]/run/tls\b", flat) is not None, f"{cn}: no --tls-dir {TLS_DIR}")
+                mounts = [m for m in c.get("volumeMounts", []) if m["mountPath"] == TLS_DIR]
+                self.check(len(mounts) == 1, f"{cn}: nothing mounted at {TLS_DIR}")
+                for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                    cmd = c.get(probe, {}).get("exec", {}).get("command")
+                    if not cmd or "probe" not in cmd:
+                        continue
+                    want = {"cell": "cell", "control": "control", "router": "router"}.get(role)
+                    server = cmd[cmd.index("--server") + 1] if "--server" in cmd[:-1] else "router"
+                    self.check(server == want, f"{cn}: {probe} expects a {server} server, the pod is a {want}")
+                    self.check("--tls-dir" in cmd[:-1] and cmd[cmd.index("--tls-dir") + 1] == TLS_DIR,
+                               f"{cn}: {probe} does not present the pod's certificate (--tls-dir {TLS_DIR})")
+                for m in mounts:
+                    v = volumes.get(m["name"], {})
+                    secret = v.get("secret", {})
+                    if role in ("cell", "control"):
+                        self.check_replica_tls(w, c, m, secret)
+                    else:
+                        want = {"router": ("nid-tls-router", "router"), "admin": ("nid-tls-init", "admin")}.get(role)
+                        self.check(want is not None and secret.get("secretName") == want[0],
+                                   f"{cn}: {TLS_DIR} is not the Secret {want and want[0]}")
+                        if want:
+                            self.check_secret_certs(cn, want[0], {f"{want[1]}.pem": want[1]}, [f"{want[1]}.key"])
+            if role == "control":
+                args = spec["containers"][0].get("args", [])
+                token = [a.split("=", 1)[1] for a in args if a.startswith("--admin-token-file=")]
+                mounted = [m for m in spec["containers"][0].get("volumeMounts", []) if token and token[0].startswith(m["mountPath"] + "/")]
+                self.check(bool(token) and bool(mounted),
+                           f"{n}: a control replica needs --admin-token-file from a mounted Secret (routers forward admin writes)")
+
+    def check_replica_tls(self, sts, c, mount, secret):
+        """One pair per replica: the cell's Secret, subPathExpr by ordinal, each ordinal's directory
+        holding the CA and that ordinal's pair under the names --tls-cert/--tls-key give."""
+        n = self.name(sts)
+        env = {e["name"]: e for e in c.get("env", [])}
+        cell = (env.get("NID_CELL_ID") or {}).get("value")
+        self.check(secret.get("secretName") == f"nid-tls-cell-{cell}", f"{n}: {TLS_DIR} is {secret.get('secretName')}, not nid-tls-cell-{cell}")
+        index = env.get("NID_POD_INDEX", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        self.check(mount.get("subPathExpr") == "$(NID_POD_INDEX)" and index == "metadata.labels['apps.kubernetes.io/pod-index']",
+                   f"{n}: {TLS_DIR} is not the replica's own directory (subPathExpr $(NID_POD_INDEX) from the pod-index label): "
+                   "every replica would see its siblings' keys")
+        args = dict(a.split("=", 1) for a in c.get("args", []) if "=" in a)
+        cert = args.get("--tls-cert", "")
+        key = args.get("--tls-key", "")
+        self.check(cert.startswith(TLS_DIR + "/") and key.startswith(TLS_DIR + "/"), f"{n}: --tls-cert/--tls-key are not in {TLS_DIR}")
+        items = {(i["path"]): i["key"] for i in secret.get("items", [])}
+        names, keys = {}, []
+        for ordinal in range(sts["spec"].get("replicas", 1)):
+            want = {f"{ordinal}/ca.pem": "ca.pem", f"{ordinal}/{cert[len(TLS_DIR) + 1:]}": f"{ordinal}.pem",
+                    f"{ordinal}/{key[len(TLS_DIR) + 1:]}": f"{ordinal}.key"}
+            got = {p: k for p, k in items.items() if p.startswith(f"{ordinal}/")}
+            self.check(got == want, f"{n}: ordinal {ordinal}'s directory holds {got}, not {want}")
+            node = ordinal + 1
+            names[f"{ordinal}.pem"] = f"control-{node}" if cell == "0" else f"cell-{cell}-{node}"
+            keys.append(f"{ordinal}.key")
+        self.check(set(items) <= {p for o in range(sts["spec"].get("replicas", 1)) for p in items if p.startswith(f"{o}/")},
+                   f"{n}: the TLS Secret's items land outside the ordinals' directories")
+        self.check_secret_certs(n, secret.get("secretName"), names, keys)
+
+    def check_secret_certs(self, who, secret, names, keys):
+        """With --secrets: the Secret exists, holds the keys, and each certificate names its holder."""
+        if self.secrets is None:
+            return
+        data = self.secrets.get(secret)
+        self.check(data is not None, f"{who}: Secret {secret} is not among those create-secrets.sh printed")
+        if data is None:
+            return
+        for k in ["ca.pem", *names, *keys]:
+            self.check(k in data, f"{who}: Secret {secret} has no key {k}")
+        for k, holder in names.items():
+            if k in data:
+                sans = dns_sans(data[k])
+                self.check(holder in sans, f"{who}: Secret {secret} key {k} names {sans}, not {holder}")
+        cas = {bytes(d["ca.pem"]) for name, d in self.secrets.items() if name.startswith("nid-tls-") and "ca.pem" in d}
+        self.check(len(cas) == 1, f"the TLS Secrets carry {len(cas)} different CAs, not one")
 
     # ---- NetworkPolicies ----
     def policies(self):
@@ -393,13 +514,49 @@ class Checker:
                                             f"{'allowed' if want else 'denied'}, got {'allowed' if got else 'denied'}")
 
 
+def der(buf, at):
+    """(tag, start of contents, end of contents) of the DER element at `at`."""
+    tag, length, at = buf[at], buf[at + 1], at + 2
+    if length & 0x80:
+        n = length & 0x7F
+        length, at = int.from_bytes(buf[at:at + n], "big"), at + n
+    return tag, at, at + length
+
+
+def dns_sans(pem):
+    """The DNS names in a PEM certificate's subjectAltName extension (no crypto library needed)."""
+    body = b"".join(l for l in pem.strip().splitlines() if not l.startswith(b"-----"))
+    cert = base64.b64decode(body)
+    oid = bytes([0x06, 0x03, 0x55, 0x1D, 0x11])  # 2.5.29.17
+    at = cert.find(oid)
+    if at < 0:
+        return []
+    at += len(oid)
+    if cert[at] == 0x01:  # critical flag
+        at = der(cert, at)[2]
+    _, start, _ = der(cert, at)  # OCTET STRING
+    _, at, end = der(cert, start)  # SEQUENCE OF GeneralName
+    names = []
+    while at < end:
+        tag, s, e = der(cert, at)
+        if tag == 0x82:
+            names.append(cert[s:e].decode())
+        at = e
+    return names
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("rendered")
+    ap.add_argument("--secrets", help="the Secrets create-secrets.sh printed for this overlay")
     ap.add_argument("--expect-fail", nargs="*", default=None)
     args = ap.parse_args()
+    secrets = None
+    if args.secrets:
+        with open(args.secrets) as f:
+            secrets = list(yaml.safe_load_all(f))
     with open(args.rendered) as f:
-        checker = Checker(list(yaml.safe_load_all(f)))
+        checker = Checker(list(yaml.safe_load_all(f)), secrets)
     checker.run()
     label = args.rendered
     if args.expect_fail is not None:
