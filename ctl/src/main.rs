@@ -202,6 +202,16 @@ enum CertCommand {
         #[arg(long, default_value_t = 90)]
         days: u64,
     },
+    /// Copy `ca.pem` and the one certificate pair of FROM into TO (key 0400), after checking
+    /// that the pair is valid now and issued by that CA (a Kubernetes init container's step).
+    Install {
+        /// The directory holding ca.pem and one NAME.pem/NAME.key.
+        #[arg(long)]
+        from: PathBuf,
+        /// Where to put them.
+        #[arg(long)]
+        to: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -346,6 +356,12 @@ fn main() -> ExitCode {
         }
         Command::Cert { command: CertCommand::Issue { name, dir, days } } => {
             nid_support::pki::issue(&dir, &name, days).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Cert { command: CertCommand::Install { from, to } } => {
+            tls::install(&from, &to).map(|name| {
+                println!("installed {name} and the CA from {} into {}", from.display(), to.display());
+                ExitCode::SUCCESS
+            })
         }
         Command::Completion { shell } => {
             use clap::CommandFactory as _;

@@ -8,25 +8,38 @@
 #   nid-tls-router        ca.pem, router.pem/.key (every router presents the one `router` identity)
 #   nid-tls-init          ca.pem, admin.pem/.key (the cluster-init Job)
 #
-#   deploy/k8s/create-secrets.sh NAMESPACE DATA_CELLS [STATE_DIR] | kubectl apply -f -
-#   deploy/k8s/create-secrets.sh nid 3 | kubectl apply -f -        # the prod overlay (cells 0..3)
+#   deploy/k8s/create-secrets.sh NAMESPACE DATA_CELLS STATE_DIR [--new] | kubectl apply -f -
+#   deploy/k8s/create-secrets.sh nid 3 ~/nid-secrets --new | kubectl apply -f -   # a new cluster
+#   deploy/k8s/create-secrets.sh nid 4 ~/nid-secrets | kubectl apply -f -         # cell 4 added
 #
-# Everything is generated once into STATE_DIR (default ./nid-secrets-NAMESPACE, 0700) and reused
-# on every later run: run it again with more cells after adding one and only the new cell's
-# certificates are issued. The keys never change for the life of the cluster's data, so keep
-# STATE_DIR in your secret manager and never in git. STATE_DIR/tls/ca holds the CA's private key;
+# Everything is generated once into STATE_DIR (0700) and reused on every later run: run it again
+# with more cells after adding one and only the new cell's certificates are issued. The keyring,
+# seed, keys and CA are created only with --new, so a run pointed at the wrong directory fails
+# instead of printing fresh ones over a running cluster's. They never change for the life of the
+# cluster's data: keep STATE_DIR in your secret manager and never in git. STATE_DIR/tls/ca holds
+# the CA's private key (needed only to issue; a run that issues nothing works without it);
 # STATE_DIR/tls/clients holds ca.pem and an admin pair for nidctl
 # (`nidctl --tls-dir STATE_DIR/tls/clients ...`). Certificates are valid 397 days.
 #
 # Certificates come from `nidctl cert` ($NIDCTL, else nidctl on the PATH, else the workspace build).
 set -euo pipefail
-usage="usage: $0 NAMESPACE DATA_CELLS [STATE_DIR]"
+usage="usage: $0 NAMESPACE DATA_CELLS STATE_DIR [--new]"
 namespace="${1:?$usage}"
 cells="${2:?$usage}"
-state="${3:-./nid-secrets-$namespace}"
+state="${3:?$usage}"
+new=0
+case "${4:-}" in
+  --new) new=1 ;;
+  '') ;;
+  *) echo "create-secrets.sh: unknown argument ${4} ($usage)" >&2; exit 2 ;;
+esac
 case "$cells" in
   '' | *[!0-9]*) echo "create-secrets.sh: DATA_CELLS must be a number ($usage)" >&2; exit 2 ;;
 esac
+fail() { echo "create-secrets.sh: $*" >&2; exit 1; }
+if [ "$new" = 0 ] && [ ! -e "$state/keyring" ]; then
+  fail "$state holds no keyring: give --new to create a new cluster's secrets (never for a running cluster's namespace)"
+fi
 
 nidctl="${NIDCTL:-$(command -v nidctl || echo "$HOME/.cache/nid/target/debug/nidctl")}"
 if [ ! -x "$nidctl" ]; then
@@ -36,8 +49,10 @@ fi
 
 (umask 077 && mkdir -p "$state/tls/ca" "$state/tls/clients")
 hex32() { od -An -tx1 -N32 /dev/urandom | tr -d ' \n'; }
-keep() { # NAME CONTENT: written once, never replaced
-  [ -e "$state/$1" ] || (umask 077 && printf '%s\n' "$2" >"$state/$1")
+keep() { # NAME CONTENT: written once (with --new), never replaced
+  [ -e "$state/$1" ] && return 0
+  [ "$new" = 1 ] || fail "$state/$1 is missing (the other files are there): restore it from your secret manager"
+  (umask 077 && printf '%s\n' "$2" >"$state/$1")
 }
 keep keyring "1:$(hex32)"
 keep id-scheme-seed "$(hex32)"
@@ -45,19 +60,30 @@ keep partner.key "$(hex32)"
 keep admin.token "$(hex32)"
 
 ca="$state/tls/ca"
-"$nidctl" cert init-ca --dir "$ca" >/dev/null
-issue() { # NAME: once
-  [ -e "$ca/$1.pem" ] || "$nidctl" cert issue --dir "$ca" --days 397 "$1" >/dev/null
+if [ ! -e "$ca/ca.pem" ]; then
+  [ "$new" = 1 ] || fail "$ca/ca.pem is missing: restore the CA from your secret manager"
+  "$nidctl" cert init-ca --dir "$ca" >/dev/null
+fi
+issue() { # NAME: once, with the CA's key
+  [ -e "$ca/$1.pem" ] && return 0
+  [ -e "$ca/ca.key" ] || fail "$1 needs a certificate and $ca/ca.key is not here: put the CA key back to issue it"
+  "$nidctl" cert issue --dir "$ca" --days 397 "$1" >/dev/null
 }
-b64() { base64 -w0 <"$1"; }
 
 secret() { # NAME, then lines "KEY FILE" on stdin
   printf -- '---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: %s\n  namespace: %s\ntype: Opaque\ndata:\n' "$1" "$namespace"
-  local key file
+  local key file value
   while read -r key file; do
-    printf '  %s: %s\n' "$key" "$(b64 "$file")"
+    value="$(base64 -w0 <"$file")" || fail "cannot read $file"
+    printf '  %s: %s\n' "$key" "$value"
   done
 }
+
+# Everything is written to a temporary file and printed only when complete: a failure half-way
+# must not hand `kubectl apply` half of the Secrets.
+out="$(mktemp)"
+trap 'rm -f "$out"' EXIT
+exec 3>&1 >"$out"
 
 secret nid-cluster-secrets <<EOF
 keyring $state/keyring
@@ -92,4 +118,6 @@ admin.pem $ca/admin.pem
 admin.key $ca/admin.key
 EOF
 (umask 077 && cp -f "$ca/ca.pem" "$ca/admin.pem" "$ca/admin.key" "$state/tls/clients/")
+exec >&3
+cat "$out"
 echo "create-secrets.sh: state in $state (keep it secret; nidctl --tls-dir $state/tls/clients)" >&2

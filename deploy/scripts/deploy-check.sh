@@ -84,7 +84,7 @@ if command -v kubectl >/dev/null && kubectl kustomize --help >/dev/null 2>&1; th
       secrets="$out/secrets-$overlay.yaml"
       state="$out/secrets-state-$overlay"
       step "create-secrets.sh ($overlay, $cells data cells) is valid and stable on rerun" sh -c \
-        "NIDCTL='$nidctl' bash '$deploy/k8s/create-secrets.sh' nid-$overlay '$cells' '$state' >'$secrets' 2>/dev/null \
+        "NIDCTL='$nidctl' bash '$deploy/k8s/create-secrets.sh' nid-$overlay '$cells' '$state' --new >'$secrets' 2>/dev/null \
          && kubernetes-validate --strict --quiet -k '$K8S_VERSION' '$secrets' \
          && NIDCTL='$nidctl' bash '$deploy/k8s/create-secrets.sh' nid-$overlay '$cells' '$state' 2>/dev/null | cmp - '$secrets'"
       step "structure test overlays/$overlay against its Secrets" \

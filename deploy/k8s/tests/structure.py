@@ -168,7 +168,7 @@ class Checker:
             self.check(psc.get("runAsNonRoot") is True, f"{n}: pod securityContext.runAsNonRoot is not true")
             self.check(psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{n}: seccompProfile is not RuntimeDefault")
             self.check(spec.get("automountServiceAccountToken") is False, f"{n}: mounts a service account token it does not need")
-            for c in spec["containers"]:
+            for c in spec["containers"] + spec.get("initContainers", []):
                 cn = f"{n} container {c['name']}"
                 sc = c.get("securityContext", {})
                 self.check(sc.get("readOnlyRootFilesystem") is True, f"{cn}: root filesystem is writable")
@@ -178,12 +178,13 @@ class Checker:
                 self.check("cpu" in req and "memory" in req, f"{cn}: no cpu and memory requests")
                 self.check("memory" in c.get("resources", {}).get("limits", {}), f"{cn}: no memory limit")
                 self.check(":" in c["image"] and not c["image"].endswith(":latest"), f"{cn}: image {c['image']} has no pinned tag")
-                if w["kind"] != "Job":
+                if w["kind"] != "Job" and c in spec["containers"]:
                     self.check("livenessProbe" in c and "readinessProbe" in c, f"{cn}: liveness or readiness probe missing")
                 for e in c.get("env", []):
                     self.check(e.get("value") != "unset", f"{cn}: env {e['name']} is still the base's placeholder")
                 args = " ".join(c.get("args", []))
-                self.check("--log-format=json" in args or w["kind"] == "Job", f"{cn}: not logging JSON (--log-format=json)")
+                self.check("--log-format=json" in args or w["kind"] == "Job" or c not in spec["containers"],
+                           f"{cn}: not logging JSON (--log-format=json)")
 
     def pods_of(self, w):
         return [p for p in self.pods() if p.workload is w]
@@ -283,7 +284,17 @@ class Checker:
                     known = v["secret"]["secretName"] in secrets or CELL_TLS_SECRET.fullmatch(v["secret"]["secretName"])
                     self.check(bool(known), f"{self.name(w)}: Secret {v['secret']['secretName']} is unknown")
                     self.check_secret_keys(w, v["secret"]["secretName"], [i["key"] for i in v["secret"].get("items", [])])
-            for c in spec["containers"]:
+            vols = {v["name"]: v for v in spec.get("volumes", [])}
+            for c in spec["containers"] + spec.get("initContainers", []):
+                # A file a flag names inside a whole-Secret mount is a key of that Secret.
+                for m in c.get("volumeMounts", []):
+                    secret = vols.get(m["name"], {}).get("secret")
+                    if not secret or secret.get("items"):
+                        continue
+                    for a in c.get("args", []):
+                        path = a.split("=", 1)[-1]
+                        if path.startswith(m["mountPath"] + "/") and "$(" not in path:
+                            self.check_secret_keys(w, secret["secretName"], [path[len(m["mountPath"]) + 1:]])
                 for e in c.get("env", []):
                     ref = e.get("valueFrom", {}).get("secretKeyRef")
                     if ref:
@@ -332,24 +343,29 @@ class Checker:
             volumes = {v["name"]: v for v in spec.get("volumes", [])}
             if any("secret" in v for v in volumes.values()) and psc.get("runAsUser", 0) != 0:
                 # Secret files are root-owned; 0400 without fsGroup is unreadable to the process.
-                self.check(psc.get("fsGroup") is not None,
-                           f"{n}: mounts Secrets as non-root user {psc.get('runAsUser')} without fsGroup (the files would be unreadable)")
+                self.check(psc.get("fsGroup") is not None and psc.get("fsGroup") == psc.get("runAsGroup"),
+                           f"{n}: mounts Secrets as non-root user {psc.get('runAsUser')} without fsGroup = runAsGroup (the files would be unreadable)")
             for c in spec["containers"]:
                 cn = f"{n} container {c['name']}"
                 args = c.get("args", [])
                 flat = " ".join(args)
                 self.check("--insecure" not in args, f"{cn}: runs --insecure (plaintext, every caller accepted)")
-                self.check(re.search(r"--tls-dir[= ]/run/tls\b", flat) is not None, f"{cn}: no --tls-dir {TLS_DIR}")
+                self.check(re.search(r"--tls-dir[= ]/run/tls(\s|$)", flat) is not None, f"{cn}: no --tls-dir {TLS_DIR}")
                 mounts = [m for m in c.get("volumeMounts", []) if m["mountPath"] == TLS_DIR]
                 self.check(len(mounts) == 1, f"{cn}: nothing mounted at {TLS_DIR}")
                 for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-                    cmd = c.get(probe, {}).get("exec", {}).get("command")
-                    if not cmd or "probe" not in cmd:
+                    if probe not in c:
+                        continue
+                    cmd = c[probe].get("exec", {}).get("command") or []
+                    self.check("probe" in cmd, f"{cn}: {probe} is not an exec of nidctl probe (the kubelet's own probes speak plaintext)")
+                    if "probe" not in cmd:
                         continue
                     want = {"cell": "cell", "control": "control", "router": "router"}.get(role)
-                    server = cmd[cmd.index("--server") + 1] if "--server" in cmd[:-1] else "router"
+                    opts = dict(a.split("=", 1) for a in cmd if a.startswith("--") and "=" in a)
+                    opts.update({a: b for a, b in zip(cmd, cmd[1:]) if a.startswith("--") and "=" not in a})
+                    server = opts.get("--server", "router")
                     self.check(server == want, f"{cn}: {probe} expects a {server} server, the pod is a {want}")
-                    self.check("--tls-dir" in cmd[:-1] and cmd[cmd.index("--tls-dir") + 1] == TLS_DIR,
+                    self.check(opts.get("--tls-dir") == TLS_DIR,
                                f"{cn}: {probe} does not present the pod's certificate (--tls-dir {TLS_DIR})")
                 for m in mounts:
                     v = volumes.get(m["name"], {})
@@ -369,34 +385,54 @@ class Checker:
                 self.check(bool(token) and bool(mounted),
                            f"{n}: a control replica needs --admin-token-file from a mounted Secret (routers forward admin writes)")
 
-    def check_replica_tls(self, sts, c, mount, secret):
-        """One pair per replica: the cell's Secret, subPathExpr by ordinal, each ordinal's directory
-        holding the CA and that ordinal's pair under the names --tls-cert/--tls-key give."""
+    def check_replica_tls(self, sts, c, mount, _):
+        """One pair per replica: the cell process sees only an in-memory /run/tls, filled by an init
+        container from its ordinal's directory of the cell's Secret, under the names
+        --tls-cert/--tls-key give; the cell container never mounts the Secret itself."""
         n = self.name(sts)
+        spec = self.pod_spec(sts)
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
         env = {e["name"]: e for e in c.get("env", [])}
         cell = (env.get("NID_CELL_ID") or {}).get("value")
-        self.check(secret.get("secretName") == f"nid-tls-cell-{cell}", f"{n}: {TLS_DIR} is {secret.get('secretName')}, not nid-tls-cell-{cell}")
-        index = env.get("NID_POD_INDEX", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
-        self.check(mount.get("subPathExpr") == "$(NID_POD_INDEX)" and index == "metadata.labels['apps.kubernetes.io/pod-index']",
-                   f"{n}: {TLS_DIR} is not the replica's own directory (subPathExpr $(NID_POD_INDEX) from the pod-index label): "
-                   "every replica would see its siblings' keys")
+        want_secret = f"nid-tls-cell-{cell}"
+        self.check(volumes.get(mount["name"], {}).get("emptyDir", {}).get("medium") == "Memory",
+                   f"{n}: {TLS_DIR} is not an in-memory emptyDir filled by the tls init container")
+        cell_secret = [v["name"] for v in volumes.values() if CELL_TLS_SECRET.fullmatch(v.get("secret", {}).get("secretName", ""))]
+        for cc in spec["containers"]:
+            mounted = [m["name"] for m in cc.get("volumeMounts", []) if m["name"] in cell_secret]
+            self.check(not mounted, f"{n} container {cc['name']}: mounts the cell's TLS Secret ({mounted}): "
+                                    "the replica process could read its siblings' keys")
         args = dict(a.split("=", 1) for a in c.get("args", []) if "=" in a)
         cert = args.get("--tls-cert", "")
         key = args.get("--tls-key", "")
         self.check(cert.startswith(TLS_DIR + "/") and key.startswith(TLS_DIR + "/"), f"{n}: --tls-cert/--tls-key are not in {TLS_DIR}")
-        items = {(i["path"]): i["key"] for i in secret.get("items", [])}
-        names, keys = {}, []
-        for ordinal in range(sts["spec"].get("replicas", 1)):
-            want = {f"{ordinal}/ca.pem": "ca.pem", f"{ordinal}/{cert[len(TLS_DIR) + 1:]}": f"{ordinal}.pem",
-                    f"{ordinal}/{key[len(TLS_DIR) + 1:]}": f"{ordinal}.key"}
-            got = {p: k for p, k in items.items() if p.startswith(f"{ordinal}/")}
-            self.check(got == want, f"{n}: ordinal {ordinal}'s directory holds {got}, not {want}")
-            node = ordinal + 1
-            names[f"{ordinal}.pem"] = f"control-{node}" if cell == "0" else f"cell-{cell}-{node}"
-            keys.append(f"{ordinal}.key")
-        self.check(set(items) <= {p for o in range(sts["spec"].get("replicas", 1)) for p in items if p.startswith(f"{o}/")},
-                   f"{n}: the TLS Secret's items land outside the ordinals' directories")
-        self.check_secret_certs(n, secret.get("secretName"), names, keys)
+        installers = [i for i in spec.get("initContainers", []) if "install" in i.get("args", [])]
+        self.check(len(installers) == 1, f"{n}: no init container running `nidctl cert install` into {TLS_DIR}")
+        for i in installers:
+            iargs = dict(a.split("=", 1) for a in i.get("args", []) if "=" in a)
+            ienv = {e["name"]: e for e in i.get("env", [])}
+            index = ienv.get("NID_POD_INDEX", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+            mounts = {m["mountPath"]: m["name"] for m in i.get("volumeMounts", [])}
+            src = [p for p in mounts if iargs.get("--from", "") == f"{p}/$(NID_POD_INDEX)"]
+            self.check(bool(src) and index == "metadata.labels['apps.kubernetes.io/pod-index']",
+                       f"{n}: the tls init container does not copy from its ordinal's directory ($(NID_POD_INDEX) from the pod-index label)")
+            self.check(mounts.get(iargs.get("--to")) == mount["name"], f"{n}: the tls init container does not fill the cell's {TLS_DIR}")
+            secret = volumes.get(mounts.get(src[0]) if src else None, {}).get("secret", {})
+            self.check(secret.get("secretName") == want_secret, f"{n}: the tls init container reads {secret.get('secretName')}, not {want_secret}")
+            items = {it["path"]: it["key"] for it in secret.get("items", [])}
+            replicas = sts["spec"].get("replicas", 1)
+            names, keys = {}, []
+            for ordinal in range(replicas):
+                want = {f"{ordinal}/ca.pem": "ca.pem", f"{ordinal}/{cert[len(TLS_DIR) + 1:]}": f"{ordinal}.pem",
+                        f"{ordinal}/{key[len(TLS_DIR) + 1:]}": f"{ordinal}.key"}
+                got = {p: k for p, k in items.items() if p.startswith(f"{ordinal}/")}
+                self.check(got == want, f"{n}: ordinal {ordinal}'s directory holds {got}, not {want}")
+                node = ordinal + 1
+                names[f"{ordinal}.pem"] = f"control-{node}" if cell == "0" else f"cell-{cell}-{node}"
+                keys.append(f"{ordinal}.key")
+            self.check(all(any(p.startswith(f"{o}/") for o in range(replicas)) for p in items),
+                       f"{n}: the TLS Secret's items land outside the ordinals' directories")
+            self.check_secret_certs(n, want_secret, names, keys)
 
     def check_secret_certs(self, who, secret, names, keys):
         """With --secrets: the Secret exists, holds the keys, and each certificate names its holder."""
