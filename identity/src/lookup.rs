@@ -2,7 +2,7 @@
 //! of a UIN or of a VID) resolves to the UIN's hash (a VID through its index), and the identity's
 //! profile, hot state and cold record are each opened only when needed.
 
-use crate::store::{ReadError, read};
+use crate::store::{ReadError, open, read};
 use nid_domain::commands::TargetKind;
 use nid_domain::keyring::Keyring;
 use nid_domain::keys::{self, Table, UIN_DOMAIN, VID_DOMAIN};
@@ -20,6 +20,9 @@ pub struct Found {
     pub uin: Option<String>,
     /// The VID's keyed hash, when the target was a VID.
     pub via_vid: Option<[u8; 32]>,
+    /// The sealed profile, when resolving read it (a UIN target): [`profile_of`] opens it instead
+    /// of reading the same key again.
+    pub sealed_profile: Option<Vec<u8>>,
 }
 
 /// Resolves a target. None when no identity has it.
@@ -32,8 +35,8 @@ pub fn resolve(
 ) -> Result<Option<Found>, ReadError> {
     match kind {
         TargetKind::Uin => {
-            let exists = store.get(&keys::hashed(bucket, Table::Profile, target))?.is_some();
-            Ok(exists.then_some(Found { uin_hash: *target, uin: None, via_vid: None }))
+            let sealed = store.get(&keys::hashed(bucket, Table::Profile, target))?;
+            Ok(sealed.map(|s| Found { uin_hash: *target, uin: None, via_vid: None, sealed_profile: Some(s) }))
         }
         TargetKind::Vid => {
             let key = keys::hashed(bucket, Table::Vid, target);
@@ -41,7 +44,7 @@ pub fn resolve(
                 return Ok(None);
             };
             let uin_hash = keyring.index_hash(UIN_DOMAIN, index.uin.as_bytes());
-            Ok(Some(Found { uin_hash, uin: Some(index.uin), via_vid: Some(*target) }))
+            Ok(Some(Found { uin_hash, uin: Some(index.uin), via_vid: Some(*target), sealed_profile: None }))
         }
         TargetKind::Unspecified => Ok(None),
     }
@@ -80,6 +83,23 @@ pub fn profile(
 ) -> Result<Option<AuthProfile>, ReadError> {
     let key = profile_key(bucket, uin_hash);
     read(store, keyring, &key, &key, "auth profile")
+}
+
+/// Loads the profile of an identity `found` by [`resolve`], opening what resolving read when it
+/// read it.
+pub fn profile_of(
+    store: &dyn KvRead,
+    keyring: &Keyring,
+    bucket: BucketId,
+    found: &Found,
+) -> Result<Option<AuthProfile>, ReadError> {
+    match &found.sealed_profile {
+        Some(sealed) => {
+            let key = profile_key(bucket, &found.uin_hash);
+            open(keyring, &key, sealed, "auth profile").map(Some)
+        }
+        None => profile(store, keyring, bucket, &found.uin_hash),
+    }
 }
 
 /// Loads an identity's hot state (the default when it has none yet).

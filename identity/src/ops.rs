@@ -162,7 +162,7 @@ fn apply_to(
 ) -> OpResult {
     let Stamp { now, actor } = stamp;
     let uin_hash = found.uin_hash;
-    let Some(mut profile) = lookup::profile(&*ctx, keyring, bucket, &uin_hash)? else {
+    let Some(mut profile) = lookup::profile_of(&*ctx, keyring, bucket, &found)? else {
         return Ok(Err(Rejection::NotFound.into()));
     };
     let before = profile.version;

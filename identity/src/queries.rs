@@ -37,7 +37,7 @@ pub fn identity(
     let (kind, hash) = target(keyring, id);
     let bucket = id.bucket();
     let Some(found) = lookup::resolve(view, keyring, bucket, kind, &hash)? else { return Ok(None) };
-    let Some(profile) = lookup::profile(view, keyring, bucket, &found.uin_hash)? else { return Ok(None) };
+    let Some(profile) = lookup::profile_of(view, keyring, bucket, &found)? else { return Ok(None) };
     let state = lookup::state(view, keyring, bucket, &found.uin_hash)?;
     if let Some(vid_hash) = &found.via_vid {
         let usable = lookup::vid_entry(keyring, &profile, vid_hash)
