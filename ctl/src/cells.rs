@@ -1,7 +1,8 @@
 //! `nidctl cell add|drain|remove` and `nidctl rebalance plan|status|pause|resume|rate|parallel`:
 //! growing and shrinking the cluster through the router's Admin service (the control cell's
 //! leader moves the buckets). `nidctl cell replace-replica`: a replica that lost its data comes
-//! back under a new node id, through the cell leader's membership changes.
+//! back under a new node id, through the cell leader's membership changes, and the control cell's
+//! registry is updated to the cell's new members.
 
 use crate::Output;
 use crate::credentials::with_bearer;
@@ -12,6 +13,7 @@ use nid_proto::v1::{
     AddCellRequest, CellInfo, CellState, ChangeMembershipRequest, DrainCellRequest, GetCellStatusRequest,
     GetClusterStatusRequest, GetRebalanceStatusRequest, GetRebalanceStatusResponse, MembershipChange,
     Migration, MigrationPhase, RemoveCellRequest, ReplicaInfo, SetRebalanceRequest,
+    UpdateCellReplicasRequest,
 };
 use std::io::IsTerminal as _;
 use std::path::Path;
@@ -47,7 +49,8 @@ pub enum CellCommand {
     },
     /// Replace a data-cell replica that lost its data (or moves to a new disk) by one started
     /// empty under a new node id: the cell's leader adds it as a learner, it catches up (by
-    /// snapshot), then the old id is removed and the new one made a voter. Start the new
+    /// snapshot), then the old id is removed and the new one made a voter, and the control
+    /// cell's registry records the cell's new members. Start the new
     /// replica first, with `--peers` listing the cell's members and not itself. Run it while the
     /// cell's other replicas are healthy. Never restart a wiped replica under its old id.
     ReplaceReplica {
@@ -59,8 +62,8 @@ pub enum CellCommand {
         /// The new replica's node id (never used before in this cell).
         #[arg(long)]
         new_node: u64,
-        /// The new replica's address (default: the old one's). Keep the old one where you can:
-        /// the control cell's registry keeps listing it for the cell.
+        /// The new replica's address (default: the old one's). The control cell's registry is
+        /// updated to it once the replacement is done.
         #[arg(long)]
         address: Option<String>,
         /// The new replica's zone (default: the old one's).
@@ -167,9 +170,15 @@ pub async fn cell(
                 anyhow::bail!("no data cell {cell_id} in the cluster status");
             };
             // A typo must not make a live voter "the replacement": the new id is one the cell's
-            // registered replicas never had.
+            // registered replicas never had, unless the registry already records this very
+            // replacement (a run again after it finished).
             let registered = cell.cell.as_ref().map(|i| i.replicas.as_slice()).unwrap_or_default();
-            if new_node == node || registered.iter().any(|r| r.node_id == new_node) {
+            let lists = |id: u64| registered.iter().any(|r| r.node_id == id);
+            if lists(new_node) && !lists(node) && new_node != node {
+                println!("cell {cell_id}: node {new_node} already replaced node {node}; nothing to do");
+                return Ok(ExitCode::SUCCESS);
+            }
+            if new_node == node || lists(new_node) {
                 anyhow::bail!("--new-node {new_node} is a replica id this cell already had: pick a new one");
             }
             // Run again after a step that failed, it goes on from where the two nodes are (the
@@ -193,7 +202,22 @@ pub async fn cell(
             };
             let wait = Duration::from_secs(wait_secs);
             let steps = Steps { add: added.is_none(), remove: old.is_some() };
-            replace_replica(cell_id, &leader.address, node, new, steps, wait, output).await?;
+            let replicas = replace_replica(cell_id, &leader.address, node, new, steps, wait, output).await?;
+            // The registry lists the cell's replicas as they are now: the addresses routers and
+            // the rebalancer dial, and what the next replace-replica checks against.
+            let request = UpdateCellReplicasRequest { cell_id, replicas };
+            match client.update_cell_replicas(with_bearer(request, &token)?).await {
+                Ok(r) => eprintln!(
+                    "nidctl: the registry lists cell {cell_id}'s new replicas (table version {})",
+                    r.into_inner().table_version
+                ),
+                Err(e) => {
+                    return failed(
+                        "cell replace-replica: the membership changed, but updating the registry",
+                        e,
+                    );
+                }
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -237,7 +261,7 @@ async fn replace_replica(
     steps: Steps,
     wait: Duration,
     output: Output,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<ReplicaInfo>> {
     let mut cell = CellClient::new(crate::dev::connect(leader, "cell").await?);
     let change = |changes: Vec<MembershipChange>| ChangeMembershipRequest { changes };
     if steps.add {
@@ -288,7 +312,21 @@ async fn replace_replica(
                 "caught_up_seconds": caught_up, "voters": done.voters, "learners": done.learners})
         ),
     }
-    Ok(())
+    // The voters as the leader knows them (address book), for the registry.
+    let status = leader_status(&mut cell, leader, cell_id).await?;
+    let replicas: Vec<ReplicaInfo> = status
+        .replicas
+        .iter()
+        .filter(|r| done.voters.contains(&r.node_id))
+        .map(|r| ReplicaInfo { node_id: r.node_id, address: r.address.clone(), zone: r.zone.clone() })
+        .collect();
+    if replicas.len() != done.voters.len() {
+        anyhow::bail!(
+            "the leader of cell {cell_id} does not know the address of every voter {:?}; run this again",
+            done.voters
+        );
+    }
+    Ok(replicas)
 }
 
 /// `nidctl rebalance ...`.

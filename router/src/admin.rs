@@ -196,6 +196,60 @@ async fn check_new_cell(router: &Router, cell: &CellInfo) -> Result<(), Status> 
     Ok(())
 }
 
+/// The replicas an operator says cell `cell_id` has now: at least three, distinct node ids and
+/// named zones, no address of another registered cell, and each listed replica answering as a
+/// member of this cell whose members are exactly the listed node ids (a replacement half done,
+/// with a learner still catching up, is refused until it finishes).
+async fn check_replicas(router: &Router, cell_id: u64, replicas: &[ReplicaInfo]) -> Result<(), Status> {
+    let table = router.table();
+    let mut v = FieldViolations::new();
+    if !table.cells.iter().any(|c| c.cell_id == cell_id) {
+        v.add("cell_id", "no registered data cell has this id");
+    }
+    if replicas.len() < 3 {
+        v.add("replicas", "a cell has at least 3 replicas");
+    }
+    let zones: std::collections::HashSet<&str> = replicas.iter().map(|r| r.zone.as_str()).collect();
+    if zones.len() != replicas.len() || zones.contains("") {
+        v.add("replicas", "each replica must sit in its own, named zone");
+    }
+    let nodes: std::collections::BTreeSet<u64> = replicas.iter().map(|r| r.node_id).collect();
+    if nodes.len() != replicas.len() || nodes.contains(&0) {
+        v.add("replicas", "node ids must be distinct and > 0");
+    }
+    let others: std::collections::HashSet<&str> = table
+        .cells
+        .iter()
+        .filter(|c| c.cell_id != cell_id)
+        .flat_map(|c| c.replicas.iter().map(|r| r.address.as_str()))
+        .collect();
+    if replicas.iter().any(|r| r.address.is_empty() || others.contains(r.address.as_str())) {
+        v.add("replicas", "every replica needs an address, and none may serve another registered cell");
+    }
+    v.into_result()?;
+    for (i, r) in replicas.iter().enumerate() {
+        let field = format!("replicas[{i}]");
+        let mut req = Request::new(GetCellStatusRequest {});
+        req.set_timeout(Duration::from_secs(2));
+        let status = CellClient::new(router.channel(&r.address)?)
+            .get_cell_status(req)
+            .await
+            .map_err(|_| nid_proto::error::invalid_field(&field, "is not reachable"))?
+            .into_inner();
+        if status.cell.as_ref().map(|c| c.cell_id) != Some(cell_id) {
+            return Err(nid_proto::error::invalid_field(&field, "runs another cell id"));
+        }
+        let members: std::collections::BTreeSet<u64> = status.replicas.iter().map(|x| x.node_id).collect();
+        if members != nodes {
+            return Err(nid_proto::error::invalid_field(
+                &field,
+                format!("its cell's members are {members:?}, not the node ids listed"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn get_cluster_status(
@@ -269,6 +323,33 @@ impl Admin for AdminService {
             .unwrap_or(0);
         tracing::info!(cell = cell.cell_id, buckets_planned, "cell added");
         Ok(Response::new(AddCellResponse { table_version, buckets_planned }))
+    }
+
+    async fn update_cell_replicas(
+        &self,
+        request: Request<UpdateCellReplicasRequest>,
+    ) -> Result<Response<UpdateCellReplicasResponse>, Status> {
+        let admin = self.require_admin(request.metadata())?;
+        let req = request.into_inner();
+        self.router.refresh().await?;
+        check_replicas(&self.router, req.cell_id, &req.replicas).await?;
+        let table = self.router.table();
+        let Some(existing) = table.cells.iter().find(|c| c.cell_id == req.cell_id) else {
+            return Err(nid_proto::error::invalid_field("cell_id", "no registered data cell has this id"));
+        };
+        // Registering a registered cell again replaces its replicas and keeps its state.
+        let cell = CellInfo { replicas: req.replicas, ..existing.clone() };
+        let table_version = self
+            .router
+            .control_call(&admin, |mut c| {
+                let cell = cell.clone();
+                async move { c.register_cell(RegisterCellRequest { cell: Some(cell) }).await }
+            })
+            .await?
+            .table_version;
+        let _ = self.router.refresh().await;
+        tracing::info!(cell = req.cell_id, table_version, "cell replicas updated");
+        Ok(Response::new(UpdateCellReplicasResponse { table_version }))
     }
 
     async fn drain_cell(

@@ -724,9 +724,28 @@ async fn a_replica_that_lost_its_disk_is_replaced_under_a_new_node_id_with_nidct
     let (ok, said) = replace(old_id, new_id);
     assert!(ok, "{said}");
     assert!(said.contains(&format!("node 4 replaced node {old_id}")), "{said}");
+    // The control cell's registry lists the replicas as they are now (what routers dial).
+    let mut admin = nid_proto::v1::admin_client::AdminClient::new(nid_tests::connect(&dev.router()).await);
+    let status =
+        admin.get_cluster_status(nid_proto::v1::GetClusterStatusRequest {}).await.unwrap().into_inner();
+    let listed: Vec<u64> =
+        status.cells[0].cell.as_ref().unwrap().replicas.iter().map(|r| r.node_id).collect();
+    assert!(listed.contains(&new_id) && !listed.contains(&old_id), "the registry lists {listed:?}");
+    // A list that is not the cell's membership (the old replica back in it) is refused, naming it.
+    let token = std::fs::read_to_string(dir.join("secrets/admin.token")).unwrap();
+    let mut stale = status.cells[0].cell.as_ref().unwrap().replicas.clone();
+    let gone = stale.iter().position(|r| r.node_id == new_id).unwrap();
+    stale[gone].node_id = old_id;
+    let mut request =
+        tonic::Request::new(nid_proto::v1::UpdateCellReplicasRequest { cell_id: 1, replicas: stale });
+    request.metadata_mut().insert("authorization", format!("Bearer {}", token.trim()).parse().unwrap());
+    let err = admin.update_cell_replicas(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let details = String::from_utf8_lossy(err.details()).into_owned();
+    assert!(err.message().contains("replicas[") && details.contains("members"), "{err:?}");
     // Run again, it finds the work done and changes nothing.
     let (ok, said) = replace(old_id, new_id);
-    assert!(ok, "{said}");
+    assert!(ok && said.contains("nothing to do"), "{said}");
     // A typo naming a live voter as the replacement is refused before any change.
     let (ok, said) = replace(new_id, replicas[leader].node_id);
     assert!(!ok && said.contains("already had"), "a live voter is no replacement: {said}");
