@@ -257,6 +257,25 @@ impl Control for ControlService {
         Ok(Response::new(SetCellStateResponse { table_version: changed.version }))
     }
 
+    async fn replace_cell_replicas(
+        &self,
+        request: Request<ReplaceCellReplicasRequest>,
+    ) -> Result<Response<ReplaceCellReplicasResponse>, Status> {
+        let req = request.into_inner();
+        if req.replicas.is_empty() || req.replicas.len() > 9 {
+            return Err(CellError::field("replicas", "1..=9 replicas").into());
+        }
+        let changed = self
+            .0
+            .propose(control_command::Kind::UpdateReplicas(nid_control::commands::UpdateReplicas {
+                cell_id: req.cell_id,
+                replicas: req.replicas,
+                expected: req.expected,
+            }))
+            .await?;
+        Ok(Response::new(ReplaceCellReplicasResponse { table_version: changed.version }))
+    }
+
     async fn remove_cell(
         &self,
         request: Request<RemoveCellRequest>,

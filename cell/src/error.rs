@@ -173,9 +173,9 @@ impl From<ControlRejection> for CellError {
                 CellError::AlreadyExists(r.to_string())
             }
             ControlRejection::NoCluster => CellError::NotAllowed(r.to_string()),
-            ControlRejection::MoveConflict | ControlRejection::MigrationConflict(_) => {
-                CellError::Aborted(r.to_string())
-            }
+            ControlRejection::MoveConflict
+            | ControlRejection::MigrationConflict(_)
+            | ControlRejection::RegistryChanged => CellError::Aborted(r.to_string()),
             ControlRejection::NoSuchCell => CellError::NotFound,
             ControlRejection::CellBusy(_) => CellError::NotAllowed(r.to_string()),
         }

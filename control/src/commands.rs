@@ -8,7 +8,7 @@ use nid_proto::v1::{CellInfo, ClusterConfig, Migration, PartnerRecord, RoutingTa
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ControlCommand {
     /// What it does.
-    #[prost(oneof = "control_command::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
+    #[prost(oneof = "control_command::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
     pub kind: Option<control_command::Kind>,
 }
 
@@ -41,6 +41,9 @@ pub mod control_command {
         /// Change the rebalancer's settings.
         #[prost(message, tag = "8")]
         SetRebalance(nid_proto::v1::SetRebalanceRequest),
+        /// Replace a registered cell's replicas, if they are still those the caller read.
+        #[prost(message, tag = "9")]
+        UpdateReplicas(super::UpdateReplicas),
     }
 }
 
@@ -112,6 +115,22 @@ pub struct SetCellState {
     pub state: i32,
 }
 
+/// Replace a registered cell's replicas (after one was replaced), keeping its state and weight: a
+/// compare-and-swap on the replicas the caller read, so it never brings back a cell removed
+/// meanwhile nor undoes another update.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UpdateReplicas {
+    /// The cell.
+    #[prost(uint64, tag = "1")]
+    pub cell_id: u64,
+    /// Its replicas from now on.
+    #[prost(message, repeated, tag = "2")]
+    pub replicas: Vec<nid_proto::v1::ReplicaInfo>,
+    /// The replicas the registry listed when the caller read it.
+    #[prost(message, repeated, tag = "3")]
+    pub expected: Vec<nid_proto::v1::ReplicaInfo>,
+}
+
 /// The migrations the control cell remembers: those in flight (one per bucket at most) and the
 /// most recent finished ones.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -172,6 +191,9 @@ pub enum ControlRejection {
     /// a phase going back, a move of a bucket its source does not own).
     #[error("the migration does not follow from the recorded one: {0}")]
     MigrationConflict(&'static str),
+    /// The registry changed since the caller read it.
+    #[error("the registry changed since it was read; read it again")]
+    RegistryChanged,
     /// The cell still owns buckets, takes part in a move, or is the last one that may own buckets.
     #[error("the cell cannot be changed so: {0}")]
     CellBusy(&'static str),

@@ -5,7 +5,7 @@
 
 use crate::commands::{
     Changed, CommitMove, ControlCommand, ControlRejection, FINISHED_KEPT, Init, PutPartner, SetCellState,
-    control_command,
+    UpdateReplicas, control_command,
 };
 use crate::store::{self, CONFIG, MIGRATIONS, PARTNERS, REBALANCE, TABLE};
 use nid_engine::{ApplyContext, StateMachine, StorageError, View};
@@ -61,6 +61,7 @@ impl StateMachine for ControlMachine {
                     | control_command::Kind::CommitMove(_)
                     | control_command::Kind::SetCellState(_)
                     | control_command::Kind::RemoveCell(_)
+                    | control_command::Kind::UpdateReplicas(_)
             )
         );
         let result = match command.kind {
@@ -72,6 +73,7 @@ impl StateMachine for ControlMachine {
             Some(control_command::Kind::SetCellState(c)) => set_cell_state(&c, ctx)?,
             Some(control_command::Kind::RemoveCell(id)) => remove_cell(id, ctx)?,
             Some(control_command::Kind::SetRebalance(r)) => set_rebalance(&r, ctx)?,
+            Some(control_command::Kind::UpdateReplicas(u)) => update_replicas(u, ctx)?,
             None => Err(ControlRejection::Malformed("empty command")),
         };
         if let Ok(Changed { changed: true, version }) = result
@@ -131,6 +133,28 @@ fn register_cell(cell: CellInfo, ctx: &mut ApplyContext<'_>) -> Result<ControlAp
     table.cells.retain(|c| c.cell_id != cell.cell_id);
     table.cells.push(cell);
     table.cells.sort_by_key(|c| c.cell_id);
+    table.version = version;
+    ctx.put(TABLE, codec::encode(&table))?;
+    Ok(Ok(Changed { changed: true, version }))
+}
+
+fn update_replicas(u: UpdateReplicas, ctx: &mut ApplyContext<'_>) -> Result<ControlApplied, StorageError> {
+    let Some(mut table) = store::table(&*ctx)? else { return Ok(Err(ControlRejection::NoCluster)) };
+    let Some(i) = table.cells.iter().position(|c| c.cell_id == u.cell_id) else {
+        return Ok(Err(ControlRejection::NoSuchCell));
+    };
+    let updated = CellInfo { replicas: u.replicas, ..table.cells[i].clone() };
+    if crate::commands::check_cell(&updated).is_some() {
+        return Ok(Err(ControlRejection::Malformed("cell replicas")));
+    }
+    if table.cells[i] == updated {
+        return Ok(Ok(Changed { changed: false, version: table.version }));
+    }
+    if table.cells[i].replicas != u.expected {
+        return Ok(Err(ControlRejection::RegistryChanged));
+    }
+    let Some(version) = table.version.checked_add(1) else { return Ok(Err(ControlRejection::Exhausted)) };
+    table.cells[i] = updated;
     table.version = version;
     ctx.put(TABLE, codec::encode(&table))?;
     Ok(Ok(Changed { changed: true, version }))

@@ -174,8 +174,19 @@ pub async fn cell(
             // replacement (a run again after it finished).
             let registered = cell.cell.as_ref().map(|i| i.replicas.as_slice()).unwrap_or_default();
             let lists = |id: u64| registered.iter().any(|r| r.node_id == id);
-            if lists(new_node) && !lists(node) && new_node != node {
-                println!("cell {cell_id}: node {new_node} already replaced node {node}; nothing to do");
+            let member = |id: u64| cell.replicas.iter().any(|r| r.node_id == id && r.healthy);
+            if lists(new_node) && !lists(node) && member(new_node) && !member(node) && new_node != node {
+                match output {
+                    Output::Table => println!(
+                        "cell {cell_id}: node {node} is not a member and node {new_node} is, in the cell \
+                         and in the registry; nothing to do"
+                    ),
+                    Output::Json => println!(
+                        "{}",
+                        serde_json::json!({"cell_id": cell_id, "old_node": node, "new_node": new_node,
+                            "nothing_to_do": true})
+                    ),
+                }
                 return Ok(ExitCode::SUCCESS);
             }
             if new_node == node || lists(new_node) {

@@ -196,18 +196,19 @@ async fn check_new_cell(router: &Router, cell: &CellInfo) -> Result<(), Status> 
     Ok(())
 }
 
-/// The replicas an operator says cell `cell_id` has now: at least three, distinct node ids and
-/// named zones, no address of another registered cell, and each listed replica answering as a
-/// member of this cell whose members are exactly the listed node ids (a replacement half done,
-/// with a learner still catching up, is refused until it finishes).
+/// The replicas an operator says cell `cell_id` has now: three to nine, distinct node ids,
+/// addresses and named zones, no address of another registered cell, and each listed replica
+/// answering as a member of this cell whose Raft members (voters and learners) are exactly the
+/// listed node ids, each at the address and zone the cell records for it (a replacement half
+/// done, with a learner still catching up, is refused until it finishes).
 async fn check_replicas(router: &Router, cell_id: u64, replicas: &[ReplicaInfo]) -> Result<(), Status> {
     let table = router.table();
     let mut v = FieldViolations::new();
     if !table.cells.iter().any(|c| c.cell_id == cell_id) {
         v.add("cell_id", "no registered data cell has this id");
     }
-    if replicas.len() < 3 {
-        v.add("replicas", "a cell has at least 3 replicas");
+    if !(3..=9).contains(&replicas.len()) {
+        v.add("replicas", "a cell has 3 to 9 replicas");
     }
     let zones: std::collections::HashSet<&str> = replicas.iter().map(|r| r.zone.as_str()).collect();
     if zones.len() != replicas.len() || zones.contains("") {
@@ -223,8 +224,11 @@ async fn check_replicas(router: &Router, cell_id: u64, replicas: &[ReplicaInfo])
         .filter(|c| c.cell_id != cell_id)
         .flat_map(|c| c.replicas.iter().map(|r| r.address.as_str()))
         .collect();
-    if replicas.iter().any(|r| r.address.is_empty() || others.contains(r.address.as_str())) {
-        v.add("replicas", "every replica needs an address, and none may serve another registered cell");
+    let addresses: std::collections::HashSet<&str> = replicas.iter().map(|r| r.address.as_str()).collect();
+    if addresses.len() != replicas.len()
+        || replicas.iter().any(|r| r.address.is_empty() || others.contains(r.address.as_str()))
+    {
+        v.add("replicas", "each replica needs its own address, serving no other registered cell");
     }
     v.into_result()?;
     for (i, r) in replicas.iter().enumerate() {
@@ -239,12 +243,26 @@ async fn check_replicas(router: &Router, cell_id: u64, replicas: &[ReplicaInfo])
         if status.cell.as_ref().map(|c| c.cell_id) != Some(cell_id) {
             return Err(nid_proto::error::invalid_field(&field, "runs another cell id"));
         }
-        let members: std::collections::BTreeSet<u64> = status.replicas.iter().map(|x| x.node_id).collect();
-        if members != nodes {
+        // The Raft members (the address book also keeps `--peers` entries of removed nodes).
+        let members: std::collections::BTreeMap<u64, &ReplicaStatus> =
+            status.replicas.iter().filter(|x| x.healthy).map(|x| (x.node_id, x)).collect();
+        if members.keys().copied().collect::<std::collections::BTreeSet<u64>>() != nodes {
             return Err(nid_proto::error::invalid_field(
                 &field,
-                format!("its cell's members are {members:?}, not the node ids listed"),
+                format!(
+                    "its cell's members are {:?}, not the node ids listed",
+                    members.keys().collect::<Vec<_>>()
+                ),
             ));
+        }
+        for (j, listed) in replicas.iter().enumerate() {
+            let recorded = members.get(&listed.node_id);
+            if recorded.is_none_or(|m| m.address != listed.address || m.zone != listed.zone) {
+                return Err(nid_proto::error::invalid_field(
+                    &format!("replicas[{j}]"),
+                    "its address or zone differs from what its cell records for that node",
+                ));
+            }
         }
     }
     Ok(())
@@ -337,13 +355,18 @@ impl Admin for AdminService {
         let Some(existing) = table.cells.iter().find(|c| c.cell_id == req.cell_id) else {
             return Err(nid_proto::error::invalid_field("cell_id", "no registered data cell has this id"));
         };
-        // Registering a registered cell again replaces its replicas and keeps its state.
-        let cell = CellInfo { replicas: req.replicas, ..existing.clone() };
+        // A compare-and-swap on the replicas read above: a cell removed or updated meanwhile
+        // comes back ABORTED or NOT_FOUND instead of being brought back or overwritten.
+        let replace = ReplaceCellReplicasRequest {
+            cell_id: req.cell_id,
+            replicas: req.replicas,
+            expected: existing.replicas.clone(),
+        };
         let table_version = self
             .router
             .control_call(&admin, |mut c| {
-                let cell = cell.clone();
-                async move { c.register_cell(RegisterCellRequest { cell: Some(cell) }).await }
+                let replace = replace.clone();
+                async move { c.replace_cell_replicas(replace).await }
             })
             .await?
             .table_version;
