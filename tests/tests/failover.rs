@@ -743,6 +743,49 @@ async fn a_replica_that_lost_its_disk_is_replaced_under_a_new_node_id_with_nidct
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     let details = String::from_utf8_lossy(err.details()).into_owned();
     assert!(err.message().contains("replicas[") && details.contains("members"), "{err:?}");
+    // The control cell's replacement is a compare-and-swap: replicas read before a change are
+    // refused (ABORTED), and a cell it does not know is NOT_FOUND, never created.
+    let current = status.cells[0].cell.as_ref().unwrap().replicas.clone();
+    let mut before = current.clone();
+    before.iter_mut().find(|r| r.node_id == new_id).unwrap().node_id = old_id;
+    let control: Vec<String> = dev.info["control"]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["address"].as_str().unwrap().to_owned())
+        .collect();
+    let on_leader = |cell_id: u64,
+                     replicas: Vec<nid_proto::v1::ReplicaInfo>,
+                     expected: Vec<nid_proto::v1::ReplicaInfo>| {
+        let control = control.clone();
+        async move {
+            let request = nid_proto::v1::ReplaceCellReplicasRequest { cell_id, replicas, expected };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                for address in &control {
+                    let ch = nid_tests::connect(address).await;
+                    let r = nid_proto::v1::control_client::ControlClient::new(ch)
+                        .replace_cell_replicas(request.clone())
+                        .await;
+                    match r {
+                        Err(e) if e.code() == Code::Unavailable || e.message().contains("leader") => {}
+                        other => return other.map(|r| r.into_inner()),
+                    }
+                }
+                assert!(Instant::now() < deadline, "no control leader answered");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let mut moved = current.clone();
+    moved[0].address = "127.0.0.1:1".into();
+    let stale = on_leader(1, moved.clone(), before).await.unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted, "{stale:?}");
+    let unknown = on_leader(77, moved, current.clone()).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    let same =
+        on_leader(1, current.clone(), current.clone()).await.expect("the same replicas again change nothing");
+    assert_eq!(same.table_version, status.table_version, "an unchanged list keeps the table version");
     // Run again, it finds the work done and changes nothing.
     let (ok, said) = replace(old_id, new_id);
     assert!(ok && said.contains("nothing to do"), "{said}");
