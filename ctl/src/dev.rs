@@ -509,16 +509,20 @@ async fn wait_router(cluster: &ClusterFile, deadline: Instant) -> anyhow::Result
             &mut nid_proto::ids::system_random_u64,
         )?
         .to_digits();
+    let mut last;
     loop {
-        if let Ok(ch) = channel(&cluster.router.address).await {
-            match EnrollmentClient::new(ch).get_identity(GetIdentityRequest { id: probe.clone() }).await {
-                Err(e) if e.code() == tonic::Code::NotFound => return Ok(()),
-                Ok(_) => return Ok(()),
-                Err(_) => {}
+        match channel(&cluster.router.address).await {
+            Ok(ch) => {
+                match EnrollmentClient::new(ch).get_identity(GetIdentityRequest { id: probe.clone() }).await {
+                    Err(e) if e.code() == tonic::Code::NotFound => return Ok(()),
+                    Ok(_) => return Ok(()),
+                    Err(e) => last = format!("{:?}: {}", e.code(), e.message()),
+                }
             }
+            Err(e) => last = format!("connect: {e:#}"),
         }
         if Instant::now() > deadline {
-            bail!("the router never started routing");
+            bail!("the router never started routing (its last answer: {last})");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

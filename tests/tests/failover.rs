@@ -641,6 +641,7 @@ async fn a_paused_leader_costs_about_one_election_and_serves_nothing_stale() {
 /// client hears DEADLINE_EXCEEDED / TIMEOUT, never "no replica of the owning cell is reachable".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cell_without_quorum_that_answers_not_leader_is_reported_as_a_timeout_not_unreachable() {
+    let _serial = SERIAL.lock().await;
     let mut dev = DevCluster::start(1);
     let mut c = EnrollmentClient::new(nid_tests::connect(&dev.router()).await);
     let uin = c.enroll(enroll_request("RID-QUORUMLESS", "Quorumless Person")).await.unwrap().into_inner().uin;
@@ -687,6 +688,7 @@ async fn a_cell_without_quorum_that_answers_not_leader_is_reported_as_a_timeout_
 /// identity reads and new enrolments commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_lost_its_disk_is_replaced_under_a_new_node_id_with_nidctl() {
+    let _serial = SERIAL.lock().await;
     let mut dev = DevCluster::start(1);
     let dir = dev.dir.path().to_owned();
     let mut c = client(&dev.router()).await;
