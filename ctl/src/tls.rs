@@ -50,28 +50,10 @@ pub fn install(from: &Path, to: &Path) -> anyhow::Result<String> {
     for (src, dst, mode) in
         [(&paths.ca, &target.ca, 0o444), (&paths.cert, &target.cert, 0o444), (&paths.key, &target.key, 0o400)]
     {
-        copy_with_mode(src, dst, mode)?;
+        let bytes = std::fs::read(src).with_context(|| format!("read {}", src.display()))?;
+        nid_support::pki::write_atomically(dst, &bytes, mode)?;
     }
     Ok(name)
-}
-
-fn copy_with_mode(src: &Path, dst: &Path, mode: u32) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let bytes = std::fs::read(src).with_context(|| format!("read {}", src.display()))?;
-    let tmp = dst.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("write {}", tmp.display()))?;
-    file.write_all(&bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, dst).with_context(|| format!("write {}", dst.display()))?;
-    Ok(())
 }
 
 /// Dials with `dial` from now on.

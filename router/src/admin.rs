@@ -116,14 +116,7 @@ async fn check_new_cell(router: &Router, cell: &CellInfo) -> Result<(), Status> 
     if cell.replicas.len() < 3 {
         v.add("cell.replicas", "a cell has at least 3 replicas");
     }
-    let zones: std::collections::HashSet<&str> = cell.replicas.iter().map(|r| r.zone.as_str()).collect();
-    if zones.len() != cell.replicas.len() || zones.contains("") {
-        v.add("cell.replicas", "each replica must sit in its own, named zone");
-    }
-    let nodes: std::collections::HashSet<u64> = cell.replicas.iter().map(|r| r.node_id).collect();
-    if nodes.len() != cell.replicas.len() || nodes.contains(&0) {
-        v.add("cell.replicas", "node ids must be distinct and > 0");
-    }
+    check_zones_and_ids(&mut v, "cell.replicas", &cell.replicas);
     let known: std::collections::HashSet<&str> =
         table.cells.iter().flat_map(|c| c.replicas.iter().map(|r| r.address.as_str())).collect();
     if cell.replicas.iter().any(|r| known.contains(r.address.as_str())) {
@@ -196,6 +189,19 @@ async fn check_new_cell(router: &Router, cell: &CellInfo) -> Result<(), Status> 
     Ok(())
 }
 
+/// A cell's replicas sit in distinct, named zones under distinct node ids > 0 (violations
+/// recorded against `field`).
+fn check_zones_and_ids(v: &mut FieldViolations, field: &str, replicas: &[ReplicaInfo]) {
+    let zones: std::collections::HashSet<&str> = replicas.iter().map(|r| r.zone.as_str()).collect();
+    if zones.len() != replicas.len() || zones.contains("") {
+        v.add(field, "each replica must sit in its own, named zone");
+    }
+    let nodes: std::collections::HashSet<u64> = replicas.iter().map(|r| r.node_id).collect();
+    if nodes.len() != replicas.len() || nodes.contains(&0) {
+        v.add(field, "node ids must be distinct and > 0");
+    }
+}
+
 /// The replicas an operator says cell `cell_id` has now: three to nine, distinct node ids,
 /// addresses and named zones, no address of another registered cell, and each listed replica
 /// answering as a member of this cell whose Raft members (voters and learners) are exactly the
@@ -210,14 +216,8 @@ async fn check_replicas(router: &Router, cell_id: u64, replicas: &[ReplicaInfo])
     if !(3..=9).contains(&replicas.len()) {
         v.add("replicas", "a cell has 3 to 9 replicas");
     }
-    let zones: std::collections::HashSet<&str> = replicas.iter().map(|r| r.zone.as_str()).collect();
-    if zones.len() != replicas.len() || zones.contains("") {
-        v.add("replicas", "each replica must sit in its own, named zone");
-    }
+    check_zones_and_ids(&mut v, "replicas", replicas);
     let nodes: std::collections::BTreeSet<u64> = replicas.iter().map(|r| r.node_id).collect();
-    if nodes.len() != replicas.len() || nodes.contains(&0) {
-        v.add("replicas", "node ids must be distinct and > 0");
-    }
     let others: std::collections::HashSet<&str> = table
         .cells
         .iter()

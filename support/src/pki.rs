@@ -13,18 +13,26 @@ pub const CA_CERT: &str = "ca.pem";
 pub const CA_KEY: &str = "ca.key";
 
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    write_atomically(path, contents.as_bytes(), 0o600)
+}
+
+/// Writes `bytes` to `path` with permission bits `mode`: into a fresh file beside it, synced, then
+/// renamed over it, so a reloading process never reads half a file.
+pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    // Written beside the target and renamed over it: a reloading process never reads half a file.
-    let tmp = path.with_extension("tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    // A leftover of an interrupted write could carry other permission bits: start afresh.
+    let _ = std::fs::remove_file(&tmp);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
+        .create_new(true)
+        .mode(mode)
         .open(&tmp)
         .with_context(|| format!("write {}", tmp.display()))?;
-    file.write_all(contents.as_bytes())?;
+    file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))?;
     Ok(())

@@ -313,6 +313,14 @@ impl DevCluster {
         self.info["router"]["address"].as_str().unwrap_or_default().to_owned()
     }
 
+    /// The control cell's replica addresses.
+    pub fn control(&self) -> Vec<String> {
+        self.info["control"]["replicas"]
+            .as_array()
+            .map(|rs| rs.iter().filter_map(|r| r["address"].as_str().map(str::to_owned)).collect())
+            .unwrap_or_default()
+    }
+
     /// Sends SIGTERM to `nidctl dev up` and returns whether it exited cleanly.
     pub fn stop(&mut self) -> bool {
         let _ = Command::new("kill").arg("-TERM").arg(self.process.id().to_string()).status();

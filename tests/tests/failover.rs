@@ -750,12 +750,7 @@ async fn a_replica_that_lost_its_disk_is_replaced_under_a_new_node_id_with_nidct
     let current = status.cells[0].cell.as_ref().unwrap().replicas.clone();
     let mut before = current.clone();
     before.iter_mut().find(|r| r.node_id == new_id).unwrap().node_id = old_id;
-    let control: Vec<String> = dev.info["control"]["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["address"].as_str().unwrap().to_owned())
-        .collect();
+    let control = dev.control();
     let on_leader = |cell_id: u64,
                      replicas: Vec<nid_proto::v1::ReplicaInfo>,
                      expected: Vec<nid_proto::v1::ReplicaInfo>| {

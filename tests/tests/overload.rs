@@ -68,12 +68,7 @@ impl Drop for RouterProcess {
 /// Starts a router on `cluster`'s control cell with `flags`; returns it, its address and its
 /// metrics address once it serves.
 async fn router_with(cluster: &DevCluster, flags: &[&str]) -> (RouterProcess, String, String) {
-    let control: Vec<String> = cluster.info["control"]["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["address"].as_str().unwrap().to_owned())
-        .collect();
+    let control = cluster.control();
     let address = format!("127.0.0.1:{}", free_port());
     let metrics = format!("127.0.0.1:{}", free_port());
     let child = RouterProcess(

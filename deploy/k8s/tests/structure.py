@@ -371,7 +371,7 @@ class Checker:
                     v = volumes.get(m["name"], {})
                     secret = v.get("secret", {})
                     if role in ("cell", "control"):
-                        self.check_replica_tls(w, c, m, secret)
+                        self.check_replica_tls(w, c, m)
                     else:
                         want = {"router": ("nid-tls-router", "router"), "admin": ("nid-tls-init", "admin")}.get(role)
                         self.check(want is not None and secret.get("secretName") == want[0],
@@ -385,7 +385,7 @@ class Checker:
                 self.check(bool(token) and bool(mounted),
                            f"{n}: a control replica needs --admin-token-file from a mounted Secret (routers forward admin writes)")
 
-    def check_replica_tls(self, sts, c, mount, _):
+    def check_replica_tls(self, sts, c, mount):
         """One pair per replica: the cell process sees only an in-memory /run/tls, filled by an init
         container from its ordinal's directory of the cell's Secret, under the names
         --tls-cert/--tls-key give; the cell container never mounts the Secret itself."""
