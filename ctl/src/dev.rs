@@ -98,7 +98,7 @@ pub struct DevPartner {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(nid_support::ports::free_port()?)
 }
 
 fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {

@@ -10,6 +10,7 @@ pub mod logging;
 pub mod metrics_http;
 pub mod oversized;
 pub mod pki;
+pub mod ports;
 pub mod secret;
 pub mod tls;
 

@@ -7,7 +7,6 @@
 pub mod rebalance_bench;
 
 use nid_proto::v1::cell_client::CellClient;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,10 +29,10 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A TCP port free right now on 127.0.0.1 (bound then released; the OS rarely reuses it at once).
+/// A TCP port free right now on 127.0.0.1, outside the range outgoing connections take their
+/// source ports from, and not handed out before by this test binary ([`nid_support::ports`]).
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    nid_support::ports::free_port().expect("a free port on 127.0.0.1")
 }
 
 /// One `nid-cell` replica process.
