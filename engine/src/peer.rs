@@ -123,6 +123,8 @@ pub struct PeerConfig {
     pub log_gc_keep: u64,
     /// Compact the log once its entries exceed this many bytes (whatever their count).
     pub log_gc_size: u64,
+    /// Past this many bytes, compact what every replica already holds (see `maybe_compact`).
+    pub log_gc_soft_size: u64,
     /// Most proposals in one entry.
     pub max_commands_per_entry: usize,
     /// Most bytes of proposals in one entry (a single larger proposal still goes alone).
@@ -145,6 +147,7 @@ impl PeerConfig {
             log_gc_threshold: 20_000,
             log_gc_keep: 5_000,
             log_gc_size: 64 << 20,
+            log_gc_soft_size: 4 << 20,
             max_commands_per_entry: 1024,
             max_entry_bytes: 4 << 20,
             client_queue: 16_384,
@@ -962,20 +965,59 @@ impl<SM: StateMachine, T: Transport> Peer<SM, T> {
         }
     }
 
+    /// Compacts the log in two regimes.
+    ///
+    /// Past `log_gc_soft_size` bytes, the entries every replica already holds go: on the leader,
+    /// up to the least matched index of all peers; on a follower (which learns no one else's
+    /// progress), up to a quarter of `log_gc_keep` behind its applied index. Entries live in the
+    /// `raft` column family's memtable, so removed this early they are gone before it flushes,
+    /// and a flush writes their range tombstones instead of the entries (otherwise every entry
+    /// was written to a table file and later compacted away, beside the flush of the `data` column
+    /// family the replicas all do at the same moment). A peer that stopped answering holds the
+    /// leader's log back only up to the hard limits.
+    ///
+    /// Past `log_gc_threshold` entries or `log_gc_size` bytes, the log keeps a tail of
+    /// `log_gc_keep` entries (a quarter over the size limit: entries are large) whoever still
+    /// needs older ones: a peer further behind catches up by snapshot.
     fn maybe_compact(&mut self) -> Result<(), StorageError> {
         let apply = self.node.store().apply_state();
-        let by_count =
-            apply.applied_index.saturating_sub(apply.truncated_index) > self.config.log_gc_threshold;
-        let by_size = self.node.store().log_bytes() > self.config.log_gc_size;
-        if !by_count && !by_size {
+        let (applied, truncated) = (apply.applied_index, apply.truncated_index);
+        let entries = applied.saturating_sub(truncated);
+        let bytes = self.node.store().log_bytes();
+        let by_count = entries > self.config.log_gc_threshold;
+        let by_size = bytes > self.config.log_gc_size;
+        let to = if by_count || by_size {
+            let keep = if by_count { self.config.log_gc_keep } else { self.config.log_gc_keep / 4 };
+            applied.saturating_sub(keep)
+        } else if bytes > self.config.log_gc_soft_size {
+            let held = self.held_by_every_replica(applied);
+            // Only when at least half the log goes: a follower whose kept tail alone exceeds the
+            // soft size would otherwise compact a few entries on every turn.
+            if held.saturating_sub(truncated).saturating_mul(2) < entries {
+                return Ok(());
+            }
+            held
+        } else {
+            return Ok(());
+        };
+        if to <= truncated {
             return Ok(());
         }
-        // Over the size limit, keep a quarter of the usual tail (entries are large).
-        let keep = if by_count { self.config.log_gc_keep } else { self.config.log_gc_keep / 4 };
-        let to = apply.applied_index.saturating_sub(keep);
         let removed = self.node.mut_store().compact_to(to)?;
         self.metrics.log_compacted.inc_by(removed);
         Ok(())
+    }
+
+    /// The highest log index, at most `applied`, that no peer needs from this replica's log: on
+    /// the leader the least matched index of its peers (learners included); a follower keeps a
+    /// quarter of `log_gc_keep` entries for the peers it may serve if it is elected.
+    fn held_by_every_replica(&self, applied: u64) -> u64 {
+        let raft = &self.node.raft;
+        if raft.state == StateRole::Leader {
+            raft.prs().iter().map(|(_, pr)| pr.matched).min().unwrap_or(0).min(applied)
+        } else {
+            applied.saturating_sub(self.config.log_gc_keep / 4)
+        }
     }
 }
 

@@ -486,6 +486,40 @@ async fn the_log_is_compacted_by_size_as_well_as_by_count() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_soft_size_the_leader_keeps_only_entries_a_peer_still_lacks() {
+    let mut c = cell(3);
+    // The hard limits out of reach: only the soft size compacts.
+    c.config.log_gc_threshold = 1_000_000;
+    c.config.log_gc_size = 64 << 20;
+    c.config.log_gc_soft_size = 8 << 10;
+    c.start();
+    c.must_own_all_buckets().await;
+    let big = "x".repeat(512);
+    for i in 0..60 {
+        c.must_propose(&ToyCommand::put(8, &format!("soft-{i}"), &big)).await;
+    }
+    let leader = tokio::task::block_in_place(|| c.must_leader());
+    let status = c.status(leader);
+    assert!(status.first_index > 40, "every peer holds the early entries, so they went: {status:?}");
+    // A follower that stops answering holds the leader's log back to what it lacks.
+    let down = (1..=3).find(|&id| id != leader).unwrap();
+    c.stop_node(down);
+    let held = c.status(leader).matched.iter().find(|(id, _)| *id == down).map(|(_, m)| *m).unwrap();
+    for i in 0..60 {
+        c.must_propose(&ToyCommand::put(8, &format!("later-{i}"), &big)).await;
+    }
+    let status = c.status(leader);
+    assert!(status.first_index <= held + 1, "entries after {held} kept for the stopped follower: {status:?}");
+    // So it catches up from the log, without a snapshot.
+    c.run_node(down);
+    tokio::task::block_in_place(|| {
+        c.must_applied(down, status.applied);
+        must_value(&c, down, 8, "later-59", &big);
+    });
+    assert_eq!(c.node(down).metrics().snapshots.with_label_values(&["applied"]).get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_are_bounded_in_bytes_as_well_as_in_commands() {
     let mut c = cell(3);
     c.config.max_entry_bytes = 4096;
