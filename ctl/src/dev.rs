@@ -333,6 +333,9 @@ fn cell_args(
         // Control replicas check the admin credential a router forwards on writes.
         "--admin-token-file".into(),
         dir.join("secrets").join("admin.token").display().to_string(),
+        // Six replicas share the machine's cores: one runtime thread each, as for the router.
+        "--threads".into(),
+        "1".into(),
     ]
     .into_iter()
     .chain(security_args(dir, insecure))
