@@ -967,9 +967,10 @@ impl<SM: StateMachine, T: Transport> Peer<SM, T> {
 
     /// Compacts the log in two regimes.
     ///
-    /// Past `log_gc_soft_size` bytes, the entries every replica already holds go: on the leader,
-    /// up to the least matched index of all peers; on a follower (which learns no one else's
-    /// progress), up to a quarter of `log_gc_keep` behind its applied index. Entries live in the
+    /// Past `log_gc_soft_size` bytes (of entries appended since this replica started), the entries
+    /// every replica already holds go: on the leader, up to the least matched index of all peers;
+    /// on a follower (which learns no one else's progress), up to `log_gc_keep` behind its applied
+    /// index, the tail it would have kept anyway, for the peers it may serve if elected. Entries live in the
     /// `raft` column family's memtable, so removed this early they are gone before it flushes,
     /// and a flush writes their range tombstones instead of the entries (otherwise every entry
     /// was written to a table file and later compacted away, beside the flush of the `data` column
@@ -1009,14 +1010,14 @@ impl<SM: StateMachine, T: Transport> Peer<SM, T> {
     }
 
     /// The highest log index, at most `applied`, that no peer needs from this replica's log: on
-    /// the leader the least matched index of its peers (learners included); a follower keeps a
-    /// quarter of `log_gc_keep` entries for the peers it may serve if it is elected.
+    /// the leader the least matched index of its peers (learners included); a follower keeps
+    /// `log_gc_keep` entries for the peers it may serve if it is elected.
     fn held_by_every_replica(&self, applied: u64) -> u64 {
         let raft = &self.node.raft;
         if raft.state == StateRole::Leader {
             raft.prs().iter().map(|(_, pr)| pr.matched).min().unwrap_or(0).min(applied)
         } else {
-            applied.saturating_sub(self.config.log_gc_keep / 4)
+            applied.saturating_sub(self.config.log_gc_keep)
         }
     }
 }
