@@ -443,14 +443,17 @@ mod tests {
         assert!(err.contains("node_idd"), "{err}");
     }
 
+    /// The configuration of [`BASE`] with one more flag.
+    fn with_flag(flag: &str, value: &str) -> Result<CellConfig, String> {
+        let mut args = BASE.to_vec();
+        args.extend([flag, value]);
+        CellConfig::load(flags(&args))
+    }
+
     #[test]
     fn the_block_cache_is_bounded_and_defaults_to_256_mib() {
         assert_eq!(CellConfig::load(flags(BASE)).unwrap().block_cache_mib, 256);
-        let with = |mib: &str| {
-            let mut args = BASE.to_vec();
-            args.extend(["--block-cache-mib", mib]);
-            CellConfig::load(flags(&args))
-        };
+        let with = |mib: &str| with_flag("--block-cache-mib", mib);
         assert_eq!(with("1024").unwrap().block_cache_mib, 1024);
         for bad in ["4", "100000"] {
             assert!(with(bad).unwrap_err().contains("block_cache_mib"), "{bad}");
@@ -460,13 +463,8 @@ mod tests {
     #[test]
     fn runtime_threads_default_to_one_per_core_and_are_bounded() {
         assert_eq!(CellConfig::load(flags(BASE)).unwrap().threads, 0);
-        let with = |n: &str| {
-            let mut args = BASE.to_vec();
-            args.extend(["--threads", n]);
-            CellConfig::load(flags(&args))
-        };
-        assert_eq!(with("1").unwrap().threads, 1);
-        assert!(with("5000").unwrap_err().contains("threads"));
+        assert_eq!(with_flag("--threads", "1").unwrap().threads, 1);
+        assert!(with_flag("--threads", "5000").unwrap_err().contains("threads"));
     }
 
     #[test]

@@ -970,12 +970,12 @@ impl<SM: StateMachine, T: Transport> Peer<SM, T> {
     /// Past `log_gc_soft_size` bytes (of entries appended since this replica started), the entries
     /// every replica already holds go: on the leader, up to the least matched index of all peers;
     /// on a follower (which learns no one else's progress), up to `log_gc_keep` behind its applied
-    /// index, the tail it would have kept anyway, for the peers it may serve if elected. Entries live in the
-    /// `raft` column family's memtable, so removed this early they are gone before it flushes,
-    /// and a flush writes their range tombstones instead of the entries (otherwise every entry
-    /// was written to a table file and later compacted away, beside the flush of the `data` column
-    /// family the replicas all do at the same moment). A peer that stopped answering holds the
-    /// leader's log back only up to the hard limits.
+    /// index, the tail it would have kept anyway for the peers it may serve if elected. Entries
+    /// live in the `raft` column family's memtable, so removed this early they are gone before it
+    /// flushes, and a flush writes their range tombstones instead of the entries (otherwise every
+    /// entry was written to a table file and later compacted away, beside the flush of the `data`
+    /// column family the replicas all do at the same moment). A peer that stopped answering holds
+    /// the leader's log back only up to the hard limits.
     ///
     /// Past `log_gc_threshold` entries or `log_gc_size` bytes, the log keeps a tail of
     /// `log_gc_keep` entries (a quarter over the size limit: entries are large) whoever still

@@ -7,7 +7,7 @@
 //! therefore drawn at random from below the ephemeral range, where the OS never assigns source
 //! ports, checked free by binding them, and never handed out twice by one process.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::sync::Mutex;
 
@@ -18,7 +18,7 @@ const LOW: u16 = 10_000;
 /// 32768).
 const DEFAULT_EPHEMERAL_START: u16 = 32_768;
 
-static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 
 /// The first port of the OS's ephemeral range (Linux: `ip_local_port_range`).
 fn ephemeral_start() -> u16 {
@@ -46,7 +46,6 @@ fn random(counter: u64) -> u64 {
 pub fn free_port() -> std::io::Result<u16> {
     let high = ephemeral_start();
     let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
-    let handed = handed.get_or_insert_with(HashSet::new);
     if high > LOW + 1_000 {
         let span = u64::from(high - LOW);
         for attempt in 0..200u64 {
@@ -80,7 +79,7 @@ mod tests {
             return; // This host's ephemeral range leaves no room below it: the fallback is used.
         }
         let ports: Vec<u16> = (0..200).map(|_| free_port().unwrap()).collect();
-        let distinct: HashSet<u16> = ports.iter().copied().collect();
+        let distinct: BTreeSet<u16> = ports.iter().copied().collect();
         assert_eq!(distinct.len(), ports.len());
         for p in &ports {
             assert!((LOW..high).contains(p), "{p} outside {LOW}..{high}");
